@@ -1,0 +1,125 @@
+"""Model runner: owns the model and the KV cache tensors, turns a scheduled batch of sequences
+into flat input tensors (token ids, positions, cache slots, block tables), runs the model and
+returns the logits of each sequence's last token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from effinfer.config import EngineConfig, ModelConfig, available_memory_bytes
+from effinfer.engine.sequence import Sequence
+from effinfer.layers.attention import AttentionMetadata, PagedAttention
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.config = model_config
+        self.block_size = engine_config.block_size
+        self.device = device
+        self.dtype = dtype
+        self.num_blocks = self._num_blocks(engine_config, max_model_len)
+        self._allocate_kv_cache()
+
+    def _num_blocks(self, engine_config: EngineConfig, max_model_len: int) -> int:
+        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype)
+        if engine_config.kv_cache_memory is not None:
+            budget = engine_config.kv_cache_memory
+        else:
+            budget = int(available_memory_bytes(self.device) * engine_config.kv_cache_memory_fraction)
+            # No point reserving more than every sequence at full length could use.
+            blocks_per_seq = -(-max_model_len // self.block_size)
+            budget = min(budget, per_block * blocks_per_seq * engine_config.max_num_seqs)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV-cache budget of {budget} bytes is smaller than one block ({per_block} bytes); "
+                "raise kv_cache_memory"
+            )
+        return num_blocks
+
+    def _allocate_kv_cache(self) -> None:
+        shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        for layer in attention_layers:
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        size = 2 * len(attention_layers) * self.num_blocks * self.block_size
+        size *= (
+            self.config.num_kv_heads * self.config.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size, size / 2**20
+        )
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
+        for seq in seqs:
+            start = seq.num_cached_tokens
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, len(seq)))
+            slots.extend(self._slot(seq, p) for p in range(start, len(seq)))
+            query_lens.append(len(seq) - start)
+            context_lens.append(len(seq))
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._block_tables(seqs),
+            context_lens=context_lens,
+            query_lens=query_lens,
+            block_size=self.block_size,
+        )
+        last_token_index = torch.tensor(query_lens).cumsum(0) - 1
+        return self._tensor(input_ids), self._tensor(positions), meta, last_token_index.to(self.device)
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        positions = [len(s) - 1 for s in seqs]
+        context_lens = [len(s) for s in seqs]
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
+            block_tables=self._block_tables(seqs),
+            context_lens=context_lens,
+            query_lens=[1] * len(seqs),
+            block_size=self.block_size,
+            context_lens_tensor=self._tensor(context_lens),
+        )
+        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions), meta, None
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Logits [num_seqs, vocab] in float32 for the last token of each sequence."""
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, meta, last_token_index = prepare(seqs)
+        hidden = self.model(input_ids, positions, meta)
+        if last_token_index is not None:
+            hidden = hidden.index_select(0, last_token_index)
+        return self.model.compute_logits(hidden).float()

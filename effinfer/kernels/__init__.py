@@ -1,0 +1,1 @@
+"""Hot code per device. ``dense_linear`` picks its implementation once, at import."""

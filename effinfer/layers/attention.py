@@ -1,0 +1,120 @@
+"""Attention over the paged KV cache.
+
+Every token's key and value are first written into its slot of the cache (``slot_mapping``);
+queries then attend to their sequence's whole context, read back through its block table.
+Prefill runs one sequence at a time (each has its own length and cached prefix); decode runs
+the whole batch at once, padding contexts to the longest and masking the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with 0 (masked out)
+    context_lens: list[int]  # tokens of context per sequence after this step
+    query_lens: list[int]  # new tokens per sequence in this step
+    block_size: int
+    context_lens_tensor: torch.Tensor | None = None  # decode only: [num_seqs]
+    _decode_masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """Boolean [B, 1, 1, L] mask of visible keys for one-token queries; None when all are visible."""
+        if window not in self._decode_masks:
+            num_keys = self.block_tables.shape[1] * self.block_size
+            key_pos = torch.arange(num_keys, device=self.block_tables.device)
+            lens = self.context_lens_tensor[:, None]
+            visible = key_pos[None, :] < lens
+            if window is not None:
+                visible &= key_pos[None, :] >= lens - window
+            everything = window is None and len(self.context_lens) == 1 and self.context_lens[0] == num_keys
+            self._decode_masks[window] = None if everything else visible[:, None, None, :]
+        return self._decode_masks[window]
+
+
+class PagedAttention(nn.Module):
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim].
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d]."""
+        k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_slots.index_copy_(0, meta.slot_mapping, k)
+        v_slots.index_copy_(0, meta.slot_mapping, v)
+        if meta.is_prefill:
+            out = self._prefill(q, k, v, meta)
+        else:
+            out = self._decode(q, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _prefill(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        outputs = []
+        start = 0
+        for i, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            q_i = q[start : start + q_len].transpose(0, 1)
+            if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
+                k_i, v_i = k[start : start + q_len], v[start : start + q_len]
+            else:
+                k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len)
+                k_i, v_i = k_i[0], v_i[0]
+            k_i, v_i = k_i.transpose(0, 1), v_i.transpose(0, 1)
+            mask = self._prefill_mask(q_len, ctx_len, q.device)
+            out = F.scaled_dot_product_attention(
+                q_i, k_i, v_i, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+            outputs.append(out.transpose(0, 1))
+            start += q_len
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _prefill_mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor | None:
+        if q_len == ctx_len and self.sliding_window is None:
+            return None  # plain causal
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
+        k_pos = torch.arange(ctx_len, device=device)[None, :]
+        visible = k_pos <= q_pos
+        if self.sliding_window is not None:
+            visible &= k_pos > q_pos - self.sliding_window
+        return visible
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        k, v = self._gather(meta.block_tables, None)  # [B, L, kv_heads, d]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [B, heads, 1, d]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=meta.decode_mask(self.sliding_window),
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out[:, :, 0, :]
+
+    def _gather(self, block_tables: torch.Tensor, length: int | None):
+        num_seqs, max_blocks = block_tables.shape
+        flat = block_tables.reshape(-1)
+        shape = (num_seqs, max_blocks * self.k_cache.shape[1], self.num_kv_heads, self.head_dim)
+        k = self.k_cache.index_select(0, flat).view(shape)
+        v = self.v_cache.index_select(0, flat).view(shape)
+        if length is not None:
+            k, v = k[:, :length], v[:, :length]
+        return k, v

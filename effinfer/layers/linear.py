@@ -1,0 +1,51 @@
+"""Linear layers behind one interface.
+
+A model file only says "a projection from d_in to d_out"; whether the weight is dense bf16, a
+fused stack of several checkpoint tensors (q/k/v, gate/up), quantized or sharded is decided
+here and in ``kernels/``. Fusing q/k/v and gate/up turns three (two) small GEMMs into one,
+which matters for one-token decode where every kernel launch is pure overhead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effinfer.kernels import dense_linear
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b. ``shard_sizes`` lists the output rows of each checkpoint tensor fused into W."""
+
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False) -> None:
+        super().__init__()
+        self.shard_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self.in_features = in_features
+        self.out_features = sum(self.shard_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self._kernel_state = None
+
+    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        param = self.weight if param_name == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"checkpoint has a {param_name} for a layer built without one")
+        start = sum(self.shard_sizes[:shard])
+        rows = self.shard_sizes[shard]
+        expected = (rows, *param.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"{param_name} shard {shard} has shape {tuple(tensor.shape)}, expected {expected}"
+            )
+        param.data[start : start + rows].copy_(tensor)
+
+    def finalize(self) -> None:
+        """Called once after loading: lets the kernel backend repack the weight."""
+        self._kernel_state = dense_linear.prepare(
+            self.weight.data, self.bias.data if self.bias is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_state is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return dense_linear.apply(self._kernel_state, x)
