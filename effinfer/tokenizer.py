@@ -295,7 +295,7 @@ class IncrementalDetokenizer:
     def _emit(self, window_text: str) -> str:
         piece = window_text[len(self._prefix_text) :]
         # The tokens just emitted become the next prefix; everything older leaves the window.
-        pass
+        self._ids = self._ids[self._read_offset :]
         self._read_offset = len(self._ids)
         self._prefix_text = self._tokenizer._decode_raw(self._ids)
         if piece:

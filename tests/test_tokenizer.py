@@ -159,6 +159,21 @@ def test_add_bos_token_without_post_processor(no_post_processor_dir):
     assert Tokenizer.from_dir(path).encode("hello") == [1, *_backend_ids("hello")]
 
 
+def test_config_special_tokens_become_special(tmp_path):
+    # A tokenizer.json whose </s> is only a vocabulary entry: tokenizer_config's eos_token makes it special, as in
+    # transformers (matched whole in text, skipped by decode).
+    spec = json.loads((TOKENIZER_DIRS["stories260K"] / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "</s>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    ours = Tokenizer.from_dir(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    ids = ours.encode("x</s>y")
+    assert ids == hf.encode("x</s>y")
+    assert 2 in ids and ours.is_special(2)
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+
+
 def test_eos_ids_are_the_union_of_all_configs(tmp_path):
     path = _tokenizer_dir(
         tmp_path,
@@ -389,6 +404,22 @@ def test_chat_template_without_content_none(tmp_path, hf_stories):
     ]
     expected = _hf_render(hf_stories, template, messages, tools=TOOLS, add_generation_prompt=True)
     assert ours.apply_chat_template(messages, tools=TOOLS) == expected
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # lstrip_blocks/trim_blocks decide the whitespace around these indented tags
+        "{% for m in messages %}\n    {% if m.role == 'user' %}\n  U: {{ m.content }}\n    {% endif %}\n{% endfor %}",
+        # a None content is dropped, so the template sees it undefined rather than printing "None"
+        "{% for m in messages %}{{ m.role }}={{ m.content }};{% endfor %}",
+        "{{ messages | tojson(indent=2) }}{{ raise_exception('stop') if messages | length > 9 }}",
+    ],
+)
+def test_small_templates_match_transformers(tmp_path, hf_stories, template):
+    messages = [{"role": "user", "content": "<q> é"}, {"role": "assistant", "content": None}]
+    expected = _hf_render(hf_stories, template, messages, add_generation_prompt=True)
+    assert _ours_with_template(tmp_path, template).apply_chat_template(messages) == expected
 
 
 def test_chat_template_from_tokenizer_config_and_named_templates(tmp_path):

@@ -187,21 +187,23 @@ class LLMEngine:
             )
         if not params.ignore_eos and token_id in self.eos_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", None
-            return
-        if token_id in params.stop_token_ids:
+        elif token_id in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token_id
-            return
-        new_text = seq.detokenizer.add(token_id)
-        if new_text:
-            seq.text += new_text
-            if params.stop and self._check_stop_strings(seq, len(new_text)):
+        else:
+            seq.text += seq.detokenizer.add(token_id)
+            if params.stop and self._check_stop_strings(seq):
                 return
-        if seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
-            seq.finish_reason = "length"
+            if seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            # A character whose bytes were cut off by the end of generation is shown as decode shows it.
+            seq.text += seq.detokenizer.flush()
 
-    def _check_stop_strings(self, seq: Sequence, new_chars: int) -> bool:
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        # Only the tail can hold a stop string that was not there before this token.
         longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, len(seq.text) - new_chars - longest + 1)
+        search_from = max(0, seq.stop_checked_upto - longest + 1)
+        seq.stop_checked_upto = len(seq.text)
         hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:

@@ -56,6 +56,7 @@ class Sequence:
             self.generator.manual_seed(params.seed + index)
         self.detokenizer = None  # set by the engine
         self.text = ""
+        self.stop_checked_upto = 0  # characters of text already searched for stop strings
         self.arrival_step = 0
 
     def __len__(self) -> int:
