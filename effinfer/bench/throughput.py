@@ -1,0 +1,183 @@
+"""The measurements: batch-1 decode speed and offline throughput, for effinfer and, through the same
+interface, for a peer engine (``hf.py``), so that every number has a same-run counterpart.
+
+Batch-1 decode times only the decode: the clock starts when the prefill step has produced the
+first token and stops at the last one, so N decode steps give N / elapsed tokens/s. Its weight
+bandwidth is the bytes of weights one decode step reads (every parameter once; the embedding table
+is skipped, since a step reads one row of it, unless it is tied to the output projection) times
+tokens/s. Offline throughput submits all requests at once and times until the last one finishes.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from effinfer.bench.workload import Workload
+from effinfer.engine.llm import LLM
+from effinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class DecodeResult:
+    prompt_tokens: int
+    decode_tokens: int
+    seconds: float
+    tokens_per_s: float
+    median_ms_per_token: float
+    weight_bytes_per_step: int
+    weight_gb_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ThroughputResult:
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int  # the tokens the requests asked for
+    generated_tokens: int  # the tokens the engine computed (more than output_tokens if it pads)
+    seconds: float
+    prefix_cache_hit_tokens: int = 0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.seconds
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "total_tokens_per_s": self.total_tokens_per_s,
+            "generated_tokens_per_s": self.generated_tokens_per_s,
+        }
+
+
+def weight_read_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: each parameter once (tied ones once); an embedding
+    table only if some other module (a tied lm_head) also uses it, since a lookup reads one row."""
+    read: dict[tuple[int, int], torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for param in module.parameters(recurse=False):
+            read[(param.data_ptr(), param.numel())] = param
+    return sum(p.numel() * p.element_size() for p in read.values())
+
+
+def parameter_count(model: nn.Module) -> int:
+    unique = {(p.data_ptr(), p.numel()): p.numel() for p in model.parameters()}
+    return sum(unique.values())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_result(prompt_tokens: int, stamps: list[float], weight_bytes: int) -> DecodeResult:
+    """``stamps[i]`` is when token i was ready; token 0 came from the prefill and is not counted."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    seconds = stamps[-1] - stamps[0]
+    tokens_per_s = len(steps) / seconds
+    return DecodeResult(
+        prompt_tokens=prompt_tokens,
+        decode_tokens=len(steps),
+        seconds=seconds,
+        tokens_per_s=tokens_per_s,
+        median_ms_per_token=statistics.median(steps) * 1e3,
+        weight_bytes_per_step=weight_bytes,
+        weight_gb_per_s=weight_bytes * tokens_per_s / 1e9,
+    )
+
+
+class EffinferRunner:
+    name = "effinfer"
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_num_seqs: int = 64,
+        show_progress: bool = True,
+    ) -> None:
+        self.llm = LLM(
+            model_path,
+            dtype=dtype,
+            device=device,
+            num_threads=num_threads,
+            max_num_seqs=max_num_seqs,
+            show_progress=show_progress,
+        )
+        self.engine = self.llm.engine
+        self.device = self.engine.device
+        self.dtype = self.engine.dtype
+        self.show_progress = show_progress
+        self.weight_bytes = weight_read_bytes(self.engine.runner.model)
+        self.num_parameters = parameter_count(self.engine.runner.model)
+
+    def decode(self, prompt: list[int], num_tokens: int, desc: str = "decode") -> DecodeResult:
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("the decode benchmark needs an idle engine")
+        params = SamplingParams(temperature=0, max_tokens=num_tokens + 1, ignore_eos=True)
+        engine.add_request(prompt, params)
+        stamps: list[float] = []
+        num_generated = 0
+        with tqdm(total=num_tokens + 1, desc=desc, unit="tok", disable=not self.show_progress) as bar:
+            while engine.has_unfinished_requests():
+                outputs = engine.step()
+                synchronize(self.device)
+                stamps.append(time.perf_counter())
+                for output in outputs:
+                    num_generated = len(output.outputs[0].token_ids)
+                bar.update(1)
+        if num_generated != num_tokens + 1 or len(stamps) != num_tokens + 1:
+            raise RuntimeError(
+                f"expected one prefill and {num_tokens} decode steps, got {len(stamps)} steps "
+                f"and {num_generated} tokens"
+            )
+        return decode_result(len(prompt), stamps, self.weight_bytes)
+
+    def throughput(self, workload: Workload, desc: str = "throughput") -> ThroughputResult:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+        synchronize(self.device)
+        start = time.perf_counter()
+        if self.show_progress:
+            print(f"{desc}: {workload.num_requests} requests", flush=True, file=sys.stderr)
+        outputs = self.llm.generate(workload.prompts, params, use_tqdm=self.show_progress)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        produced = [len(o.outputs[0].token_ids) for o in outputs]
+        if produced != workload.output_lens:
+            raise RuntimeError("effinfer produced a different number of tokens than requested")
+        return ThroughputResult(
+            num_requests=workload.num_requests,
+            prompt_tokens=workload.prompt_tokens,
+            output_tokens=sum(produced),
+            generated_tokens=sum(produced),
+            seconds=seconds,
+            prefix_cache_hit_tokens=sum(o.num_cached_tokens for o in outputs),
+        )
+
+    def close(self) -> None:
+        del self.engine, self.llm
+        gc.collect()
