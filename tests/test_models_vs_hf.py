@@ -87,3 +87,14 @@ def test_greedy_matches_hf_generate_with_staggered_arrivals(hf_and_llm):
         step += 1
     assert [finished[i] for i in ids] == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_dense_forward_matches_hf(hf_and_llm):
+    """The cache-free path used for training and perplexity gives HF's logits for a whole batch."""
+    hf, llm = hf_and_llm
+    batch = torch.tensor([PROMPTS[1][:12], PROMPTS[3][:12]])
+    with torch.no_grad():
+        expected = hf(batch).logits
+        model = llm.engine.runner.model
+        ours = model.compute_logits(model.forward_dense(batch)).float()
+    assert (ours - expected).abs().max().item() < 1e-4

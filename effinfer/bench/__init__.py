@@ -1,0 +1,183 @@
+"""``effinfer bench``: measured speed, always next to a peer measured in the same run.
+
+    effinfer bench --model DIR [--dtype bfloat16] [--device cpu] [--compare hf]
+                   [--batch-decode-tokens 64] [--num-requests 16] [--input-len-range 32:128]
+                   [--output-len-range 16:64] [--concurrent 16] [--seed 0]
+                   [--markdown FILE] [--json FILE] [--plot FILE.png]
+    effinfer bench make-model --preset tinyllama-1.1b --out DIR
+
+The first form runs the suite in ``suite.py`` (batch-1 decode with weight bandwidth, offline
+throughput, C concurrent requests) and prints a table; ``--compare hf`` runs the same workloads
+through transformers and adds effinfer/HF ratios. The second writes a random-weight model of a
+known shape (``models.py``) to benchmark without downloading one. ``effinfer.cli`` calls ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from effinfer.bench.models import PRESETS, make_random_model
+
+__all__ = ["add_arguments", "run", "main", "make_random_model"]
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    from effinfer.bench.workload import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``bench`` options, and the ``make-model`` action, to ``parser``."""
+    parser.add_argument("--model", help="HF model directory (config.json + *.safetensors) to benchmark")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32; both engines"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda; both engines")
+    parser.add_argument(
+        "--compare", choices=["hf"], default=None, help="also run the same workloads with transformers"
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="free effinfer before loading the peer (for models too big to hold twice); "
+        "by default both are loaded and take turns scenario by scenario",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for both engines (default: usable cores)"
+    )
+    group = parser.add_argument_group("scenarios")
+    group.add_argument(
+        "--batch-decode-tokens", type=int, default=64, help="tokens timed in the batch-1 decode (default 64)"
+    )
+    group.add_argument(
+        "--decode-input-len", type=int, default=32, help="prompt length for the batch-1 decode (default 32)"
+    )
+    group.add_argument(
+        "--num-requests", type=int, default=16, help="requests in the offline throughput run (default 16)"
+    )
+    group.add_argument(
+        "--input-len-range",
+        type=_length_range,
+        default=(32, 128),
+        metavar="LOW:HIGH",
+        help="offline prompt lengths, uniform, inclusive (default 32:128)",
+    )
+    group.add_argument(
+        "--output-len-range",
+        type=_length_range,
+        default=(16, 64),
+        metavar="LOW:HIGH",
+        help="offline output lengths, uniform, inclusive (default 16:64)",
+    )
+    group.add_argument(
+        "--concurrent",
+        type=int,
+        default=16,
+        help="requests in the concurrent run, all of one prompt and one output length; 0 skips it (default 16)",
+    )
+    group.add_argument("--concurrent-input-len", type=int, default=64, help="(default 64)")
+    group.add_argument("--concurrent-output-len", type=int, default=32, help="(default 32)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
+    out = parser.add_argument_group("output")
+    out.add_argument("--markdown", metavar="FILE", help="append a section with the results to FILE")
+    out.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    out.add_argument("--plot", metavar="FILE.png", help="bar chart of tokens/s (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+
+    actions = parser.add_subparsers(dest="bench_action", metavar="[make-model]")
+    make = actions.add_parser(
+        "make-model",
+        help="write a random-weight HF Llama model of a known shape",
+        description="Write a random-init HF LlamaForCausalLM directory (config, safetensors, tokenizer).",
+    )
+    make.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
+    make.add_argument("--out", required=True, help="directory to write (created if missing)")
+    make.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    make.add_argument("--seed", type=int, default=0)
+
+
+def build_parser(prog: str = "effinfer bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Measure batch-1 decode, offline throughput and concurrent throughput, "
+        "optionally against transformers on the same workloads.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed ``bench`` command line; returns the exit status."""
+    from effinfer.bench.suite import BenchError
+    from effinfer.config import ConfigError
+
+    try:
+        if getattr(args, "bench_action", None) == "make-model":
+            return _make_model(args)
+        return _bench(args)
+    except (BenchError, ConfigError) as e:
+        print(f"effinfer bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``effinfer bench ARGV...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["effinfer", "bench", *argv])
+    return run(args)
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    path = make_random_model(args.out, preset=args.preset, dtype=args.dtype, seed=args.seed)
+    print(f"wrote a random-weight {args.preset} model ({args.dtype}) to {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from effinfer.bench import report
+    from effinfer.bench.suite import BenchError, BenchSettings, run_suite
+
+    if not args.model:
+        raise BenchError("--model is required (or use `effinfer bench make-model` to create one)")
+    if args.compare == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise BenchError("--compare hf needs transformers: pip install transformers") from None
+    settings = BenchSettings(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        compare=args.compare,
+        threads=args.threads,
+        batch_decode_tokens=args.batch_decode_tokens,
+        decode_input_len=args.decode_input_len,
+        num_requests=args.num_requests,
+        input_len_range=args.input_len_range,
+        output_len_range=args.output_len_range,
+        concurrent=args.concurrent,
+        concurrent_input_len=args.concurrent_input_len,
+        concurrent_output_len=args.concurrent_output_len,
+        seed=args.seed,
+        sequential=args.sequential,
+        show_progress=not args.no_progress,
+    )
+    command = getattr(args, "command_line", None) or shlex.join(["effinfer", *sys.argv[1:]])
+    result = run_suite(settings, command)
+    print(report.render_text(result), flush=True)
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        report.append_markdown(result, args.markdown)
+        print(f"appended a section to {args.markdown}")
+    if args.plot and report.write_plot(result, args.plot):
+        print(f"wrote {args.plot}")
+    return 0

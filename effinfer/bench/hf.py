@@ -44,7 +44,15 @@ class HFRunner:
         self.version = transformers.__version__
         self.device = torch.device(device)
         self.show_progress = show_progress
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        hf_logging = transformers.utils.logging
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if not show_progress:
+            hf_logging.disable_progress_bar()
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
         config = self.model.config
         self.pad_token_id = next(

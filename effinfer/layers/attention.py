@@ -40,6 +40,14 @@ class AttentionMetadata:
         return self._decode_masks[window]
 
 
+@dataclass
+class DenseCausal:
+    """Metadata for training and scoring: a [batch, seq_len] block of whole sequences, no KV cache."""
+
+    batch: int
+    seq_len: int
+
+
 class PagedAttention(nn.Module):
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
@@ -55,9 +63,11 @@ class PagedAttention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | DenseCausal
     ) -> torch.Tensor:
         """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d]."""
+        if isinstance(meta, DenseCausal):
+            return self._dense(q, k, v, meta)
         k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         k_slots.index_copy_(0, meta.slot_mapping, k)
@@ -67,6 +77,22 @@ class PagedAttention(nn.Module):
         else:
             out = self._decode(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _dense(self, q, k, v, meta: DenseCausal) -> torch.Tensor:
+        def heads_first(x):
+            return x.view(meta.batch, meta.seq_len, -1, self.head_dim).transpose(1, 2)
+
+        mask = self._prefill_mask(meta.seq_len, meta.seq_len, q.device)
+        out = F.scaled_dot_product_attention(
+            heads_first(q),
+            heads_first(k),
+            heads_first(v),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _prefill(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         outputs = []

@@ -22,8 +22,8 @@ class Linear(nn.Module):
         self.shard_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features = in_features
         self.out_features = sum(self.shard_sizes)
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         self._kernel_state = None
 
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
@@ -39,6 +39,12 @@ class Linear(nn.Module):
             )
         param.data[start : start + rows].copy_(tensor)
 
+    def shard(self, param_name: str, shard: int) -> torch.Tensor:
+        """The rows of one checkpoint tensor inside the fused parameter (the inverse of ``load_shard``)."""
+        param = self.weight if param_name == "weight" else self.bias
+        start = sum(self.shard_sizes[:shard])
+        return param[start : start + self.shard_sizes[shard]]
+
     def finalize(self) -> None:
         """Called once after loading: lets the kernel backend repack the weight."""
         self._kernel_state = dense_linear.prepare(
@@ -46,6 +52,6 @@ class Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_state is None:
+        if self._kernel_state is None or self.training:
             return nn.functional.linear(x, self.weight, self.bias)
         return dense_linear.apply(self._kernel_state, x)

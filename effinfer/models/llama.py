@@ -13,7 +13,7 @@ from torch import nn
 
 from effinfer.config import ModelConfig
 from effinfer.layers.activation import gated, get_activation
-from effinfer.layers.attention import AttentionMetadata, PagedAttention
+from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary
@@ -77,7 +77,6 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
         # One rotary table for every layer (a buffer, built after loading).
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
@@ -120,6 +119,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled."""
         return self.model(input_ids, positions, meta)
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, hidden] of whole sequences without the KV cache: training and scoring."""
+        batch, seq_len = input_ids.shape
+        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
+        hidden = self.model(input_ids.reshape(-1), positions, DenseCausal(batch, seq_len))
+        return hidden.view(batch, seq_len, -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
