@@ -1,4 +1,4 @@
-"""The ``effinfer`` command line: generate, chat, bench.
+"""The ``effinfer`` command line: generate, chat, eval, bench, train.
 
 Every command takes the engine settings (``--dtype``, ``--kv-cache-memory``, ...) and, where it
 samples, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong path, a bad
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 # A plain, documented template for models that ship none: one "role: content" line per message.
 FALLBACK_CHAT_TEMPLATE = (
@@ -168,6 +169,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from effinfer import LLM
+    from effinfer.eval import perplexity
+
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"data file {args.data!r} does not exist")
+    llm = LLM(args.model, **engine_kwargs(args))
+    result = perplexity(llm, path=args.data, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows)
+    print(result)
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from effinfer.bench import main as bench_main
 
@@ -191,9 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
-    sub.add_parser(
-        "bench", help="decode speed and throughput, optionally against HF transformers", add_help=False
-    )
+    evaluate = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    ppl = eval_sub.add_parser("ppl", help="sliding-window perplexity of a text file")
+    ppl.add_argument("--data", required=True, help="UTF-8 text file")
+    ppl.add_argument("--ctx", type=int, help="window length in tokens (default: the model's context)")
+    ppl.add_argument("--stride", type=int, help="tokens the window advances (default: ctx)")
+    ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
+    add_engine_arguments(ppl)
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+    bench_help = "decode speed and throughput, optionally against HF transformers"
+    sub.add_parser("bench", help=bench_help, add_help=False)
+    sub.add_parser("train", help="train a small Llama model (also under torchrun)", add_help=False)
     return parser
 
 
@@ -201,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         return _guarded(cmd_bench, argv[1:])
+    if argv and argv[0] == "train":
+        from effinfer.train import main as train_main
+
+        return _guarded(train_main, argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -215,7 +242,7 @@ def _guarded(func, arg) -> int:
 
     try:
         return func(arg)
-    except (ConfigError, PromptError, InvalidSamplingParams, TokenizerError) as e:
+    except (ConfigError, PromptError, InvalidSamplingParams, TokenizerError, FileNotFoundError) as e:
         print(f"effinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

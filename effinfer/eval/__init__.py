@@ -1,0 +1,5 @@
+"""Quality evaluation: perplexity over a text with a sliding window."""
+
+from effinfer.eval.perplexity import PerplexityResult, perplexity
+
+__all__ = ["perplexity", "PerplexityResult"]

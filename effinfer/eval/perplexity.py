@@ -1,0 +1,87 @@
+"""Sliding-window perplexity: exp of the mean negative log-likelihood per token of a text.
+
+The text is tokenized once and scored in windows of ``ctx`` tokens that advance by ``stride``.
+Each window scores only the tokens the previous one did not, so every token after the first
+is scored exactly once, and (when stride < ctx) with at least ctx - stride tokens of context.
+This is the procedure of HF's "Perplexity of fixed-length models" guide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll_per_token: float  # nats
+    num_tokens: int  # tokens scored
+    num_windows: int
+    ctx: int
+    stride: int
+
+    def __str__(self) -> str:
+        return (
+            f"perplexity {self.perplexity:.4f} ({self.nll_per_token:.4f} nats/token) over {self.num_tokens} "
+            f"tokens in {self.num_windows} windows (ctx {self.ctx}, stride {self.stride})"
+        )
+
+
+def perplexity(
+    llm,
+    text: str | None = None,
+    path: str | os.PathLike | None = None,
+    token_ids: list[int] | None = None,
+    ctx: int | None = None,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    show_progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``llm`` (an ``effinfer.LLM``) on a text, a file or token ids."""
+    if token_ids is None:
+        if text is None:
+            if path is None:
+                raise ValueError("give text, path or token_ids")
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+            text = path.read_text(encoding="utf-8", errors="replace")
+        token_ids = llm.tokenizer.encode(text)
+    engine = llm.engine
+    ctx = ctx or engine.max_model_len
+    if ctx > engine.max_model_len:
+        raise ValueError(f"ctx {ctx} exceeds the model's context of {engine.max_model_len} tokens")
+    stride = stride or ctx
+    if not 0 < stride <= ctx:
+        raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
+    if len(token_ids) < 2:
+        raise ValueError("the text must have at least two tokens")
+    model = engine.runner.model
+    ids = torch.tensor(token_ids, device=engine.device)
+    starts = list(range(0, len(token_ids) - 1, stride))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    total_nll, total_tokens, scored_until, num_windows = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for begin in tqdm(starts, desc="perplexity", unit="window", disable=not show_progress):
+            end = min(begin + ctx, len(token_ids))
+            window = ids[begin:end]
+            logits = model.compute_logits(model.forward_dense(window[None]))[0].float()
+            # Targets are window[1:]; only those past what earlier windows scored count.
+            first_new = max(scored_until, begin + 1) - (begin + 1)
+            nll = F.cross_entropy(logits[:-1][first_new:], window[1:][first_new:], reduction="sum")
+            total_nll += nll.item()
+            total_tokens += (end - begin - 1) - first_new
+            scored_until = end
+            num_windows += 1
+            if end == len(token_ids):
+                break
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, total_tokens, num_windows, ctx, stride)
