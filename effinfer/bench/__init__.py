@@ -34,7 +34,9 @@ def _length_range(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``bench`` options, and the ``make-model`` action, to ``parser``."""
-    parser.add_argument("--model", help="HF model directory (config.json + *.safetensors) to benchmark")
+    parser.add_argument(
+        "--model", metavar="DIR", help="HF model directory (config.json + *.safetensors) to benchmark"
+    )
     parser.add_argument(
         "--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32; both engines"
     )
@@ -49,17 +51,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "by default both are loaded and take turns scenario by scenario",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for both engines (default: usable cores)"
+        "--threads",
+        type=int,
+        metavar="N",
+        default=None,
+        help="CPU threads for both engines (default: usable cores)",
     )
     group = parser.add_argument_group("scenarios")
     group.add_argument(
-        "--batch-decode-tokens", type=int, default=64, help="tokens timed in the batch-1 decode (default 64)"
+        "--batch-decode-tokens",
+        type=int,
+        metavar="N",
+        default=64,
+        help="tokens timed in the batch-1 decode (default 64)",
     )
     group.add_argument(
-        "--decode-input-len", type=int, default=32, help="prompt length for the batch-1 decode (default 32)"
+        "--decode-input-len",
+        type=int,
+        metavar="N",
+        default=32,
+        help="prompt length for the batch-1 decode (default 32)",
     )
     group.add_argument(
-        "--num-requests", type=int, default=16, help="requests in the offline throughput run (default 16)"
+        "--num-requests",
+        type=int,
+        metavar="N",
+        default=16,
+        help="requests in the offline throughput run (default 16)",
     )
     group.add_argument(
         "--input-len-range",
@@ -78,12 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--concurrent",
         type=int,
+        metavar="N",
         default=16,
         help="requests in the concurrent run, all of one prompt and one output length; 0 skips it (default 16)",
     )
-    group.add_argument("--concurrent-input-len", type=int, default=64, help="(default 64)")
-    group.add_argument("--concurrent-output-len", type=int, default=32, help="(default 32)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths")
+    group.add_argument("--concurrent-input-len", type=int, metavar="N", default=64, help="(default 64)")
+    group.add_argument("--concurrent-output-len", type=int, metavar="N", default=32, help="(default 32)")
+    group.add_argument(
+        "--seed", type=int, metavar="N", default=0, help="seed of the random prompts and lengths"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--markdown", metavar="FILE", help="append a section with the results to FILE")
     out.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -99,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--preset", choices=sorted(PRESETS), default="tinyllama-1.1b")
     make.add_argument("--out", required=True, help="directory to write (created if missing)")
     make.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, metavar="N", default=0)
 
 
 def build_parser(prog: str = "effinfer bench") -> argparse.ArgumentParser:

@@ -159,10 +159,10 @@ class EffinferRunner:
 
     def throughput(self, workload: Workload, desc: str = "throughput") -> ThroughputResult:
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-        synchronize(self.device)
-        start = time.perf_counter()
         if self.show_progress:
             print(f"{desc}: {workload.num_requests} requests", flush=True, file=sys.stderr)
+        synchronize(self.device)
+        start = time.perf_counter()
         outputs = self.llm.generate(workload.prompts, params, use_tqdm=self.show_progress)
         synchronize(self.device)
         seconds = time.perf_counter() - start
