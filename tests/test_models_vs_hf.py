@@ -98,3 +98,15 @@ def test_dense_forward_matches_hf(hf_and_llm):
         model = llm.engine.runner.model
         ours = model.compute_logits(model.forward_dense(batch)).float()
     assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_bfloat16_engine_tracks_hf(tmp_path):
+    """bf16 runs the prepacked oneDNN path; its logits must stay close to HF's in bf16."""
+    hf, path = make_hf_model("LlamaForCausalLM", tmp_path)
+    llm = LLM(str(path), dtype="bfloat16", device="cpu", show_progress=False)
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        expected = hf.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
+    ours = _all_position_logits(llm, prompt)
+    assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9

@@ -69,21 +69,37 @@ class ThroughputResult:
         }
 
 
+def _unique_parameters(model: nn.Module, skip_embeddings: bool) -> int:
+    """(elements, bytes) of the model's weights, each tensor once; effinfer Linear layers are
+    counted by shape, since their plain weight may have been released after prepacking."""
+    from effinfer.layers.linear import Linear
+
+    seen: set[int] = set()
+    elements = nbytes = 0
+    for module in model.modules():
+        if skip_embeddings and isinstance(module, nn.Embedding):
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            count = module.num_parameters() if isinstance(module, Linear) and param is module.weight else None
+            if isinstance(module, Linear) and param is module.bias:
+                continue  # counted with the weight
+            count = param.numel() if count is None else count
+            elements += count
+            nbytes += count * param.element_size()
+    return elements, nbytes
+
+
 def weight_read_bytes(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: each parameter once (tied ones once); an embedding
     table only if some other module (a tied lm_head) also uses it, since a lookup reads one row."""
-    read: dict[tuple[int, int], torch.Tensor] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            continue
-        for param in module.parameters(recurse=False):
-            read[(param.data_ptr(), param.numel())] = param
-    return sum(p.numel() * p.element_size() for p in read.values())
+    return _unique_parameters(model, skip_embeddings=True)[1]
 
 
 def parameter_count(model: nn.Module) -> int:
-    unique = {(p.data_ptr(), p.numel()): p.numel() for p in model.parameters()}
-    return sum(unique.values())
+    return _unique_parameters(model, skip_embeddings=False)[0]
 
 
 def synchronize(device: torch.device) -> None:

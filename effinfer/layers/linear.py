@@ -45,13 +45,22 @@ class Linear(nn.Module):
         start = sum(self.shard_sizes[:shard])
         return param[start : start + self.shard_sizes[shard]]
 
-    def finalize(self) -> None:
-        """Called once after loading: lets the kernel backend repack the weight."""
-        self._kernel_state = dense_linear.prepare(
-            self.weight.data, self.bias.data if self.bias is not None else None
-        )
+    def num_parameters(self) -> int:
+        """Parameters of the layer, also after the backend released the plain weight."""
+        return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
+
+    def finalize(self, release_weight: bool = True) -> None:
+        """Called once after loading: lets the kernel backend repack the weight for inference.
+
+        When the backend made its own copy, the original is released (``release_weight``) so the
+        model is not held twice; a weight shared with another module (tied embeddings) is kept.
+        """
+        bias = self.bias.data if self.bias is not None else None
+        self._kernel_state = dense_linear.prepare(self.weight.data, bias)
+        if self._kernel_state.packed and release_weight:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_state is None or self.training:
+        if self._kernel_state is None:
             return nn.functional.linear(x, self.weight, self.bias)
         return dense_linear.apply(self._kernel_state, x)

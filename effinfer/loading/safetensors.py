@@ -114,7 +114,8 @@ def load_model(
         names = ", ".join(m.split("#")[0] for m in missing[:5])
         raise WeightsError(f"checkpoint in {str(path)!r} lacks {len(missing)} tensors, e.g. {names}")
     model.model.rotary.build_cache(device, dtype)
+    shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
     for module in model.modules():
         if hasattr(module, "finalize"):
-            module.finalize()
+            module.finalize(release_weight=id(module.weight) not in shared)
     return model.eval()

@@ -39,13 +39,14 @@ class LlamaAttention(nn.Module):
         self._split = [q_size, kv_size, kv_size]
 
     def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        num_tokens, (q_size, kv_size, _) = qkv.shape[0], self._split
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qk = qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        q, k = apply_rotary(qk, cos_sin).split([heads, kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
