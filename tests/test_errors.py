@@ -115,3 +115,30 @@ def test_cli_generate_streams_text(stories260k):
         llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].text
     )
     assert result.stdout == "Once upon a time" + expected + "\n"
+
+
+def test_cli_chat_session(stories260k, tmp_path):
+    """The interactive chat reads turns from stdin, uses the fallback template for a model without one."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "effinfer.cli",
+            "chat",
+            "--model",
+            str(stories260k),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ],
+        input="Tell me a story\n/reset\nOnce upon a time\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no chat template" in result.stderr
+    assert result.stdout.count("> ") >= 3  # three prompts were shown
+    replies = [line for line in result.stdout.split("> ") if line.strip()]
+    assert len(replies) >= 2 and all(r.strip() for r in replies[:2])

@@ -118,7 +118,9 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs = []
         for index in range(params.n):
-            seq = Sequence(request_id, index, prompt_ids, params, self.config.block_size, max_tokens)
+            seq = Sequence(
+                request_id, index, prompt_ids, params, self.config.block_size, max_tokens, self.device
+            )
             seq.detokenizer = self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)
             seqs.append(seq)
         holdback = max((len(s) for s in params.stop), default=1) - 1

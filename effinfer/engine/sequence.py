@@ -32,6 +32,7 @@ class Sequence:
         params: SamplingParams,
         block_size: int,
         max_tokens: int,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
@@ -51,7 +52,7 @@ class Sequence:
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator()
+            self.generator = torch.Generator(device=device)  # where the logits are sampled
             # Completions of one request must differ, yet stay reproducible from the seed.
             self.generator.manual_seed(params.seed + index)
         self.detokenizer = None  # set by the engine
