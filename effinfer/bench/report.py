@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from effinfer.bench.throughput import DecodeResult, ThroughputResult
+from effinfer.machine import cpu_model
 
 ENGINE = "effinfer"
 
@@ -76,17 +77,6 @@ def machine_info(device: torch.device, num_threads: int, peer_version: str | Non
     if peer_version is not None:
         info["transformers"] = peer_version
     return info
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_line(machine: dict) -> str:

@@ -7,13 +7,15 @@ import platform
 
 import torch
 
+from effinfer.machine import cpu_model
+
 
 def hardware_description(device: torch.device, world_size: int) -> dict:
     info = {
         "device": device.type,
         "processes": world_size,
         "torch_threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -21,17 +23,6 @@ def hardware_description(device: torch.device, world_size: int) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summary_markdown(summary: dict) -> str:
