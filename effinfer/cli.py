@@ -1,4 +1,4 @@
-"""The ``effinfer`` command line: generate, chat, eval, bench, train.
+"""The ``effinfer`` command line: generate, chat, eval, convert, bench, train.
 
 Every command takes the engine settings (``--dtype``, ``--kv-cache-memory``, ...) and, where it
 samples, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong path, a bad
@@ -21,7 +21,9 @@ FALLBACK_CHAT_TEMPLATE = (
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", help="HF model directory (default: the built-in default model)")
+    group.add_argument(
+        "--model", help="HF model directory or .gguf file (default: the built-in default model)"
+    )
     group.add_argument("--dtype", default="auto", help="auto (from config.json), float32, bfloat16, float16")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     group.add_argument("--kv-cache-memory", type=_bytes, help="KV-cache budget in bytes (e.g. 512M, 2G)")
@@ -213,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
     add_engine_arguments(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
+
+    from effinfer import convert
+
+    convert.register(sub)
 
     bench_help = "decode speed and throughput, optionally against HF transformers"
     sub.add_parser("bench", help=bench_help, add_help=False)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from effinfer.engine.runner import ModelRunner
 from effinfer.engine.scheduler import Scheduler
 from effinfer.engine.sequence import Sequence
 from effinfer.layers.sampler import Sampler, SamplingRow
+from effinfer.loading.gguf import GGUFFile, is_gguf_file
 from effinfer.loading.safetensors import check_model_dir, load_model
 from effinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from effinfer.sampling_params import SamplingParams
@@ -53,10 +55,17 @@ def physical_core_count() -> int:
 class LLMEngine:
     def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        path = check_model_dir(model)
-        self.model_path = Path(path)
-        self.model_config = ModelConfig.from_dir(path)
-        self.tokenizer = Tokenizer.from_dir(path)
+        if is_gguf_file(model):
+            checkpoint = GGUFFile(model)
+            self.model_config = checkpoint.model_config()
+            self.tokenizer = checkpoint.tokenizer()
+            load_weights = checkpoint.load_model
+        else:
+            path = check_model_dir(model)
+            self.model_config = ModelConfig.from_dir(path)
+            self.tokenizer = Tokenizer.from_dir(path)
+            load_weights = partial(load_model, path)
+        self.model_path = Path(model)
         self.device = torch.device(config.device)
         self.dtype = config.resolve_dtype(self.model_config)
         if self.device.type == "cpu":
@@ -65,9 +74,7 @@ class LLMEngine:
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        model = load_model(
-            path, self.model_config, self.dtype, self.device, max_model_len, config.show_progress
-        )
+        model = load_weights(self.model_config, self.dtype, self.device, max_model_len, config.show_progress)
         self.runner = ModelRunner(model, self.model_config, config, self.device, self.dtype, max_model_len)
         kv_capacity = self.runner.num_blocks * config.block_size
         if kv_capacity < max_model_len:

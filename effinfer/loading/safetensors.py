@@ -12,14 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from effinfer.config import ConfigError, ModelConfig
-from effinfer.models.registry import model_class
+from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 
-
-class WeightsError(ConfigError):
-    """The checkpoint's tensors are missing or do not fit the model."""
+__all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
 
 def find_weight_files(path: Path) -> list[Path]:
@@ -48,6 +45,14 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _read_tensors(files: list[Path]):
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, tensor, tensor.numel() * tensor.element_size()
+
+
 def load_model(
     path: str | os.PathLike,
     config: ModelConfig,
@@ -58,64 +63,7 @@ def load_model(
 ) -> torch.nn.Module:
     path = check_model_dir(path)
     files = find_weight_files(path)
-    cls = model_class(config.architecture)
-    # Build on the meta device (no memory, no random init), then allocate in the target dtype.
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = cls(config, max_positions)
-    finally:
-        torch.set_default_dtype(previous_dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
+    model = build_model(config, dtype, device, max_positions)
     total = sum(os.path.getsize(f) for f in files)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show_progress
-    ) as bar:
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    tensor = f.get_tensor(name)
-                    bar.update(tensor.numel() * tensor.element_size())
-                    target = model.checkpoint_target(name)
-                    if target is None:
-                        continue
-                    ours, shard = target
-                    if ours not in params:
-                        raise WeightsError(
-                            f"checkpoint tensor {name!r} in {file.name} has no place in {config.architecture}"
-                        )
-                    module_name, _, param_name = ours.rpartition(".")
-                    module = modules[module_name]
-                    if hasattr(module, "load_shard"):
-                        module.load_shard(param_name, tensor, shard)
-                    else:
-                        param = params[ours]
-                        if param.shape != tensor.shape:
-                            raise WeightsError(
-                                f"{name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
-                            )
-                        param.data.copy_(tensor)
-                    loaded.add(f"{ours}#{shard}")
-    expected = set()
-    for name, module in modules.items():
-        for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{name}.{param_name}" if name else param_name
-            if full == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            shards = len(getattr(module, "shard_sizes", [0])) if param_name in ("weight", "bias") else 1
-            expected.update(f"{full}#{s}" for s in range(shards))
-    missing = sorted(expected - loaded)
-    if missing:
-        names = ", ".join(m.split("#")[0] for m in missing[:5])
-        raise WeightsError(f"checkpoint in {str(path)!r} lacks {len(missing)} tensors, e.g. {names}")
-    model.model.rotary.build_cache(device, dtype)
-    shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
-    for module in model.modules():
-        if hasattr(module, "finalize"):
-            module.finalize(release_weight=id(module.weight) not in shared)
-    return model.eval()
+    fill_model(model, config, _read_tensors(files), total, repr(str(path)), show_progress=show_progress)
+    return finalize_model(model, device, dtype)

@@ -1,0 +1,98 @@
+"""Model construction shared by every checkpoint format.
+
+A format reader only yields (HF tensor name, tensor, bytes read); building the model on the
+meta device, allocating it in the target dtype, routing each tensor to its (possibly fused)
+parameter, checking that nothing is missing and preparing the kernels happen here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from effinfer.config import ConfigError, ModelConfig
+from effinfer.models.registry import model_class
+
+
+class WeightsError(ConfigError):
+    """The checkpoint's tensors are missing or do not fit the model."""
+
+
+def build_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> torch.nn.Module:
+    """The model with uninitialised parameters in ``dtype`` on ``device`` (no random init, no copy)."""
+    cls = model_class(config.architecture)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(config, max_positions)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
+def fill_model(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor, int]],
+    total_bytes: int,
+    source: str,
+    desc: str = "loading weights",
+    show_progress: bool = True,
+) -> None:
+    """Copy each (HF name, tensor, bytes) into its parameter; fail if any parameter was not filled."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not show_progress) as bar:
+        for name, tensor, nbytes in tensors:
+            bar.update(nbytes)
+            target = model.checkpoint_target(name)
+            if target is None:
+                continue
+            ours, shard = target
+            if ours not in params:
+                raise WeightsError(f"{source}: tensor {name!r} has no place in {config.architecture}")
+            module_name, _, param_name = ours.rpartition(".")
+            module = modules[module_name]
+            try:
+                if hasattr(module, "load_shard"):
+                    module.load_shard(param_name, tensor, shard)
+                else:
+                    param = params[ours]
+                    if param.shape != tensor.shape:
+                        raise ValueError(
+                            f"shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                        )
+                    param.data.copy_(tensor)
+            except ValueError as e:
+                raise WeightsError(f"{source}: tensor {name!r}: {e}") from None
+            loaded.add(f"{ours}#{shard}")
+    expected = set()
+    for module_name, module in modules.items():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if full == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            shards = len(getattr(module, "shard_sizes", [0])) if param_name in ("weight", "bias") else 1
+            expected.update(f"{full}#{s}" for s in range(shards))
+    missing = sorted(expected - loaded)
+    if missing:
+        names = ", ".join(m.split("#")[0] for m in missing[:5])
+        raise WeightsError(f"checkpoint {source} lacks {len(missing)} tensors, e.g. {names}")
+
+
+def finalize_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Build the rotary tables and let each layer's kernel backend prepare its weights."""
+    model.model.rotary.build_cache(device, dtype)
+    shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
+    for module in model.modules():
+        if hasattr(module, "finalize"):
+            module.finalize(release_weight=id(module.weight) not in shared)
+    return model.eval()
