@@ -1,4 +1,4 @@
-"""The ``effinfer`` command line: generate, chat, eval, convert, bench, train.
+"""The ``effinfer`` command line: generate, chat, serve, eval, convert, bench, train.
 
 Every command takes the engine settings (``--dtype``, ``--kv-cache-memory``, ...) and, where it
 samples, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong path, a bad
@@ -217,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
 
     from effinfer import convert
+    from effinfer.serve.cli import register_serve_commands
 
     convert.register(sub)
+    register_serve_commands(sub)
 
     bench_help = "decode speed and throughput, optionally against HF transformers"
     sub.add_parser("bench", help=bench_help, add_help=False)
@@ -228,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:
+        from effinfer.serve.bench_serve import main as bench_serve_main
+
+        return _guarded(bench_serve_main, argv[2:])
     if argv and argv[0] == "bench":
         return _guarded(cmd_bench, argv[1:])
     if argv and argv[0] == "train":
