@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effinfer.kernels import dense_linear
+from effinfer.kernels import dense_linear, quant_linear
+from effinfer.layers.quantized import QuantizedWeight
 
 
 class Linear(nn.Module):
@@ -25,6 +26,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         self._kernel_state = None
+        # Set when the weight is quantized (``set_quantized``); the float ``weight`` is then empty.
+        self.quantized: QuantizedWeight | None = None
+        # How activations are quantized at run time: None (weight-only) or "int8" (W8A8, per token).
+        self.act_quant: str | None = None
+        self._quantized_shards: dict[int, QuantizedWeight] = {}
 
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         param = self.weight if param_name == "weight" else self.bias
@@ -45,6 +51,41 @@ class Linear(nn.Module):
         start = sum(self.shard_sizes[:shard])
         return param[start : start + self.shard_sizes[shard]]
 
+    def set_quantized(self, weight: QuantizedWeight, act_quant: str | None = None) -> None:
+        """Replace the float weight by a quantized one of the same shape (quantizers and loaders call this)."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"quantized weight is {weight.out_features}x{weight.in_features}, "
+                f"the layer is {self.out_features}x{self.in_features}"
+            )
+        self.quantized = weight
+        self.act_quant = act_quant
+        self._kernel_state = None
+        # A new (empty) Parameter rather than emptying ``.data``: a tied lm_head must not take
+        # the embedding table with it.
+        self.weight = nn.Parameter(
+            torch.empty(0, dtype=self.weight.dtype, device=self.weight.device), requires_grad=False
+        )
+
+    def load_quantized_shard(self, weight: QuantizedWeight, shard: int = 0, act_quant: str | None = None) -> None:
+        """One checkpoint tensor of a fused layer; the layer becomes quantized once every shard arrived."""
+        if weight.out_features != self.shard_sizes[shard] or weight.in_features != self.in_features:
+            raise ValueError(
+                f"quantized shard {shard} is {weight.out_features}x{weight.in_features}, "
+                f"expected {self.shard_sizes[shard]}x{self.in_features}"
+            )
+        self._quantized_shards[shard] = weight
+        if len(self._quantized_shards) == len(self.shard_sizes):
+            parts = [self._quantized_shards[i] for i in range(len(self.shard_sizes))]
+            self._quantized_shards = {}
+            self.set_quantized(parts[0] if len(parts) == 1 else QuantizedWeight.cat_rows(parts), act_quant)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight, quantized or not (for quantizers that work layer by layer)."""
+        if self.quantized is not None:
+            return self.quantized.dequantize(self.weight.dtype)
+        return self.weight.data
+
     def num_parameters(self) -> int:
         """Parameters of the layer, also after the backend released the plain weight."""
         return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
@@ -56,11 +97,18 @@ class Linear(nn.Module):
         model is not held twice; a weight shared with another module (tied embeddings) is kept.
         """
         bias = self.bias.data if self.bias is not None else None
+        if self.quantized is not None:
+            self._kernel_state = quant_linear.prepare(self.quantized, bias, self.act_quant, self.weight.dtype)
+            return
         self._kernel_state = dense_linear.prepare(self.weight.data, bias)
         if self._kernel_state.packed and release_weight:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_state is None:
+            if self.quantized is not None:
+                return quant_linear.reference(x, self.quantized, self.bias, self.act_quant)
             return nn.functional.linear(x, self.weight, self.bias)
+        if isinstance(self._kernel_state, quant_linear.QuantState):
+            return quant_linear.apply(self._kernel_state, x)
         return dense_linear.apply(self._kernel_state, x)

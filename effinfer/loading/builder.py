@@ -88,9 +88,16 @@ def fill_model(
         raise WeightsError(f"checkpoint {source} lacks {len(missing)} tensors, e.g. {names}")
 
 
-def finalize_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Build the rotary tables and let each layer's kernel backend prepare its weights."""
+def finalize_model(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, prepare_kernels: bool = True
+) -> torch.nn.Module:
+    """Build the rotary tables and let each layer's kernel backend prepare its weights.
+
+    ``prepare_kernels=False`` keeps plain float weights (what a compression pass works on).
+    """
     model.model.rotary.build_cache(device, dtype)
+    if not prepare_kernels:
+        return model.eval()
     shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
     for module in model.modules():
         if hasattr(module, "finalize"):

@@ -60,10 +60,12 @@ def load_model(
     device: torch.device,
     max_positions: int,
     show_progress: bool = True,
+    finalize: bool = True,
 ) -> torch.nn.Module:
+    """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on."""
     path = check_model_dir(path)
     files = find_weight_files(path)
     model = build_model(config, dtype, device, max_positions)
     total = sum(os.path.getsize(f) for f in files)
     fill_model(model, config, _read_tensors(files), total, repr(str(path)), show_progress=show_progress)
-    return finalize_model(model, device, dtype)
+    return finalize_model(model, device, dtype, prepare_kernels=finalize)

@@ -1,0 +1,86 @@
+"""Quantized matrix multiply for Linear layers: picks a kernel per device and scheme, once, at load.
+
+Weight-only (int8 / int4 codes with group scales and zero points, ``layers/quantized.py``):
+CPU kernels live in ``kernels/cpu/woq.py``, GPU (Triton) ones in ``kernels/triton/woq.py``.
+W8A8 (int8 weights and per-token int8 activations, SmoothQuant) lives in ``kernels/w8a8.py``.
+Every kernel is tested against ``reference``: dequantize, then an fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from effinfer.layers.quantized import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantState:
+    backend: str  # "cpu-woq", "triton-woq", "w8a8", or "dequantized" (the fallback)
+    data: Any  # the backend's own packed form
+    apply: Any  # callable(data, x) -> y
+
+
+def fake_quantize_activations(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """What int8 activation quantization does to ``x``: per token (row) or per tensor absmax scaling."""
+    xf = x.float()
+    if mode == "int8":
+        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+    elif mode == "int8-tensor":
+        scale = xf.abs().amax().clamp(min=1e-8) / 127
+    else:
+        raise ValueError(f"unknown activation quantization {mode!r}")
+    return torch.clamp(torch.round(xf / scale), -127, 127) * scale
+
+
+def reference(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str | None = None
+) -> torch.Tensor:
+    """The definition every kernel must match: y = x' @ dequantize(W)^T + b, in fp32."""
+    xf = fake_quantize_activations(x, act_quant) if act_quant else x.float()
+    b = bias.float() if bias is not None else None
+    return F.linear(xf, weight.dequantize(torch.float32), b).to(x.dtype)
+
+
+def _dequantized(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+    from effinfer.kernels import dense_linear
+
+    return dense_linear.prepare(weight.dequantize(dtype), bias)
+
+
+def prepare(
+    weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str | None, dtype: torch.dtype
+) -> QuantState:
+    device = weight.qweight.device
+    if act_quant is not None:
+        from effinfer.kernels import w8a8
+
+        return QuantState("w8a8", w8a8.prepare(weight, bias, act_quant, dtype), w8a8.apply)
+    if device.type == "cuda":
+        try:
+            from effinfer.kernels.triton import woq as triton_woq
+
+            data = triton_woq.prepare(weight, bias, dtype)
+            if data is not None:
+                return QuantState("triton-woq", data, triton_woq.apply)
+        except ImportError:
+            logger.warning("triton is not installed: quantized layers run dequantized")
+    elif device.type == "cpu":
+        from effinfer.kernels.cpu import woq as cpu_woq
+
+        data = cpu_woq.prepare(weight, bias, dtype)
+        if data is not None:
+            return QuantState("cpu-woq", data, cpu_woq.apply)
+    from effinfer.kernels import dense_linear
+
+    return QuantState("dequantized", _dequantized(weight, bias, dtype), dense_linear.apply)
+
+
+def apply(state: QuantState, x: torch.Tensor) -> torch.Tensor:
+    return state.apply(state.data, x)
