@@ -1,4 +1,4 @@
-"""The ``effinfer`` command line: generate, chat, serve, eval, convert, bench, train.
+"""The ``effinfer`` command line: generate, chat, serve, eval, quantize, convert, bench, train.
 
 Every command takes the engine settings (``--dtype``, ``--kv-cache-memory``, ...) and, where it
 samples, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong path, a bad
@@ -35,6 +35,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
+    group.add_argument(
+        "--quantization", choices=("int8", "int4", "fp8"),
+        help="quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
+    )  # fmt: skip
+    group.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "int8"),
+        help="KV-cache storage: auto (the model dtype) or int8 (per token and head scales)",
+    )  # fmt: skip
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -78,6 +86,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.threads,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
 
 
@@ -217,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
 
     from effinfer import convert
+    from effinfer.compress.quant import pipeline as quantize
     from effinfer.serve.cli import register_serve_commands
 
     convert.register(sub)
+    quantize.register(sub)
     register_serve_commands(sub)
 
     bench_help = "decode speed and throughput, optionally against HF transformers"
@@ -230,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "quant"]:
+        from effinfer.bench.quant import main as bench_quant_main
+
+        return _guarded(bench_quant_main, argv[2:])
     if argv[:2] == ["bench", "serve"]:
         from effinfer.serve.bench_serve import main as bench_serve_main
 

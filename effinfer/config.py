@@ -162,6 +162,10 @@ def available_memory_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
+# Schemes ``EngineConfig.quantization`` applies at load time (``loading/online_quant.py``).
+ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8")
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model. Defaults suit one CPU or one GPU."""
@@ -179,8 +183,13 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     show_progress: bool = True
+    # Quantize a float checkpoint's decoder weights while loading (RTN): None, "int8", "int4", "fp8".
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in ONLINE_QUANTIZATION:
+            choices = ", ".join(str(q) for q in ONLINE_QUANTIZATION)
+            raise ConfigError(f"unknown quantization {self.quantization!r}; choose from {choices}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -7,7 +7,8 @@ Idea: the inverse of ``loading/gguf.py``. Hyper-parameters become ``{arch}.*`` k
 ``tokenizer.json`` vocabulary becomes ``tokenizer.ggml.*`` (SentencePiece-style ``llama`` for
 ``▁``/byte-fallback BPE, ``gpt2`` for byte-level BPE), and each tensor is renamed, q/k rows of
 Llama models are interleaved for llama.cpp's rotary, and weights are stored as F32, F16, BF16 or
-Q8_0 (norms stay F32; a matrix whose rows do not split into 32-value blocks falls back to F16).
+Q8_0 / Q4_0 (norms stay F32; a matrix whose rows do not split into 32-value blocks falls back to
+F16).
 
     effinfer convert MODEL_DIR --to gguf --outtype q8_0 -o model.gguf
 """
@@ -51,6 +52,7 @@ OUTTYPES = {
     "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 
 # The original (HF tokenizer.json) regexes of the BPE pre-tokenizers llama.cpp knows by name.
@@ -264,13 +266,15 @@ def _gguf_tensors(model_dir: Path, config: ModelConfig, arch: str, weight_type: 
 
 
 def _encode(tensor: torch.Tensor, weight_type: QType) -> tuple[np.ndarray, QType]:
-    """Store 1-D tensors (norms, biases) as F32, matrices as ``weight_type`` (Q8_0 needs 32-wide blocks)."""
+    """Store 1-D tensors (norms, biases) as F32, matrices as ``weight_type`` (Q8_0/Q4_0 need 32-wide blocks)."""
     if tensor.dim() < 2 or weight_type == QType.F32:
         return tensor.numpy().astype(np.float32), QType.F32
     if weight_type == QType.Q8_0 and tensor.shape[-1] % 32 == 0:
         return quantize_q8_0(tensor.reshape(-1, tensor.shape[-1])).numpy().reshape(
             *tensor.shape[:-1], -1
         ), QType.Q8_0
+    if weight_type == QType.Q4_0 and tensor.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(tensor.float().numpy(), QType.Q4_0), QType.Q4_0
     if weight_type == QType.BF16:
         raw = tensor.to(torch.bfloat16).view(torch.uint8).numpy()
         return raw, QType.BF16

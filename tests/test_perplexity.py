@@ -75,3 +75,17 @@ def test_eval_ppl_missing_file(stories260k, tmp_path, capsys):
     code = cli_main(["eval", "ppl", "--model", str(stories260k), "--data", str(tmp_path / "nope.txt")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_paged_perplexity_equals_dense_scoring(stories260k, shared_data):
+    """Scoring token by token through the paged KV cache gives the dense (cache-free) perplexity."""
+    from effinfer.eval.perplexity import paged_perplexity
+
+    text = (shared_data / "text" / "tinystories_valid.txt").read_text()[:3000]
+    llm = LLM(str(stories260k), dtype="float32", show_progress=False)
+    dense = perplexity(llm, text=text, ctx=128, max_windows=2, show_progress=False)
+    for chunk in (1, 7):
+        paged = paged_perplexity(llm, text=text, ctx=128, max_windows=2, chunk=chunk, show_progress=False)
+        assert paged.num_tokens == dense.num_tokens
+        assert paged.perplexity == pytest.approx(dense.perplexity, rel=1e-5)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

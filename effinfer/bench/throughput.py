@@ -88,7 +88,10 @@ def _unique_parameters(model: nn.Module, skip_embeddings: bool) -> int:
                 continue  # counted with the weight
             count = param.numel() if count is None else count
             elements += count
-            nbytes += count * param.element_size()
+            if isinstance(module, Linear) and param is module.weight:
+                nbytes += module.weight_nbytes()
+            else:
+                nbytes += count * param.element_size()
     return elements, nbytes
 
 

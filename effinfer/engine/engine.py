@@ -45,6 +45,17 @@ class _Request:
     stop_holdback: int
 
 
+def _load_quantized(path, scheme, model_config, dtype, device, max_model_len, show_progress):
+    """Load float weights, quantize them (``EngineConfig.quantization``), then pack them for the kernels."""
+    from effinfer.loading.builder import finalize_model
+    from effinfer.loading.online_quant import quantize_on_load
+
+    model = load_model(path, model_config, dtype, device, max_model_len, show_progress, finalize=False)
+    with torch.no_grad():
+        quantize_on_load(model, scheme, show_progress)
+    return finalize_model(model, device, dtype)
+
+
 def physical_core_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -56,6 +67,8 @@ class LLMEngine:
     def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         if is_gguf_file(model):
+            if config.quantization:
+                raise ConfigError("a GGUF file is already quantized: leave quantization unset")
             checkpoint = GGUFFile(model)
             self.model_config = checkpoint.model_config()
             self.tokenizer = checkpoint.tokenizer()
@@ -65,6 +78,8 @@ class LLMEngine:
             self.model_config = ModelConfig.from_dir(path)
             self.tokenizer = Tokenizer.from_dir(path)
             load_weights = partial(load_model, path)
+            if config.quantization:
+                load_weights = partial(_load_quantized, path, config.quantization)
         self.model_path = Path(model)
         self.device = torch.device(config.device)
         self.dtype = config.resolve_dtype(self.model_config)

@@ -67,7 +67,9 @@ class Linear(nn.Module):
             torch.empty(0, dtype=self.weight.dtype, device=self.weight.device), requires_grad=False
         )
 
-    def load_quantized_shard(self, weight: QuantizedWeight, shard: int = 0, act_quant: str | None = None) -> None:
+    def load_quantized_shard(
+        self, weight: QuantizedWeight, shard: int = 0, act_quant: str | None = None
+    ) -> None:
         """One checkpoint tensor of a fused layer; the layer becomes quantized once every shard arrived."""
         if weight.out_features != self.shard_sizes[shard] or weight.in_features != self.in_features:
             raise ValueError(
@@ -89,6 +91,13 @@ class Linear(nn.Module):
     def num_parameters(self) -> int:
         """Parameters of the layer, also after the backend released the plain weight."""
         return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the weight (and bias) as the kernels read them: packed codes and scales if quantized."""
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        if self.quantized is not None:
+            return self.quantized.nbytes() + bias
+        return self.out_features * self.in_features * self.weight.element_size() + bias
 
     def finalize(self, release_weight: bool = True) -> None:
         """Called once after loading: lets the kernel backend repack the weight for inference.

@@ -34,7 +34,9 @@ class QuantizedWeight:
         out_features, in_features = self.qweight.shape
         groups = self.num_groups
         if tuple(self.scales.shape) != (out_features, groups):
-            raise ValueError(f"scales have shape {tuple(self.scales.shape)}, expected {(out_features, groups)}")
+            raise ValueError(
+                f"scales have shape {tuple(self.scales.shape)}, expected {(out_features, groups)}"
+            )
         if tuple(self.zeros.shape) != (out_features, groups):
             raise ValueError(f"zeros have shape {tuple(self.zeros.shape)}, expected {(out_features, groups)}")
         if self.g_idx is not None and tuple(self.g_idx.shape) != (in_features,):

@@ -32,7 +32,13 @@ from gguf import GGUFValueType
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.layers.rotary import inverse_frequencies
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
-from effinfer.loading.gguf_quants import BLOCK_FORMATS, FLOAT_TYPES, dequantize
+from effinfer.loading.gguf_quants import (
+    BLOCK_FORMATS,
+    DIRECT_TYPES,
+    FLOAT_TYPES,
+    dequantize,
+    to_quantized_weight,
+)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -320,8 +326,12 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def hf_tensors(gguf: GGUFFile, config: ModelConfig):
-    """Yield (HF name, dequantised tensor, bytes read) for every weight in the file."""
+def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
+    """Yield (HF name, tensor, bytes read) for every weight in the file.
+
+    Tensors are dequantised to float32, except, with ``quantized_linears``, Q8_0 / Q4_0 layer
+    weights, which come as ``QuantizedWeight`` (exactly the same numbers, still quantized).
+    """
     permuted = ARCHITECTURES[gguf.architecture][1]
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
@@ -329,12 +339,31 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig):
         hf_name = hf_tensor_name(name)
         if hf_name is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
-        tensor = gguf.tensor(name)
+        if quantized_linears and info.qtype in DIRECT_TYPES and hf_name.endswith("_proj.weight"):
+            # Keep llama.cpp's own blocks: the layer runs on the quantized kernels, no dequantising.
+            tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+            unpermute = _unpermute_quantized
+        else:
+            tensor = gguf.tensor(name)
+            unpermute = unpermute_rotary_rows
         if permuted and ".self_attn.q_proj." in hf_name:
-            tensor = unpermute_rotary_rows(tensor, config.num_heads)
+            tensor = unpermute(tensor, config.num_heads)
         elif permuted and ".self_attn.k_proj." in hf_name:
-            tensor = unpermute_rotary_rows(tensor, config.num_kv_heads)
+            tensor = unpermute(tensor, config.num_kv_heads)
         yield hf_name, tensor, info.nbytes
+
+
+def _unpermute_quantized(weight, num_heads: int):
+    """``unpermute_rotary_rows`` for a QuantizedWeight: codes, scales and zeros move with their rows."""
+    from effinfer.layers.quantized import QuantizedWeight
+
+    return QuantizedWeight(
+        unpermute_rotary_rows(weight.qweight, num_heads),
+        unpermute_rotary_rows(weight.scales, num_heads),
+        unpermute_rotary_rows(weight.zeros, num_heads),
+        weight.bits,
+        weight.group_size,
+    )
 
 
 # -------------------------------------------------------------------- the model

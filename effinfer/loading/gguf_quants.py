@@ -247,6 +247,36 @@ def block_values(qtype: QType | int) -> int:
     return 1 if qtype in FLOAT_TYPES else BLOCK_FORMATS[qtype][0]
 
 
+# ---------------------------------------------------------------- blocks as quantized weights
+
+# Types whose blocks are exactly a ``QuantizedWeight`` (one scale per 32 values, a fixed zero):
+# they load without dequantising and run on the quantized kernels, the same numbers as llama.cpp.
+DIRECT_TYPES = (QType.Q8_0, QType.Q4_0)
+
+
+def to_quantized_weight(data: np.ndarray | torch.Tensor, qtype: QType | int, shape: tuple[int, ...]):
+    """Q8_0 / Q4_0 bytes of a [rows, cols] matrix -> ``QuantizedWeight`` (group 32, symmetric)."""
+    from effinfer.layers.quantized import QuantizedWeight
+
+    qtype = QType(qtype)
+    rows, cols = shape
+    _, block_bytes, _ = BLOCK_FORMATS[qtype]
+    raw = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    blocks = raw.contiguous().reshape(-1).view(torch.uint8).reshape(-1, block_bytes)
+    scales = _f16(blocks, 0).reshape(rows, cols // 32)
+    if qtype == QType.Q8_0:
+        # int8 q -> unsigned code q + 128 with zero point 128: (code - 128) * d = q * d.
+        codes = (blocks[:, 2:34].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        bits = 8
+    elif qtype == QType.Q4_0:
+        codes = _nibbles(blocks[:, 2:18]).reshape(-1, 32).to(torch.uint8)
+        bits = 4
+    else:
+        raise ValueError(f"{qtype.name} blocks are not a plain scale-and-zero quantization")
+    zeros = torch.full((rows, cols // 32), 2 ** (bits - 1), dtype=torch.int32)
+    return QuantizedWeight(codes.reshape(rows, cols), scales.float(), zeros, bits, 32)
+
+
 # ---------------------------------------------------------------- quantisation (for ``effinfer convert``)
 
 

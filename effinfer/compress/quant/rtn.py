@@ -64,3 +64,23 @@ def quantize_rtn(
         codes[:, cols] = quantize_codes(weight[:, cols], scale, zero, bits).to(torch.uint8)
         scales[:, g], zeros[:, g] = scale, zero.to(torch.int32)
     return QuantizedWeight(codes, scales, zeros, bits, group)
+
+
+def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The decoder's Linear layers, in execution order: what every weight quantizer transforms.
+
+    Embeddings and lm_head stay in floating point, as in GPTQ, AWQ and llama.cpp's defaults.
+    """
+    from effinfer.layers.linear import Linear
+
+    return [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, Linear)]
+
+
+def quantize_model_rtn(
+    model: torch.nn.Module, bits: int, group_size: int | None, symmetric: bool, show_progress: bool = True
+) -> None:
+    """Quantize every decoder Linear in place (no calibration data needed)."""
+    from tqdm.auto import tqdm
+
+    for _, linear in tqdm(quantizable_linears(model), desc="rtn", unit="layer", disable=not show_progress):
+        linear.set_quantized(quantize_rtn(linear.weight.data, bits, group_size, symmetric))

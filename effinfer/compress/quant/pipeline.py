@@ -1,0 +1,217 @@
+"""``effinfer quantize``: a model directory in, a quantized model directory out.
+
+One function drives every method: load the float model (float32, so the quantizer sees the
+checkpoint's values), cut calibration rows from a text file when the method needs activations,
+transform the decoder's Linear layers, and write the result in a checkpoint layout the
+ecosystem reads (GPTQ, AWQ or compressed-tensors), so ``LLM(OUT)``, ``effinfer eval ppl --model
+OUT`` and ``effinfer serve --model OUT`` run it like any other model.
+
+    effinfer quantize --model IN --method gptq --bits 4 --group-size 128 --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from effinfer.config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8-naive")
+NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
+# The layout each method writes unless --format says otherwise.
+DEFAULT_FORMAT = {
+    "rtn": "gptq",
+    "gptq": "gptq",
+    "awq": "awq",
+    "smoothquant": "compressed-tensors",
+    "w8a8-naive": "compressed-tensors",
+}
+
+
+@dataclass
+class QuantizeOptions:
+    method: str
+    bits: int = 4
+    group_size: int | None = 128  # None: one group per output row (per channel)
+    symmetric: bool | None = None  # None: the method's usual choice
+    calib: str | os.PathLike | None = None  # text file; None: the default model's held-out calibration text
+    num_samples: int = 128
+    seq_len: int = 512
+    act_order: bool = False  # GPTQ
+    damp: float = 0.01  # GPTQ
+    alpha: float = 0.5  # SmoothQuant migration strength
+    awq_clip: bool = True  # AWQ clipping search
+    format: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"unknown quantization method {self.method!r}; choose from {', '.join(METHODS)}"
+            )
+        if self.method in ("smoothquant", "w8a8-naive"):
+            if self.bits != 8:
+                raise ConfigError(f"{self.method} is W8A8: --bits must be 8, got {self.bits}")
+            self.group_size = None
+        if self.bits not in (4, 8):
+            raise ConfigError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            self.group_size = None
+        if self.method == "awq" and self.bits != 4:
+            raise ConfigError("AWQ here quantizes to 4 bits (its GEMM checkpoint layout is 4-bit only)")
+        if self.symmetric is None:
+            # int8 is accurate enough symmetric; int4 gains from a zero point (AWQ's format needs one).
+            self.symmetric = self.bits == 8 and self.method != "awq"
+        if self.format is None:
+            self.format = DEFAULT_FORMAT[self.method]
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
+
+
+def load_float_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """The model with plain float weights and its config: what a compression pass works on."""
+    from effinfer.loading.safetensors import check_model_dir, load_model
+
+    model_dir = check_model_dir(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise ConfigError(f"{model_dir} is already quantized ({method}); quantize the float model instead")
+    model = load_model(model_dir, config, dtype, torch.device("cpu"), config.max_position_embeddings,
+                       show_progress=True, finalize=False)  # fmt: skip
+    return model, config
+
+
+def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
+    from effinfer.compress.calibration import calibration_batches
+    from effinfer.default_model import heldout_text_path
+    from effinfer.tokenizer import Tokenizer
+
+    path = Path(options.calib) if options.calib else heldout_text_path("calibration")
+    if not path.is_file():
+        raise ConfigError(f"calibration file {str(path)!r} does not exist")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return calibration_batches(tokenizer, path, options.num_samples, options.seq_len, options.seed)
+
+
+def apply_method(model, options: QuantizeOptions, calib: torch.Tensor | None, show_progress: bool = True):
+    """Transform ``model``'s decoder Linears in place with the chosen method."""
+    m, bits, group, sym = options.method, options.bits, options.group_size, options.symmetric
+    if m == "rtn":
+        from effinfer.compress.quant.rtn import quantize_model_rtn
+
+        quantize_model_rtn(model, bits, group, sym, show_progress=show_progress)
+    elif m == "gptq":
+        from effinfer.compress.quant.gptq import quantize_model_gptq
+
+        quantize_model_gptq(model, calib, bits, group, symmetric=sym, act_order=options.act_order,
+                            damp=options.damp, show_progress=show_progress)  # fmt: skip
+    elif m == "awq":
+        from effinfer.compress.quant.awq import quantize_model_awq
+
+        quantize_model_awq(model, calib, bits, group, symmetric=sym, clip=options.awq_clip,
+                           show_progress=show_progress)  # fmt: skip
+    elif m == "smoothquant":
+        from effinfer.compress.quant.smoothquant import quantize_model_smoothquant
+
+        quantize_model_smoothquant(model, calib, alpha=options.alpha, show_progress=show_progress)
+    elif m == "w8a8-naive":
+        from effinfer.compress.quant.smoothquant import quantize_model_naive_w8a8
+
+        quantize_model_naive_w8a8(model)
+
+
+def quantize(
+    model_dir: str | os.PathLike | None, out_dir: str | os.PathLike, options: QuantizeOptions,
+    show_progress: bool = True,
+) -> Path:  # fmt: skip
+    """Quantize the model in ``model_dir`` (None: the built-in default model) and write it to ``out_dir``."""
+    from effinfer.compress.quant.formats import save_quantized
+    from effinfer.default_model import default_model_path
+
+    model_dir = Path(model_dir) if model_dir else default_model_path()
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ConfigError("--out must differ from --model: the float checkpoint would be overwritten")
+    start = time.perf_counter()
+    model, _ = load_float_model(model_dir)
+    calib = calibration_ids(model_dir, options) if options.method in NEEDS_CALIBRATION else None
+    with torch.no_grad():
+        apply_method(model, options, calib, show_progress)
+    info = {
+        "method": options.method,
+        "bits": options.bits,
+        "group_size": options.group_size,
+        "symmetric": options.symmetric,
+        "act_order": options.act_order,
+    }
+    save_quantized(model, model_dir, model_dir, out_dir, format=options.format, method_info=info)
+    logger.info("quantized %s with %s in %.1f s", model_dir, options.method, time.perf_counter() - start)
+    return out_dir
+
+
+# -------------------------------------------------------------------- command line
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="quantize a model (RTN, GPTQ, AWQ, SmoothQuant) into a checkpoint directory"
+    )
+    parser.add_argument("--model", help="HF model directory (default: the built-in default model)")
+    parser.add_argument("--out", required=True, help="output model directory")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument(
+        "--group-size", type=int, default=None,
+        help="input columns per scale (default 128 for 4-bit, per channel for 8-bit; -1: per channel)",
+    )  # fmt: skip
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="no zero point")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="with a zero point")
+    parser.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration rows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration row")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian order")
+    parser.add_argument(
+        "--damp", type=float, default=0.01, help="GPTQ: Hessian dampening (share of mean diag)"
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    parser.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping search")
+    parser.add_argument("--format", choices=("gptq", "awq", "compressed-tensors"),
+                        help="checkpoint layout (default: gptq for rtn/gptq, awq for awq, "
+                             "compressed-tensors for W8A8)")  # fmt: skip
+    parser.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    group_size = args.group_size
+    if group_size is None:
+        group_size = 128 if args.bits == 4 else -1
+    options = QuantizeOptions(
+        method=args.method,
+        bits=args.bits,
+        group_size=group_size,
+        symmetric=args.symmetric,
+        calib=args.calib,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        act_order=args.act_order,
+        damp=args.damp,
+        alpha=args.alpha,
+        awq_clip=not args.no_awq_clip,
+        format=args.format,
+    )
+    out = quantize(args.model, args.out, options)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

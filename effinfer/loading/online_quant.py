@@ -1,0 +1,32 @@
+"""Quantize while loading: ``LLM(model, quantization="int4")`` runs a float checkpoint quantized.
+
+No calibration and no checkpoint to write: each decoder weight is rounded to the nearest level
+(RTN, ``compress/quant/rtn.py``) as it is loaded, before the kernels pack it. int8 is symmetric
+per output channel; int4 is asymmetric with groups of 128 input columns; fp8 is e4m3 with one
+scale per output channel (fast on GPUs with fp8 tensor cores, dequantized elsewhere). For better
+int4 quality, quantize offline with GPTQ or AWQ (``effinfer quantize``) and load the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effinfer.config import ConfigError
+
+# scheme -> (bits, group size, symmetric)
+RTN_SCHEMES = {"int8": (8, None, True), "int4": (4, 128, False)}
+
+
+def quantize_on_load(model: torch.nn.Module, scheme: str, show_progress: bool = True) -> None:
+    """Replace every decoder Linear's float weight by its quantized form (before ``finalize_model``)."""
+    if scheme == "fp8":
+        from effinfer.compress.quant.fp8 import quantize_model_fp8
+
+        quantize_model_fp8(model)
+        return
+    if scheme not in RTN_SCHEMES:
+        raise ConfigError(f"unknown quantization {scheme!r}; choose from int8, int4, fp8")
+    from effinfer.compress.quant.rtn import quantize_model_rtn
+
+    bits, group_size, symmetric = RTN_SCHEMES[scheme]
+    quantize_model_rtn(model, bits, group_size, symmetric, show_progress=show_progress)
