@@ -69,8 +69,8 @@ def prepare(
             data = triton_woq.prepare(weight, bias, dtype)
             if data is not None:
                 return QuantState("triton-woq", data, triton_woq.apply)
-        except ImportError:
-            logger.warning("triton is not installed: quantized layers run dequantized")
+        except ImportError as e:
+            logger.warning("no Triton weight-only kernel (%s): quantized layers run dequantized", e)
     elif device.type == "cpu":
         from effinfer.kernels.cpu import woq as cpu_woq
 

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.registry import model_class
 
 
@@ -40,7 +41,7 @@ def build_model(
 def fill_model(
     model: torch.nn.Module,
     config: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor, int]],
+    tensors: Iterable[tuple[str, torch.Tensor | QuantizedShard, int]],
     total_bytes: int,
     source: str,
     desc: str = "loading weights",
@@ -62,7 +63,9 @@ def fill_model(
             module_name, _, param_name = ours.rpartition(".")
             module = modules[module_name]
             try:
-                if hasattr(module, "load_shard"):
+                if isinstance(tensor, QuantizedShard):  # from loading/quantized.py
+                    module.load_quantized_shard(tensor.weight, shard, tensor.act_quant)
+                elif hasattr(module, "load_shard"):
                     module.load_shard(param_name, tensor, shard)
                 else:
                     param = params[ours]

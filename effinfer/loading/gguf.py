@@ -6,7 +6,8 @@ tensor data) and llama.cpp's ``convert_hf_to_gguf.py`` / ``gguf-py`` for the key
 Idea: the metadata says what the model is (``llama`` / ``qwen2`` / ``qwen3`` hyper-parameters,
 rope settings, the vocabulary), so it becomes a ``ModelConfig`` and a ``Tokenizer``; each tensor is
 renamed to its Hugging Face name, dequantised to float32 (``gguf_quants``), cast to the working
-dtype and copied into the model exactly as a safetensors tensor would be. For ``llama`` files the
+dtype and copied into the model exactly as a safetensors tensor would be; Q8_0 / Q4_0 layer
+weights instead stay quantized (``QuantizedWeight``, group 32) and run on the quantized kernels. For ``llama`` files the
 q/k rows are un-permuted: llama.cpp's converter interleaves rotary pairs, effinfer (like HF) rotates
 halves. Use it with ``LLM("model.gguf")`` or ``effinfer generate --model model.gguf``.
 
@@ -39,6 +40,7 @@ from effinfer.loading.gguf_quants import (
     dequantize,
     to_quantized_weight,
 )
+from effinfer.loading.quant_formats import QuantizedShard
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -333,13 +335,22 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     weights, which come as ``QuantizedWeight`` (exactly the same numbers, still quantized).
     """
     permuted = ARCHITECTURES[gguf.architecture][1]
+    # A fused layer (q/k/v, gate/up) stays quantized only if all its tensors share one direct type.
+    group_types: dict[str, set] = {}
+    for name, info in gguf.tensors.items():
+        hf_name = hf_tensor_name(name)
+        if hf_name is not None and hf_name.endswith("_proj.weight"):
+            group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
+    direct = {
+        g: next(iter(t)) for g, t in group_types.items() if len(t) == 1 and next(iter(t)) in DIRECT_TYPES
+    }
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
         hf_name = hf_tensor_name(name)
         if hf_name is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
-        if quantized_linears and info.qtype in DIRECT_TYPES and hf_name.endswith("_proj.weight"):
+        if quantized_linears and direct.get(_fusion_group(name)) == info.qtype:
             # Keep llama.cpp's own blocks: the layer runs on the quantized kernels, no dequantising.
             tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
             unpermute = _unpermute_quantized
@@ -350,7 +361,21 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
             tensor = unpermute(tensor, config.num_heads)
         elif permuted and ".self_attn.k_proj." in hf_name:
             tensor = unpermute(tensor, config.num_kv_heads)
+        if unpermute is _unpermute_quantized:
+            tensor = QuantizedShard(tensor)
         yield hf_name, tensor, info.nbytes
+
+
+def _fusion_group(name: str) -> str:
+    """The effinfer layer a GGUF tensor lands in: ``blk.3.attn_k.weight`` -> ``blk.3.attn_qkv``."""
+    for members, fused in (
+        (("attn_q", "attn_k", "attn_v"), "attn_qkv"),
+        (("ffn_gate", "ffn_up"), "ffn_gate_up"),
+    ):
+        for member in members:
+            if f".{member}." in name:
+                return name.replace(f".{member}.", f".{fused}.").removesuffix(".weight").removesuffix(".bias")
+    return name.removesuffix(".weight")
 
 
 def _unpermute_quantized(weight, num_heads: int):
@@ -382,7 +407,8 @@ def load_model(
         gguf = GGUFFile(gguf)
     model = build_model(config, dtype, device, max_positions)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    fill_model(model, config, hf_tensors(gguf, config), total, gguf.path.name, "loading GGUF", show_progress)
+    tensors = hf_tensors(gguf, config, quantized_linears=True)
+    fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     finalize_model(model, device, dtype)
     if ROPE_FREQS in gguf.tensors:
         _apply_rope_freq_factors(model.model.rotary, gguf.tensor(ROPE_FREQS), device, dtype)

@@ -1,5 +1,8 @@
 """Load an HF model directory: config.json plus single or sharded ``*.safetensors``.
 
+A ``quantization_config`` in config.json (GPTQ, AWQ, compressed-tensors) is read by
+``loading/quantized.py``, which hands quantized Linears their ``QuantizedWeight``.
+
 Tensors are memory-mapped and copied one at a time into parameters already allocated in the
 target dtype, so peak memory is the model once, not the checkpoint plus the model.
 """
@@ -15,6 +18,7 @@ from safetensors import safe_open
 
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
+from effinfer.loading.quantized import quantized_tensors, read_quantization_config
 
 __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
@@ -65,7 +69,11 @@ def load_model(
     """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on."""
     path = check_model_dir(path)
     files = find_weight_files(path)
+    quant = read_quantization_config(path)  # checked before anything is allocated
     model = build_model(config, dtype, device, max_positions)
     total = sum(os.path.getsize(f) for f in files)
-    fill_model(model, config, _read_tensors(files), total, repr(str(path)), show_progress=show_progress)
+    tensors = _read_tensors(files)
+    if quant is not None:  # GPTQ / AWQ / compressed-tensors: Linears get QuantizedWeights
+        tensors = quantized_tensors(model, quant, files, tensors, device, repr(str(path)))
+    fill_model(model, config, tensors, total, repr(str(path)), show_progress=show_progress)
     return finalize_model(model, device, dtype, prepare_kernels=finalize)
