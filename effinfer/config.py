@@ -164,6 +164,8 @@ def available_memory_bytes(device: torch.device) -> int:
 
 # Schemes ``EngineConfig.quantization`` applies at load time (``loading/online_quant.py``).
 ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8")
+# How the paged KV cache stores keys and values (``layers/attention.py``).
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass
@@ -185,11 +187,17 @@ class EngineConfig:
     show_progress: bool = True
     # Quantize a float checkpoint's decoder weights while loading (RTN): None, "int8", "int4", "fp8".
     quantization: str | None = None
+    # KV-cache storage: "auto" (the model dtype) or "int8" (one scale per token and KV head; ~2x the blocks).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
             choices = ", ".join(str(q) for q in ONLINE_QUANTIZATION)
             raise ConfigError(f"unknown quantization {self.quantization!r}; choose from {choices}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

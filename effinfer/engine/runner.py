@@ -15,10 +15,19 @@ from effinfer.layers.attention import AttentionMetadata, PagedAttention
 
 logger = logging.getLogger(__name__)
 
+# One scale per (token slot, KV head) of an int8 cache.
+KV_SCALE_DTYPE = torch.float32
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+def kv_bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+) -> int:
+    """Bytes of one block's keys and values over all layers (int8: codes plus a float32 scale per head)."""
+    if kv_cache_dtype == "int8":
+        per_head = config.head_dim * 1 + KV_SCALE_DTYPE.itemsize
+    else:
+        per_head = config.head_dim * dtype.itemsize
+    return 2 * config.num_layers * block_size * config.num_kv_heads * per_head
 
 
 class ModelRunner:
@@ -36,11 +45,12 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = engine_config.kv_cache_dtype
         self.num_blocks = self._num_blocks(engine_config, max_model_len)
         self._allocate_kv_cache()
 
     def _num_blocks(self, engine_config: EngineConfig, max_model_len: int) -> int:
-        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype, self.kv_cache_dtype)
         if engine_config.kv_cache_memory is not None:
             budget = engine_config.kv_cache_memory
         else:
@@ -59,16 +69,22 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        int8 = self.kv_cache_dtype == "int8"
         for layer in attention_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        size = 2 * len(attention_layers) * self.num_blocks * self.block_size
-        size *= (
-            self.config.num_kv_heads * self.config.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+            cache_dtype = torch.int8 if int8 else self.dtype
+            layer.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            if int8:
+                layer.k_scale_cache = torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device)
+                layer.v_scale_cache = torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device)
+        size = self.num_blocks * kv_bytes_per_block(
+            self.config, self.block_size, self.dtype, self.kv_cache_dtype
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size, size / 2**20
-        )
+            "KV cache: %d blocks of %d tokens, %s (%.1f MiB)",
+            self.num_blocks, self.block_size, "int8" if int8 else str(self.dtype).removeprefix("torch."),
+            size / 2**20,
+        )  # fmt: skip
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

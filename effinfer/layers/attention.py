@@ -4,6 +4,13 @@ Every token's key and value are first written into its slot of the cache (``slot
 queries then attend to their sequence's whole context, read back through its block table.
 Prefill runs one sequence at a time (each has its own length and cached prefix); decode runs
 the whole batch at once, padding contexts to the longest and masking the padding.
+
+int8 KV cache (``EngineConfig(kv_cache_dtype="int8")``; KV-cache quantization as in KIVI, Liu et
+al. 2024, KVQuant, Hooper et al. 2024, and vLLM's int8/fp8 KV cache): each token's key and value
+are stored as int8 with one float32 scale per (token slot, KV head), absmax / 127, computed when
+the token is written; attention dequantizes what it reads back. The cache then takes about half
+the bytes of bf16, so the same memory holds about twice the tokens. A prompt's own first
+prefill attends to its exact fresh keys (as vLLM does); cached prefixes and decode read int8.
 """
 
 from __future__ import annotations
@@ -13,6 +20,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [T, kv_heads, d] and float32 scales [T, kv_heads] of keys or values [T, kv_heads, d].
+
+    Symmetric absmax per (token, head): every element is off by at most scale / 2 = absmax / 254.
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp(min=1e-8) / 127
+    return torch.clamp(torch.round(xf / scale[..., None]), -127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The keys or values [..., d] that int8 ``codes`` and their per-(token, head) ``scale`` [...] stand for."""
+    return (codes.float() * scale[..., None]).to(dtype)
 
 
 @dataclass
@@ -61,6 +83,9 @@ class PagedAttention(nn.Module):
         # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # int8 cache only: float32 [num_blocks, block_size, kv_heads], one scale per slot and head.
+        self.k_scale_cache: torch.Tensor | None = None
+        self.v_scale_cache: torch.Tensor | None = None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | DenseCausal
@@ -68,15 +93,24 @@ class PagedAttention(nn.Module):
         """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d]."""
         if isinstance(meta, DenseCausal):
             return self._dense(q, k, v, meta)
-        k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_slots.index_copy_(0, meta.slot_mapping, k)
-        v_slots.index_copy_(0, meta.slot_mapping, v)
+        self._store(k, v, meta.slot_mapping)
         if meta.is_prefill:
             out = self._prefill(q, k, v, meta)
         else:
             out = self._decode(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        if self.k_scale_cache is None:
+            k_slots.index_copy_(0, slot_mapping, k)
+            v_slots.index_copy_(0, slot_mapping, v)
+            return
+        for x, slots, scales in ((k, k_slots, self.k_scale_cache), (v, v_slots, self.v_scale_cache)):
+            codes, scale = quantize_kv(x)
+            slots.index_copy_(0, slot_mapping, codes)
+            scales.view(-1, self.num_kv_heads).index_copy_(0, slot_mapping, scale)
 
     def _dense(self, q, k, v, meta: DenseCausal) -> torch.Tensor:
         def heads_first(x):
@@ -102,7 +136,7 @@ class PagedAttention(nn.Module):
             if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
                 k_i, v_i = k[start : start + q_len], v[start : start + q_len]
             else:
-                k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len)
+                k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len, q.dtype)
                 k_i, v_i = k_i[0], v_i[0]
             k_i, v_i = k_i.transpose(0, 1), v_i.transpose(0, 1)
             mask = self._prefill_mask(q_len, ctx_len, q.device)
@@ -127,7 +161,7 @@ class PagedAttention(nn.Module):
         # One query per sequence: two small batched matmuls beat SDPA's flash kernel, which is
         # built for long query blocks (2x faster at batch 16 on CPU). Query heads are grouped
         # under their KV head, so GQA needs no copy of the keys.
-        k, v = self._gather(meta.block_tables, None)  # [B, L, kv_heads, d]
+        k, v = self._gather(meta.block_tables, None, q.dtype)  # [B, L, kv_heads, d]
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
         scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * self.scale  # [B, kv_heads, group, L]
@@ -137,7 +171,8 @@ class PagedAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v.transpose(1, 2))  # [B, kv_heads, group, d]
 
-    def _gather(self, block_tables: torch.Tensor, length: int | None):
+    def _gather(self, block_tables: torch.Tensor, length: int | None, dtype: torch.dtype):
+        """Keys and values [num_seqs, L, kv_heads, d] of the blocks in ``block_tables``, in ``dtype``."""
         num_seqs, max_blocks = block_tables.shape
         flat = block_tables.reshape(-1)
         shape = (num_seqs, max_blocks * self.k_cache.shape[1], self.num_kv_heads, self.head_dim)
@@ -145,4 +180,10 @@ class PagedAttention(nn.Module):
         v = self.v_cache.index_select(0, flat).view(shape)
         if length is not None:
             k, v = k[:, :length], v[:, :length]
-        return k, v
+        if self.k_scale_cache is None:
+            return k, v
+        k_scale = self.k_scale_cache.index_select(0, flat).view(shape[:3])
+        v_scale = self.v_scale_cache.index_select(0, flat).view(shape[:3])
+        if length is not None:
+            k_scale, v_scale = k_scale[:, :length], v_scale[:, :length]
+        return dequantize_kv(k, k_scale, dtype), dequantize_kv(v, v_scale, dtype)
