@@ -1,0 +1,417 @@
+// Weight-only int8 / int4 GEMM for x86 CPUs with AVX512-BF16 and AMX-BF16.
+//
+// y[m, n] = sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero[n, g]) * x[m, k]    (+ bias[n])
+//
+// Decoding is memory-bound: the win comes from streaming 1 (int8) or 0.5 (int4) bytes per weight
+// instead of bf16's 2. Two ideas keep the arithmetic cheap enough to stay at DRAM speed:
+//  * The integer codes are converted to bf16 *exactly* (integers up to 256 fit bf16's 8-bit
+//    significand) and dotted with bf16 x; the group's scale and zero point are applied once per
+//    group, to the fp32 partial sums: acc * scale - zero * scale * sum_{k in g} x[m, k].
+//  * int4 codes become bf16 with one OR: the bit pattern 0x4300 | q is the bf16 number 128 + q,
+//    and the extra 128 * sum(x) is folded into the zero point (done in Python at pack time);
+//    int8 codes go through fp16 (see dequant_quad), offset by 1, likewise folded.
+//
+// Packed layout (built by woq.py): output rows in blocks of 16 ("nb"), input columns in
+// "quads" of 4. For one (nb, quad), the 64 codes form two rows of AMX's VNNI B layout, each row
+// n0k0 n0k1 n1k0 n1k1 ... n15k0 n15k1 (one bf16 pair per output row, k = 2 consecutive columns):
+//   int8: 64 bytes, row 0 then row 1;
+//   int4: 32 bytes, byte j = row0[j] | row1[j] << 4.
+// Groups are padded to multiples of 32 columns (zero codes, zero x), so a group is a whole
+// number of AMX K-steps; ``chunks[g]`` is the first 32-column chunk of group g.
+//
+// Two paths over the same layout (woq.AMX_MIN_ROWS picks one per call by the rows of x):
+//  * AVX512-BF16: per 16 output rows, dot products (vdpbf16ps) with the converted codes held
+//    in registers, 4 rows of x at a time (int4 decode: its conversion is 4 ops per 64 codes);
+//  * AMX: per 16 output rows, codes are converted chunk by chunk into a 8 KB L1 ring, a few
+//    chunks ahead of the tile products that consume them, each chunk reused by up to 4 row
+//    tiles (64 rows) of x; more rows take several 64-row passes.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/extension.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kBlockN = 16;       // output rows per block (one zmm of fp32 results)
+constexpr int kChunk = 32;        // input columns per AMX K-step and per padded-group unit
+constexpr int kQuadsPerChunk = 8; // 32 columns = 8 quads of 4
+constexpr int64_t kStage = 8;     // ring of dequantized chunks feeding the AMX tiles
+constexpr int64_t kLag = 4;       // chunks converted ahead of the one being multiplied
+// Software prefetch distance (bytes of codes ahead). One core alone cannot keep enough misses in
+// flight from the hardware prefetchers, which stop at 4 KB pages; measured on Sapphire Rapids.
+constexpr int64_t kPrefetchSmallM = 4096;
+constexpr int64_t kPrefetchAmx = 2048;
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// The 64 codes of one quad, as two zmm of 32 bf16 each (exact integers; int4 offset by 128).
+template <int Bits>
+inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1) {
+  if constexpr (Bits == 8) {
+    // uint8 -> bf16 in 5 ops (the fp32 route takes 7): c = q + 1 is in [1, 256], so its fp16
+    // (AVX512-FP16 converts 32 words at once) has at most 8 significant bits; dropping fp16's 3
+    // spare mantissa bits and rebiasing the exponent (127 - 15) gives bf16 exactly. The +1 is
+    // folded into the zero point at pack time.
+    auto cvt = [](const uint8_t* s) {
+      __m512i c = _mm512_add_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)s)),
+                                   _mm512_set1_epi16(1));
+      __m512i h = _mm512_castph_si512(_mm512_cvtepu16_ph(c));
+      return as_bh(_mm512_add_epi16(_mm512_srli_epi16(h, 3), _mm512_set1_epi16(0x3800)));
+    };
+    w0 = cvt(p);
+    w1 = cvt(p + 32);
+  } else {
+    const __m512i magic = _mm512_set1_epi16(0x4300);  // bf16 128.0: OR a nibble in to get 128 + q
+    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    // (v & 0xF) | magic, in one ternary-logic op.
+    w0 = as_bh(_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), magic, 0xEA));
+    w1 = as_bh(_mm512_or_si512(_mm512_srli_epi16(v, 4), magic));
+  }
+}
+
+template <int Bits>
+constexpr int quad_bytes() { return Bits == 8 ? 64 : 32; }
+
+struct Problem {
+  const uint16_t* x;       // bf16 [M, Kp]
+  int64_t M, Kp, N, G;
+  const uint8_t* codes;    // packed, see above
+  const float* scales;     // [NB, G, 16]
+  const float* zscales;    // [NB, G, 16]: (zero + offset) * scale
+  const int32_t* chunks;   // [G + 1]
+  const float* bias;       // [NB * 16] or nullptr
+  const float* xsum;       // [M, G]: sum of x over each group
+  void* out;               // [M, N], bf16 or fp32
+  bool out_fp32;
+};
+
+// One block of 16 results for row m: add bias, convert, store the valid columns.
+inline void store_block(const Problem& P, int64_t m, int64_t nb, __m512 y) {
+  const int64_t n0 = nb * kBlockN;
+  const int64_t valid = std::min<int64_t>(kBlockN, P.N - n0);
+  const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+  if (P.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(P.bias + n0));
+  if (P.out_fp32) {
+    _mm512_mask_storeu_ps((float*)P.out + m * P.N + n0, mask, y);
+  } else {
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(y);
+    _mm256_mask_storeu_epi16((uint16_t*)P.out + m * P.N + n0, mask, h);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small M: register-blocked AVX512-BF16. MB rows of x at a time; every dequantized code vector
+// is used MB times. With few rows the dot products form short dependency chains, so each row
+// gets several accumulators (NC) to keep the FMA pipes busy while the codes stream in.
+template <int Bits, int MB>
+void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
+  constexpr int NC = MB == 1 ? 4 : (MB <= 3 ? 2 : 1);
+  constexpr int QB = quad_bytes<Bits>();
+  const int64_t quads = P.Kp / 4;
+  const uint8_t* w = P.codes + nb * quads * QB;
+  const float* sc = P.scales + nb * P.G * kBlockN;
+  const float* zs = P.zscales + nb * P.G * kBlockN;
+  const int32_t* xrow[MB];
+  for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(P.x + (m0 + m) * P.Kp);  // bf16 pairs
+
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < P.G; ++g) {
+    __m512 acc[MB][NC];
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+    const int64_t q_end = (int64_t)P.chunks[g + 1] * kQuadsPerChunk;
+    for (int64_t q = (int64_t)P.chunks[g] * kQuadsPerChunk; q < q_end; q += 2) {  // 8 columns
+      _mm_prefetch((const char*)(w + q * QB + kPrefetchSmallM), _MM_HINT_T0);
+      __m512bh wv[4];
+      dequant_quad<Bits>(w + q * QB, wv[0], wv[1]);
+      dequant_quad<Bits>(w + (q + 1) * QB, wv[2], wv[3]);
+      for (int m = 0; m < MB; ++m) {
+        for (int i = 0; i < 4; ++i) {
+          // Column pair 2q + i of row m, broadcast: lane j gets x[k]*w[j,k] + x[k+1]*w[j,k+1].
+          __m512bh xv = as_bh(_mm512_set1_epi32(xrow[m][2 * q + i]));
+          acc[m][i % NC] = _mm512_dpbf16_ps(acc[m][i % NC], xv, wv[i]);
+        }
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
+    const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
+    for (int m = 0; m < MB; ++m) {
+      __m512 a = acc[m][0];
+      for (int c = 1; c < NC; ++c) a = _mm512_add_ps(a, acc[m][c]);
+      total[m] = _mm512_fmadd_ps(a, s, total[m]);
+      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(m0 + m) * P.G + g]), total[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
+}
+
+template <int Bits>
+void small_m(const Problem& P) {
+  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      int64_t m = 0;
+      for (; m + 4 <= P.M; m += 4) small_m_block<Bits, 4>(P, m, nb);
+      switch (P.M - m) {
+        case 3: small_m_block<Bits, 3>(P, m, nb); break;
+        case 2: small_m_block<Bits, 2>(P, m, nb); break;
+        case 1: small_m_block<Bits, 1>(P, m, nb); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large M: AMX. Tiles 0-3 accumulate 16x16 fp32 blocks, tiles 4-5 hold 16x32 bf16 blocks of x,
+// tiles 6-7 32x16 blocks of codes in VNNI order. Tile registers are not renamed, so
+// consecutive chunks alternate between the two A and the two B tiles (the next load need not
+// wait for the previous product to finish reading), and with at most two row tiles, odd
+// chunks also accumulate into their own C tiles (2, 3) to shorten the dependency chain.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool request_amx_permission() {
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+constexpr int64_t kTile = 16 * kChunk;  // bf16 elements in one A or B tile (1 KB)
+
+// Products of one chunk of codes (already bf16, at ``b``) with NT row tiles of x at ``xc``: tile
+// TB gets the codes, TA0/TA1 alternate for x, row tile i accumulates into TC0, TC1, 2, 3.
+// GCC's AMX intrinsics need tile numbers as literal tokens, hence a macro, not a template.
+#define WOQ_CHUNK_PRODUCTS(NT, TB, TC0, TC1, TA0, TA1, b, xc, xstep) \
+  do {                                                               \
+    _tile_loadd(TB, b, 64);                                          \
+    _tile_loadd(TA0, xc, 64);                                        \
+    _tile_dpbf16ps(TC0, TA0, TB);                                    \
+    if constexpr (NT > 1) {                                          \
+      _tile_loadd(TA1, (xc) + (xstep), 64);                          \
+      _tile_dpbf16ps(TC1, TA1, TB);                                  \
+    }                                                                \
+    if constexpr (NT > 2) {                                          \
+      _tile_loadd(TA0, (xc) + 2 * (xstep), 64);                      \
+      _tile_dpbf16ps(2, TA0, TB);                                    \
+    }                                                                \
+    if constexpr (NT > 3) {                                          \
+      _tile_loadd(TA1, (xc) + 3 * (xstep), 64);                      \
+      _tile_dpbf16ps(3, TA1, TB);                                    \
+    }                                                                \
+  } while (0)
+
+template <int NT>
+inline void even_chunk(const uint16_t* b, const uint16_t* xc, int64_t xstep) {
+  WOQ_CHUNK_PRODUCTS(NT, 6, 0, 1, 4, 5, b, xc, xstep);
+}
+
+template <int NT>
+inline void odd_chunk(const uint16_t* b, const uint16_t* xc, int64_t xstep) {
+  if constexpr (NT <= 2) {
+    WOQ_CHUNK_PRODUCTS(NT, 7, 2, 3, 5, 4, b, xc, xstep);
+  } else {
+    WOQ_CHUNK_PRODUCTS(NT, 7, 0, 1, 5, 4, b, xc, xstep);
+  }
+}
+
+// One output block (16 rows of W) against NT row tiles of x starting at row tile t0.
+// ``stage`` is a ring of kStage dequantized chunks (1 KB each); a chunk is written kLag steps
+// before its tile load, so the load never waits on freshly stored data.
+template <int Bits, int NT>
+void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0, uint16_t* stage,
+               float (*cbuf)[16][16], float* totals) {
+  constexpr int QB = quad_bytes<Bits>();
+  const int64_t chunks = P.Kp / kChunk;
+  const uint8_t* w = P.codes + nb * (P.Kp / 4) * QB;
+  const float* sc = P.scales + nb * P.G * kBlockN;
+  const float* zs = P.zscales + nb * P.G * kBlockN;
+  const uint16_t* xt = xtiles + t0 * chunks * kTile;
+  std::fill(totals, totals + NT * 16 * kBlockN, 0.0f);
+  // Software pipeline over the block's chunks: chunk c + kLag is dequantized (vector units)
+  // while the tile unit multiplies chunk c, from a ring of kStage converted chunks.
+  auto dequant_chunk = [&](int64_t c) {
+    uint16_t* dst = stage + (c % kStage) * kTile;
+    const uint8_t* src = w + c * kQuadsPerChunk * QB;
+    for (int q = 0; q < kQuadsPerChunk; ++q) {
+      _mm_prefetch((const char*)(src + q * QB + kPrefetchAmx), _MM_HINT_T0);
+      __m512bh w0, w1;
+      dequant_quad<Bits>(src + q * QB, w0, w1);
+      _mm512_store_si512(dst + q * 64, (__m512i)w0);
+      _mm512_store_si512(dst + q * 64 + 32, (__m512i)w1);
+    }
+  };
+  for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
+  for (int64_t g = 0; g < P.G; ++g) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = P.chunks[g]; c < P.chunks[g + 1]; ++c) {
+      if (c + kLag < chunks) dequant_chunk(c + kLag);
+      if (c & 1)
+        odd_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+      else
+        even_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+    }
+    _tile_stored(0, cbuf[0], 64);
+    if constexpr (NT > 1) _tile_stored(1, cbuf[1], 64);
+    if constexpr (NT > 2) _tile_stored(2, cbuf[2], 64);
+    if constexpr (NT > 3) _tile_stored(3, cbuf[3], 64);
+    if constexpr (NT <= 2) {  // the odd chunks' accumulators
+      _tile_stored(2, cbuf[2], 64);
+      if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
+    }
+    // Apply the group's scale and zero point to the partial sums.
+    const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
+    const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
+    for (int r = 0; r < NT * 16; ++r) {
+      __m512 c = _mm512_load_ps(cbuf[r / 16][r % 16]);
+      if constexpr (NT <= 2) c = _mm512_add_ps(c, _mm512_load_ps(cbuf[2 + r / 16][r % 16]));
+      float* tot = totals + r * kBlockN;
+      __m512 v = _mm512_fmadd_ps(c, s, _mm512_loadu_ps(tot));
+      v = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(t0 * 16 + r) * P.G + g]), v);
+      _mm512_storeu_ps(tot, v);
+    }
+  }
+  const int64_t rows = std::min<int64_t>(NT * 16, P.M - t0 * 16);
+  for (int64_t r = 0; r < rows; ++r) store_block(P, t0 * 16 + r, nb, _mm512_loadu_ps(totals + r * kBlockN));
+}
+
+// x arrives rearranged into AMX A tiles, [row tiles][32-column chunks][16 rows][32 columns], so
+// each tile is one contiguous KB (loading 16 rows at the matrix's own stride thrashes L1 sets).
+// Up to 4 row tiles (64 rows of x) per pass; each block of codes is dequantized once per pass.
+template <int Bits>
+void large_m(const Problem& P, const uint16_t* xtiles) {
+  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
+  const int64_t row_tiles = (P.M + 15) / 16;
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) uint16_t stage[kStage * kTile];
+    alignas(64) float cbuf[4][16][16];
+    alignas(64) float totals[64 * kBlockN];
+    // Passes of 64 rows outside, blocks inside: with more than 64 rows (prefill) the 64-row
+    // slice of x stays in L2 for the whole pass, while the codes are re-read and re-converted
+    // per pass; the other order reloads all of x (too big for L2) for every block.
+    for (int64_t t0 = 0; t0 < row_tiles; t0 += 4) {
+      for (int64_t nb = begin; nb < end; ++nb) {
+        switch (std::min<int64_t>(4, row_tiles - t0)) {
+          case 1: amx_block<Bits, 1>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          case 2: amx_block<Bits, 2>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          case 3: amx_block<Bits, 3>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          default: amx_block<Bits, 4>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// Sum of x over every group, from the same bf16 values the kernels multiply.
+void group_sums(const Problem& P, float* xsum) {
+  // Cheap (M * Kp adds): threads only when there is enough of it to pay for waking them.
+  at::parallel_for(0, P.M, std::max<int64_t>(1, (int64_t{1} << 17) / P.Kp), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const uint16_t* row = P.x + m * P.Kp;
+      for (int64_t g = 0; g < P.G; ++g) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = (int64_t)P.chunks[g] * kChunk; k < (int64_t)P.chunks[g + 1] * kChunk; k += 16) {
+          __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + k)));
+          acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));  // bf16 -> fp32
+        }
+        xsum[m * P.G + g] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool amx_ready() {
+  static const bool ready = request_amx_permission();
+  return ready;
+}
+
+// x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
+// M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
+torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales,
+                         torch::Tensor chunks, c10::optional<torch::Tensor> bias, int64_t bits, int64_t n,
+                         bool out_fp32, int64_t amx_min_rows) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  const int64_t Kp = x.size(1);
+  TORCH_CHECK(Kp % kChunk == 0, "padded width must be a multiple of 32");
+  const int64_t G = chunks.size(0) - 1;
+  const bool use_amx = M >= amx_min_rows && amx_ready();
+  torch::Tensor xtiles;
+  if (use_amx) {  // [M, Kp] -> zero-padded whole tiles [M/16][Kp/32][16][32]
+    const int64_t row_tiles = (M + 15) / 16;
+    const int64_t chunks = Kp / kChunk;
+    xtiles = torch::empty({row_tiles, chunks, 16, kChunk}, x.options());
+    const auto* src = (const uint16_t*)x.data_ptr();
+    auto* dst = (uint16_t*)xtiles.data_ptr();
+    for (int64_t t = 0; t < row_tiles; ++t)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t r = 0; r < 16; ++r) {
+          uint16_t* d = dst + ((t * chunks + c) * 16 + r) * kChunk;
+          const int64_t m = t * 16 + r;
+          if (m < M)
+            std::memcpy(d, src + m * Kp + c * kChunk, kChunk * sizeof(uint16_t));
+          else
+            std::memset(d, 0, kChunk * sizeof(uint16_t));
+        }
+  }
+  auto out = torch::empty({M, n}, x.options().dtype(out_fp32 ? torch::kFloat32 : torch::kBFloat16));
+  auto xsum = torch::zeros({(M + 15) / 16 * 16, G}, x.options().dtype(torch::kFloat32));
+  Problem P;
+  P.x = (const uint16_t*)x.data_ptr();
+  P.M = M;
+  P.Kp = Kp;
+  P.N = n;
+  P.G = G;
+  P.codes = codes.data_ptr<uint8_t>();
+  P.scales = scales.data_ptr<float>();
+  P.zscales = zscales.data_ptr<float>();
+  P.chunks = chunks.data_ptr<int32_t>();
+  P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  P.xsum = xsum.data_ptr<float>();
+  P.out = out.data_ptr();
+  P.out_fp32 = out_fp32;
+  group_sums(P, xsum.data_ptr<float>());
+  if (use_amx) {
+    const auto* xt = (const uint16_t*)xtiles.data_ptr();
+    bits == 8 ? large_m<8>(P, xt) : large_m<4>(P, xt);
+  } else {
+    bits == 8 ? small_m<8>(P) : small_m<4>(P);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("woq_linear", &woq_linear, "weight-only int8/int4 linear (see woq_kernels.cpp)");
+  m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
+}

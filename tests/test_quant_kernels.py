@@ -1,0 +1,145 @@
+"""CPU weight-only int8 / int4 kernels (kernels/cpu/woq.py) against ``quant_linear.reference``.
+
+Every path (register-blocked AVX512-BF16 for few rows, AMX tiles for more) is forced in turn and
+held to the dequantize-then-fp32-matmul reference, over bit widths, group layouts (per channel,
+group-wise, a width the group size does not divide, GPTQ act-order), zero points, bias and
+activation dtypes. Where the kernel cannot be built or run, the fallback is tested instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from effinfer.compress.quant.rtn import quantize_rtn
+from effinfer.kernels import quant_linear
+from effinfer.kernels.cpu import woq
+from effinfer.layers.linear import Linear
+from effinfer.layers.quantized import QuantizedWeight
+
+requires_kernel = pytest.mark.skipif(woq.extension() is None, reason="CPU int8/int4 kernel unavailable here")
+
+# (out_features, in_features, group_size, act_order): per channel, the usual groups, a last group
+# shorter than the rest (172 = 5 * 32 + 12), odd widths, and act-order permutations.
+LAYOUTS = [
+    (64, 256, None, False),
+    (37, 172, 32, False),
+    (48, 200, 64, False),
+    (33, 75, None, False),
+    (40, 384, 128, False),
+    (29, 256, 64, True),
+    (37, 172, 32, True),
+]
+# Forced paths and the row counts that exercise their blocking (remainders included).
+PATHS = {"avx512": (10**9, [1, 2, 3, 4, 7]), "amx": (1, [1, 5, 17, 33, 70])}
+
+
+def quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, act_order: bool, seed: int):
+    """An RTN-quantized random weight; with ``act_order``, groups follow a random column permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen)
+    if not act_order:
+        return quantize_rtn(weight, bits, group, symmetric)
+    # GPTQ act-order: columns are quantized in the order ``perm``; column perm[i] is in group i // g.
+    perm = torch.randperm(k, generator=gen)
+    q = quantize_rtn(weight[:, perm], bits, group, symmetric)
+    codes = torch.empty_like(q.qweight)
+    codes[:, perm] = q.qweight
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(k) // q.group_size).to(torch.int32)
+    return QuantizedWeight(codes, q.scales, q.zeros, bits, q.group_size, g_idx)
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias) -> None:
+    expected = quant_linear.reference(x.float(), qw, bias)
+    # bf16 output is rounded once (2**-9 relative); float32 goes through a two-term bf16 split of x.
+    tol = 8e-3 if x.dtype == torch.bfloat16 else 1e-4
+    err = (y.float() - expected).abs().max()
+    assert err <= tol * expected.abs().max(), f"max error {err:.3g} vs scale {expected.abs().max():.3g}"
+
+
+@requires_kernel
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernel_matches_reference(path, bits, layout, symmetric, monkeypatch):
+    n, k, group, act_order = layout
+    min_rows, row_counts = PATHS[path]
+    monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, min_rows)
+    qw = quantized(n, k, bits, group, symmetric, act_order, seed=n + k + bits)
+    assert qw.has_act_order() == act_order
+    bias = torch.randn(n) if symmetric else None
+    data = woq.prepare(qw, bias, torch.bfloat16)
+    assert data is not None
+    for rows in row_counts:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(rows, k).to(dtype)
+            y = woq.apply(data, x)
+            assert y.dtype == dtype and y.shape == (rows, n)
+            assert_close_to_reference(y, x, qw, bias)
+
+
+@requires_kernel
+def test_leading_dimensions_and_large_values():
+    qw = quantized(50, 128, 8, 32, False, False, seed=1)
+    data = woq.prepare(qw, None, torch.bfloat16)
+    x = (torch.randn(2, 3, 128) * 100).to(torch.bfloat16)
+    y = woq.apply(data, x)
+    assert y.shape == (2, 3, 50)
+    assert_close_to_reference(y.reshape(6, 50), x.reshape(6, 128), qw, None)
+
+
+def test_column_layout_groups_act_order_columns_contiguously():
+    qw = quantized(4, 70, 4, 32, True, True, seed=3)
+    col_index, chunks = woq.column_layout(qw)
+    groups = qw.group_index()
+    # Three groups (32, 32, 6 columns), each padded to one 32-column chunk.
+    assert chunks.tolist() == [0, 1, 2, 3] and col_index.numel() == 96
+    for g in range(3):
+        cols = col_index[g * 32 : (g + 1) * 32]
+        real = cols[cols < 70]
+        assert sorted(real.tolist()) == sorted(torch.nonzero(groups == g).flatten().tolist())
+        assert bool((cols[len(real) :] == 70).all())  # padding points at the zero column
+
+
+@requires_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_layer_uses_the_kernel(bits):
+    torch.manual_seed(bits)
+    layer = Linear(96, [40, 24], bias=True).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.bias)
+    qw = quantized(64, 96, bits, 32, False, False, seed=bits)
+    layer.set_quantized(qw)
+    layer.finalize()
+    assert layer._kernel_state.backend == "cpu-woq"
+    for rows in (1, 9):
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        assert_close_to_reference(layer(x), x, qw, layer.bias.float())
+
+
+def test_fallback_runs_dequantized_when_the_kernel_is_unavailable(monkeypatch):
+    monkeypatch.setattr(woq, "extension", lambda: None)
+    layer = Linear(96, 64, bias=False)
+    qw = quantized(64, 96, 4, 32, False, True, seed=5)
+    layer.set_quantized(qw)
+    layer.finalize()
+    assert layer._kernel_state.backend == "dequantized"
+    x = torch.randn(3, 96)
+    assert_close_to_reference(layer(x), x, qw, None)
+
+
+def test_a_failed_build_warns_and_returns_none(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    monkeypatch.setattr(woq, "_cpu_flags", lambda: set(woq.REQUIRED_CPU_FLAGS))
+    monkeypatch.delenv("EFFINFER_CPU_WOQ", raising=False)
+    with caplog.at_level(logging.WARNING, logger=woq.__name__):
+        assert woq.extension.__wrapped__() is None
+    assert "compiler exploded" in caplog.text
