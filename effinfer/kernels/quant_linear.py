@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuantState:
-    backend: str  # "cpu-woq", "triton-woq", "w8a8", or "dequantized" (the fallback)
+    backend: str  # "cpu-woq", "triton-woq", "w8a8", "fp8", or "dequantized" (the fallback)
     data: Any  # the backend's own packed form
     apply: Any  # callable(data, x) -> y
 
@@ -57,6 +57,16 @@ def _dequantized(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torc
 def prepare(
     weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str | None, dtype: torch.dtype
 ) -> QuantState:
+    if getattr(weight, "scheme", None) == "fp8":  # compress/quant/fp8.Fp8Weight
+        if weight.weight.device.type == "cuda":
+            from effinfer.kernels.triton import fp8 as triton_fp8
+
+            data = triton_fp8.prepare(weight, bias, dtype)
+            if data is not None:
+                return QuantState("fp8", data, triton_fp8.apply)
+        from effinfer.kernels import dense_linear
+
+        return QuantState("dequantized", _dequantized(weight, bias, dtype), dense_linear.apply)
     device = weight.qweight.device
     if act_quant is not None:
         from effinfer.kernels import w8a8

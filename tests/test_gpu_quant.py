@@ -1,0 +1,352 @@
+"""GPU quantized kernels (kernels/triton/woq.py, kernels/triton/fp8.py) against their references.
+
+Every path of the Triton W4A16 / W8A16 kernel (split-K decode tiles, prefill tiles, both int4
+unpackings, dequantize-then-cuBLAS) is held to ``quant_linear.reference`` (dequantize, then an
+fp32 matmul) over bit widths, group sizes, per-channel scales, widths the group does not
+divide, GPTQ act-order, zero points, bias and row counts; fp8 is held to its fake-quantized
+reference. On CUDA everything runs; without CUDA the kernel tests run only under Triton's
+interpreter (``TRITON_INTERPRET=1`` with triton installed, fp16 because the interpreter's bf16
+dot is broken), and are skipped otherwise. The fp8 weight format's own tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from effinfer.compress.quant.fp8 import Fp8Weight, quantize_fp8
+from effinfer.compress.quant.fp8 import reference as fp8_reference
+from effinfer.compress.quant.rtn import quantize_rtn
+from effinfer.kernels import quant_linear
+from effinfer.layers.quantized import QuantizedWeight
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The interpreter's tl.dot on bf16 reads raw bits: test fp16 there.
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
+
+requires_kernel = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 with triton"
+)
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _woq():
+    from effinfer.kernels.triton import woq
+
+    return woq
+
+
+def quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, act_order: bool, seed: int):
+    """An RTN-quantized random weight; with ``act_order``, groups follow a random column permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen)
+    if not act_order:
+        return quantize_rtn(weight, bits, group, symmetric)
+    # GPTQ act-order: columns are quantized in the order ``perm``; column perm[i] is in group i // g.
+    perm = torch.randperm(k, generator=gen)
+    q = quantize_rtn(weight[:, perm], bits, group, symmetric)
+    codes = torch.empty_like(q.qweight)
+    codes[:, perm] = q.qweight
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(k) // q.group_size).to(torch.int32)
+    return QuantizedWeight(codes, q.scales, q.zeros, bits, q.group_size, g_idx)
+
+
+def to_device(qw: QuantizedWeight, device: str) -> QuantizedWeight:
+    g_idx = qw.g_idx.to(device) if qw.g_idx is not None else None
+    return QuantizedWeight(
+        qw.qweight.to(device), qw.scales.to(device), qw.zeros.to(device), qw.bits, qw.group_size, g_idx
+    )
+
+
+def poison_allocator() -> None:
+    """Leave NaNs in freed CUDA memory, so an output element the kernel never wrote shows up."""
+    if HAS_CUDA:
+        torch.full((1 << 24,), float("nan"), device="cuda")
+        torch.cuda.synchronize()
+
+
+def assert_close(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    y, expected = y.float().cpu(), expected.float().cpu()
+    assert y.shape == expected.shape
+    assert torch.isfinite(y).all(), "non-finite output (an unwritten element?)"
+    # One rounding of the output to 16 bits (2**-9 relative for bf16); fp32 only sums differently.
+    tol = 1e-4 if dtype == torch.float32 else 8e-3
+    err = (y - expected).abs().max()
+    assert err <= tol * expected.abs().max(), f"max error {err:.3g} vs scale {expected.abs().max():.3g}"
+
+
+# (out_features, in_features, group_size, act_order): per channel (also a width no block divides),
+# the usual groups, a last group shorter than the rest (172 = 5 * 32 + 12), a group that is not a
+# multiple of 16 (zero-padded), odd sizes, and act-order permutations.
+LAYOUTS = [
+    (64, 256, None, False),
+    (33, 75, None, False),
+    (37, 172, 32, False),
+    (48, 200, 64, False),
+    (130, 384, 128, False),
+    (40, 300, 100, False),
+    (29, 256, 64, True),
+    (37, 172, 32, True),
+    (70, 400, 128, True),
+]
+ROWS = [1, 3, 16, 100]
+PATHS = ["apply", "fused-reshape", "fused-gather", "dequant"]
+
+
+def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
+    if path == "apply":
+        return woq.apply(state, x)
+    if path == "dequant":
+        return woq.dequant_matmul(state, x, unpack="reshape")
+    return woq.fused_matmul(state, x, unpack=path.split("-")[1])
+
+
+@pytest.mark.parametrize("bits", [4, 8, 3])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: "x".join(str(t) for t in v))
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.gpu
+@requires_kernel
+def test_woq_matches_reference(bits, layout, path):
+    woq = _woq()
+    n, k, group, act_order = layout
+    qw = quantized(n, k, bits, group, symmetric=bits == 8, act_order=act_order, seed=n * k + bits)
+    bias = torch.randn(n) if n % 2 else None
+    state = woq.prepare(to_device(qw, DEVICE), bias.to(DEVICE, DTYPE) if bias is not None else None, DTYPE)
+    assert state is not None
+    for m in ROWS:
+        x = torch.randn(m, k).to(DEVICE, DTYPE)
+        poison_allocator()
+        y = run_path(woq, state, x, path)
+        assert_close(y, quant_linear.reference(x.float().cpu(), qw, bias), DTYPE)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("path", PATHS)
+def test_woq_random_shapes(path):
+    """Random sizes, groups, bit widths and act-order, with 3-D activations."""
+    woq = _woq()
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        n = int(torch.randint(16, 700, (1,), generator=gen))
+        k = int(torch.randint(16, 1200, (1,), generator=gen))
+        group = [None, 32, 64, 128][trial % 4]
+        bits = [4, 8][trial % 2]
+        act_order = group is not None and trial % 3 == 0
+        qw = quantized(n, k, bits, group, symmetric=trial % 2 == 0, act_order=act_order, seed=trial)
+        bias = torch.randn(n) if trial % 2 else None
+        state = woq.prepare(
+            to_device(qw, "cuda"), bias.cuda().bfloat16() if bias is not None else None, DTYPE
+        )
+        for m in (1, 5, 16, 64, 130):
+            x = torch.randn(2, m, k).to("cuda", DTYPE)
+            poison_allocator()
+            y = run_path(woq, state, x, path)
+            assert_close(y, quant_linear.reference(x.float().cpu(), qw, bias), DTYPE)
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_woq_other_dtypes(dtype):
+    woq = _woq()
+    qw = quantized(96, 272, 4, 64, symmetric=False, act_order=True, seed=3)
+    bias = torch.randn(96)
+    state = woq.prepare(to_device(qw, DEVICE), bias.to(DEVICE, dtype), dtype)
+    for m in ROWS:
+        x = torch.randn(m, 272).to(DEVICE, dtype)
+        for path in PATHS:
+            assert_close(
+                run_path(woq, state, x, path), quant_linear.reference(x.float().cpu(), qw, bias), dtype
+            )
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_woq_forced_split_k_configs():
+    """Split-K with uneven and single K-slices, and every tile shape, on one weight."""
+    woq = _woq()
+    qw = quantized(80, 640, 4, 128, symmetric=False, act_order=False, seed=5)
+    state = woq.prepare(to_device(qw, DEVICE), None, DTYPE)
+    for block_m, block_n, block_k in ((16, 32, 128), (32, 64, 64), (64, 128, 32)):
+        for split in (1, 2, 3, 20):
+            cfg = woq.KernelConfig(block_m, block_n, block_k, split)
+            x = torch.randn(7, 640).to(DEVICE, DTYPE)
+            y = woq.fused_matmul(state, x, cfg, unpack="reshape")
+            assert_close(y, quant_linear.reference(x.float().cpu(), qw, None), DTYPE)
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_woq_packing_layout():
+    """The packed int4 word holds column k's code in bits 4*(k % 8) of word k // 8, as documented."""
+    woq = _woq()
+    qw = quantized(24, 64, 4, None, symmetric=True, act_order=False, seed=1)
+    state = woq.prepare(to_device(qw, DEVICE), None, DTYPE)
+    words = state.codes.cpu().to(torch.int64) & 0xFFFFFFFF
+    for k in (0, 5, 7, 8, 63):
+        assert torch.equal((words[k // 8] >> (4 * (k % 8))) & 0xF, qw.qweight[:, k].to(torch.int64))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_linear_dispatches_to_triton():
+    from effinfer.layers.linear import Linear
+
+    layer = Linear(256, [48, 16], bias=True).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(layer.weight, std=0.05)
+    torch.nn.init.normal_(layer.bias, std=0.1)
+    qw = quantize_rtn(layer.weight.data.float(), 4, 64, symmetric=False)
+    layer.set_quantized(qw)
+    expected_weight = qw.dequantize(torch.float32).cpu()
+    bias = layer.bias.data.float().cpu()
+    layer.finalize()
+    assert layer._kernel_state.backend == "triton-woq"
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float().cpu(), expected_weight, bias)
+    assert_close(layer(x), expected, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- fp8
+
+
+def test_fp8_quantization_error_bound():
+    """Every weight is within e4m3's rounding of its value: 2**-4 relative, 2**-10 * scale absolute (subnormals)."""
+    w = torch.randn(64, 300) * torch.logspace(-3, 1, 64)[:, None]
+    w[3] = 0
+    fw = quantize_fp8(w)
+    assert fw.weight.dtype == torch.float8_e4m3fn and fw.scale.dtype == torch.float32
+    deq = fw.dequantize(torch.float32)
+    bound = torch.maximum(w.abs() * 2**-4, fw.scale[:, None] * 2**-10) * (1 + 1e-6)
+    assert ((deq - w).abs() <= bound).all()
+    assert torch.equal(deq[3], torch.zeros(300))
+    # The row maximum maps onto 448 exactly.
+    assert torch.allclose(deq.abs().amax(dim=1)[4:], w.abs().amax(dim=1)[4:], rtol=1e-6)
+    assert fw.nbytes() == 64 * 300 + 64 * 4
+
+
+def test_fp8_rows_and_cat_rows():
+    fw = quantize_fp8(torch.randn(40, 32))
+    parts = [fw.rows(0, 10), fw.rows(10, 40)]
+    fused = Fp8Weight.cat_rows(parts)
+    assert torch.equal(fused.dequantize(), fw.dequantize())
+    assert (fused.out_features, fused.in_features) == (40, 32)
+
+
+FP8_SHAPES = [(96, 64), (256, 512), (48, 1040), (1024, 208)]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=str)
+def test_fp8_matches_reference(shape):
+    from effinfer.kernels.triton import fp8
+
+    if not fp8.supported(torch.device("cuda")):
+        pytest.skip("fp8 tensor cores need compute capability 8.9+")
+    n, k = shape
+    fw = quantize_fp8(torch.randn(n, k))
+    bias = torch.randn(n)
+    gpu = Fp8Weight(fw.weight.cuda(), fw.scale.cuda())
+    for dtype in (torch.bfloat16, torch.float16):
+        state = fp8.prepare(gpu, bias.to("cuda", dtype), dtype)
+        assert state is not None
+        activations = "token" if state.mode == "rowwise" else "tensor"
+        for m in ROWS:
+            x = torch.randn(m, k).to("cuda", dtype)
+            poison_allocator()
+            y = fp8.apply(state, x)
+            assert y.dtype == dtype
+            # fp8 activation codes are identical in both; bf16 output rounding remains (and the
+            # codes of a value on a rounding boundary may differ by one step in rare elements).
+            assert_close(y, fp8_reference(x.float().cpu(), fw, bias, activations), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fp8_refuses_odd_shapes():
+    from effinfer.kernels.triton import fp8
+
+    fw = quantize_fp8(torch.randn(40, 72))
+    assert fp8.prepare(Fp8Weight(fw.weight.cuda(), fw.scale.cuda()), None, torch.bfloat16) is None
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _quantized_model(path, device: str, dtype: torch.dtype, scheme: str):
+    from effinfer.config import ModelConfig
+    from effinfer.loading.online_quant import quantize_on_load
+    from effinfer.loading.safetensors import load_model
+
+    config = ModelConfig.from_dir(path)
+    model = load_model(path, config, dtype, torch.device(device), 64, show_progress=False, finalize=False)
+    quantize_on_load(model, scheme, show_progress=False)
+    return model
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+def test_quantized_model_logits_match_reference(tmp_path, scheme, monkeypatch):
+    """A tiny Llama quantized on load: logits through the GPU kernels equal the dequantized reference."""
+    from effinfer.loading.builder import finalize_model
+
+    from .conftest import make_hf_model
+
+    _, path = make_hf_model("LlamaForCausalLM", tmp_path)
+    model = _quantized_model(path, "cuda", torch.bfloat16, scheme)
+    ids = torch.randint(3, 512, (2, 40), device="cuda")
+    if scheme == "fp8":
+        from effinfer.kernels.triton import fp8
+
+        if not fp8.supported(torch.device("cuda")):
+            pytest.skip("fp8 tensor cores need compute capability 8.9+")
+        # The GPU quantizes activations too: so must the reference.
+        activations = "token" if fp8.scaling_mode(torch.cuda.current_device()) == "rowwise" else "tensor"
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                quant_linear, "reference", lambda x, w, b, a=None: fp8_reference(x, w, b, activations)
+            )
+            with torch.no_grad():
+                expected = model.compute_logits(model.forward_dense(ids)).float()
+    else:
+        with torch.no_grad():
+            # Before finalize every Linear runs quant_linear.reference (fp32 dequantize-then-matmul).
+            expected = model.compute_logits(model.forward_dense(ids)).float()
+    with torch.no_grad():
+        finalize_model(model, torch.device("cuda"), torch.bfloat16)
+        backends = {
+            m._kernel_state.backend for m in model.modules() if hasattr(m, "quantized") and m.quantized
+        }
+        got = model.compute_logits(model.forward_dense(ids)).float()
+    assert backends == ({"fp8"} if scheme == "fp8" else {"triton-woq"}), backends
+    rel = ((got - expected).norm() / expected.norm()).item()
+    # Only bf16 rounding differs (between layers, and an fp8 code that lands on the other side of
+    # a rounding boundary now and then).
+    assert rel < 0.02, rel
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() > 0.9
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_int4_greedy_on_cuda_equals_cpu(tmp_path):
+    """LLM(..., quantization="int4") generates the same greedy tokens on CUDA (Triton) and CPU, in fp32."""
+    from effinfer import LLM, SamplingParams
+
+    from .conftest import make_hf_model
+
+    _, path = make_hf_model("LlamaForCausalLM", tmp_path)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[1, 17, 99, 250, 3], [1, 400, 8]]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(path), device=device, dtype="float32", quantization="int4", show_progress=False)
+        outs[device] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs["cuda"] == outs["cpu"]
