@@ -320,3 +320,38 @@ def test_converted_architectures_match_transformers(tmp_path, arch, overrides):
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0])
+def test_q8_0_and_q4_0_layers_stay_quantized(stories_gguf, tmp_path, qtype):
+    """Q8_0 / Q4_0 layer weights load as QuantizedWeights (no dequantising) with the same numbers."""
+    from effinfer.layers.linear import Linear
+    from effinfer.loading.builder import fill_model
+    from effinfer.loading.gguf import build_model, hf_tensors
+
+    source = GGUFFile(stories_gguf)
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    for key, value in source.metadata.items():
+        if key.startswith("llama."):
+            writer.add_key_value(key, value, _value_type(value))
+    for name in source.tensors:
+        values = source.tensor(name).numpy()
+        # stories260K's 172-wide down projection has no 32-value blocks: it stays F32, like llama.cpp does.
+        kind = qtype if values.ndim == 2 and values.shape[1] % 32 == 0 else QType.F32
+        writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    quantized_file = GGUFFile(tmp_path / "q.gguf")
+    config = quantized_file.model_config()
+    model = load_model(quantized_file, config, torch.float32, CPU, 64, show_progress=False)
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is not None]
+    assert len(layers) == 3 * config.num_layers  # qkv, o, gate_up (down is F32)
+    assert {m.quantized.bits for m in layers} == {8 if qtype == QType.Q8_0 else 4}
+    dequantised = build_model(config, torch.float32, CPU, 64)
+    fill_model(dequantised, config, hf_tensors(quantized_file, config), 1, "q.gguf", show_progress=False)
+    from effinfer.loading.builder import finalize_model
+
+    finalize_model(dequantised, CPU, torch.float32)
+    torch.testing.assert_close(_logits(model, PROMPT), _logits(dequantised, PROMPT), rtol=1e-4, atol=1e-4)

@@ -2,7 +2,8 @@
 
 No calibration and no checkpoint to write: each decoder weight is rounded to the nearest level
 (RTN, ``compress/quant/rtn.py``) as it is loaded, before the kernels pack it. int8 is symmetric
-per output channel; int4 is asymmetric with groups of 128 input columns; fp8 is e4m3 with one
+per output channel; int4 is asymmetric with groups of 128 input columns (the output projection
+is int8 per channel in both, as llama.cpp keeps its output at 6-8 bits); fp8 is e4m3 with one
 scale per output channel (fast on GPUs with fp8 tensor cores, dequantized elsewhere). For better
 int4 quality, quantize offline with GPTQ or AWQ (``effinfer quantize``) and load the result.
 """
@@ -26,7 +27,12 @@ def quantize_on_load(model: torch.nn.Module, scheme: str, show_progress: bool = 
         return
     if scheme not in RTN_SCHEMES:
         raise ConfigError(f"unknown quantization {scheme!r}; choose from int8, int4, fp8")
-    from effinfer.compress.quant.rtn import quantize_model_rtn
+    from effinfer.compress.quant.rtn import quantize_model_rtn, quantize_rtn
 
     bits, group_size, symmetric = RTN_SCHEMES[scheme]
     quantize_model_rtn(model, bits, group_size, symmetric, show_progress=show_progress)
+    # The output projection is one of the largest matrices (vocab x hidden): as llama.cpp does
+    # (Q8_0 / Q6_K output), it is quantized too, but never below 8 bits, since every logit goes
+    # through it. A tied embedding keeps its float table; only the projection gets a copy.
+    lm_head = model.lm_head
+    lm_head.set_quantized(quantize_rtn(lm_head.weight.data.float(), 8, None, True))

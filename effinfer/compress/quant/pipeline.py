@@ -47,7 +47,10 @@ class QuantizeOptions:
     calib: str | os.PathLike | None = None  # text file; None: the default model's held-out calibration text
     num_samples: int = 128
     seq_len: int = 512
-    act_order: bool = False  # GPTQ
+    # Tokens between calibration row starts. None: non-overlapping rows, or, when the text is too
+    # short for ``num_samples`` of them, rows every seq_len // 4 tokens (GPTQ samples random windows).
+    calib_stride: int | None = None
+    act_order: bool = True  # GPTQ: quantize columns in order of decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ
     alpha: float = 0.5  # SmoothQuant migration strength
     awq_clip: bool = True  # AWQ clipping search
@@ -74,6 +77,8 @@ class QuantizeOptions:
             self.symmetric = self.bits == 8 and self.method != "awq"
         if self.format is None:
             self.format = DEFAULT_FORMAT[self.method]
+        if self.method != "gptq":
+            self.act_order = False
         if self.num_samples < 1 or self.seq_len < 2:
             raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
 
@@ -102,7 +107,12 @@ def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
     if not path.is_file():
         raise ConfigError(f"calibration file {str(path)!r} does not exist")
     tokenizer = Tokenizer.from_dir(model_dir)
-    return calibration_batches(tokenizer, path, options.num_samples, options.seq_len, options.seed)
+    n, seq_len = options.num_samples, options.seq_len
+    rows = calibration_batches(tokenizer, path, n, seq_len, options.seed, options.calib_stride)
+    if options.calib_stride is None and len(rows) < n and rows.shape[1] == seq_len:
+        rows = calibration_batches(tokenizer, path, n, seq_len, options.seed, max(1, seq_len // 4))
+    logger.info("calibration: %d rows of %d tokens from %s", len(rows), rows.shape[1], path)
+    return rows
 
 
 def apply_method(model, options: QuantizeOptions, calib: torch.Tensor | None, show_progress: bool = True):
@@ -182,7 +192,10 @@ def register(subparsers) -> None:
     parser.add_argument("--calib", help="calibration text file (default: the default model's held-out text)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration rows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration row")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian order")
+    parser.add_argument("--calib-stride", type=int, help="tokens between row starts (default: seq-len, "
+                        "or seq-len/4 when the text is too short for --num-samples rows)")  # fmt: skip
+    parser.add_argument("--no-act-order", dest="act_order", action="store_false",
+                        help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal")  # fmt: skip
     parser.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ: Hessian dampening (share of mean diag)"
     )
@@ -206,6 +219,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calib=args.calib,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        calib_stride=args.calib_stride,
         act_order=args.act_order,
         damp=args.damp,
         alpha=args.alpha,
