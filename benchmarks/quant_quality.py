@@ -56,6 +56,13 @@ def rows_for(group: int) -> list[Row]:
             None,
             {"paged": True, "kv_cache_dtype": "int8"},
         ),
+        # bitsandbytes-style methods, at bitsandbytes' block size of 64 (RTN at the same block size)
+        Row("RTN int4, g64, symmetric (absmax)", q("rtn", 4, 64, True), {}),
+        Row("RTN int4, g64, asymmetric", q("rtn", 4, 64, False), {}),
+        Row("NF4, block 64", q("nf4", 4, 64, True), {}),
+        Row("NF4, block 64, double quant", q("nf4", 4, 64, True, double_quant=True), {}),
+        Row("FP4, block 64", q("fp4", 4, 64, True), {}),
+        Row("LLM.int8(), threshold 6", q("llm_int8", 8, None, True), {}),
     ]
 
 

@@ -57,7 +57,16 @@ def _dequantized(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torc
 def prepare(
     weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str | None, dtype: torch.dtype
 ) -> QuantState:
-    if getattr(weight, "scheme", None) == "fp8":  # compress/quant/fp8.Fp8Weight
+    scheme = getattr(weight, "scheme", None)
+    if scheme in ("nf4", "fp4"):  # compress/quant/nf4.CodebookWeight (bitsandbytes-style 4-bit)
+        from effinfer.kernels import codebook_linear
+
+        return QuantState(scheme, codebook_linear.prepare(weight, bias, dtype), codebook_linear.apply)
+    if scheme == "llm_int8":  # compress/quant/llm_int8.LLMInt8Weight
+        from effinfer.kernels import llm_int8
+
+        return QuantState(scheme, llm_int8.prepare(weight, bias, dtype), llm_int8.apply)
+    if scheme == "fp8":  # compress/quant/fp8.Fp8Weight
         if weight.weight.device.type == "cuda":
             from effinfer.kernels.triton import fp8 as triton_fp8
 

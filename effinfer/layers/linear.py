@@ -80,7 +80,7 @@ class Linear(nn.Module):
         if len(self._quantized_shards) == len(self.shard_sizes):
             parts = [self._quantized_shards[i] for i in range(len(self.shard_sizes))]
             self._quantized_shards = {}
-            self.set_quantized(parts[0] if len(parts) == 1 else QuantizedWeight.cat_rows(parts), act_quant)
+            self.set_quantized(parts[0] if len(parts) == 1 else type(parts[0]).cat_rows(parts), act_quant)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight, quantized or not (for quantizers that work layer by layer)."""

@@ -24,7 +24,7 @@ from effinfer.layers.quantized import QuantizedWeight
 from effinfer.loading import quant_formats as qf
 from effinfer.loading.builder import WeightsError
 
-SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors")
+SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
 _CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 
 
@@ -41,8 +41,17 @@ def read_quantization_config(path: Path) -> dict | None:
         return None
     if not isinstance(quant, dict):
         raise ConfigError(f"{config_path}: quantization_config must be an object")
+    if _is_bitsandbytes(quant):  # read by loading/bnb.py
+        from effinfer.loading import bnb
+
+        bnb.check_config(quant)
+        return quant
     checkpoint_format(quant)  # an unsupported method fails here, before the model is built
     return quant
+
+
+def _is_bitsandbytes(quant: dict) -> bool:
+    return str(quant.get("quant_method", "")).lower() == "bitsandbytes"
 
 
 class _Format:
@@ -193,6 +202,10 @@ def quantized_tensors(
     on as one ``QuantizedShard`` under the name of the float weight they replace; every other
     tensor passes through. The float weights of quantized Linears are released up front.
     """
+    if _is_bitsandbytes(quant):
+        from effinfer.loading import bnb
+
+        return bnb.quantized_tensors(model, quant, files, tensors, device, source)
     fmt = checkpoint_format(quant)
     names = _tensor_names(files)
     fmt.check(names)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from effinfer.layers.linear import Linear
 from effinfer.loading import quant_formats as qf
 
-FORMATS = ("gptq", "awq", "compressed-tensors")
+FORMATS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -60,6 +60,10 @@ def save_quantized(
         quant_config, pack = _gptq_config(quantized, method_info)
     elif format == "awq":
         quant_config, pack = _awq_config(quantized)
+    elif format == "bitsandbytes":  # NF4 / FP4 (compress/quant/nf4.py), transformers' layout
+        from effinfer.loading import bnb
+
+        quant_config, pack = bnb.writer_config(quantized)
     else:
         quant_config, pack = _compressed_tensors_config(quantized, [n for n, qw, *_ in layers if qw is None])
     if method_info:

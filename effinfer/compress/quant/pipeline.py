@@ -3,10 +3,12 @@
 One function drives every method: load the float model (float32, so the quantizer sees the
 checkpoint's values), cut calibration rows from a text file when the method needs activations,
 transform the decoder's Linear layers, and write the result in a checkpoint layout the
-ecosystem reads (GPTQ, AWQ or compressed-tensors), so ``LLM(OUT)``, ``effinfer eval ppl --model
-OUT`` and ``effinfer serve --model OUT`` run it like any other model.
+ecosystem reads (GPTQ, AWQ, compressed-tensors or bitsandbytes), so ``LLM(OUT)``, ``effinfer
+eval ppl --model OUT`` and ``effinfer serve --model OUT`` run it like any other model.
 
     effinfer quantize --model IN --method gptq --bits 4 --group-size 128 --out OUT
+    effinfer quantize --model IN --method nf4 --double-quant --out OUT         (bitsandbytes 4-bit)
+    effinfer quantize --model IN --method llm_int8 --threshold 6.0 --out OUT   (bitsandbytes 8-bit)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from effinfer.config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8-naive")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8-naive", "llm_int8", "nf4", "fp4")
 NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
 # The layout each method writes unless --format says otherwise.
 DEFAULT_FORMAT = {
@@ -35,7 +37,12 @@ DEFAULT_FORMAT = {
     "awq": "awq",
     "smoothquant": "compressed-tensors",
     "w8a8-naive": "compressed-tensors",
+    "llm_int8": "bitsandbytes",
+    "nf4": "bitsandbytes",
+    "fp4": "bitsandbytes",
 }
+# bitsandbytes' 4-bit block size (absmax constants per 64 weights), the default for nf4 / fp4.
+BNB_4BIT_BLOCKSIZE = 64
 
 
 @dataclass
@@ -54,6 +61,8 @@ class QuantizeOptions:
     damp: float = 0.01  # GPTQ
     alpha: float = 0.5  # SmoothQuant migration strength
     awq_clip: bool = True  # AWQ clipping search
+    threshold: float = 6.0  # LLM.int8(): |activation| above which a column runs in floating point
+    double_quant: bool = False  # NF4 / FP4: quantize the absmax constants too (8-bit, blocks of 256)
     format: str | None = None
     seed: int = 0
 
@@ -66,6 +75,20 @@ class QuantizeOptions:
             if self.bits != 8:
                 raise ConfigError(f"{self.method} is W8A8: --bits must be 8, got {self.bits}")
             self.group_size = None
+        if self.method == "llm_int8":
+            if self.bits not in (4, 8):  # 4 is the CLI's default --bits; LLM.int8() is 8-bit only
+                raise ConfigError(f"llm_int8 is 8-bit: --bits must be 8, got {self.bits}")
+            self.bits, self.group_size, self.symmetric = 8, None, True
+            if not self.threshold >= 0:
+                raise ConfigError(f"--threshold must be >= 0 (inf: no float columns), got {self.threshold}")
+        if self.method in ("nf4", "fp4"):
+            if self.bits != 4:
+                raise ConfigError(f"{self.method} is a 4-bit format: --bits must be 4, got {self.bits}")
+            if self.group_size is None or self.group_size <= 0:  # blocks, never whole rows
+                self.group_size = BNB_4BIT_BLOCKSIZE
+            self.symmetric = True  # absmax scaling, no zero point
+        elif self.double_quant:
+            raise ConfigError("--double-quant applies to --method nf4 / fp4 only")
         if self.bits not in (4, 8):
             raise ConfigError(f"--bits must be 4 or 8, got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:
@@ -140,6 +163,14 @@ def apply_method(model, options: QuantizeOptions, calib: torch.Tensor | None, sh
         from effinfer.compress.quant.smoothquant import quantize_model_naive_w8a8
 
         quantize_model_naive_w8a8(model)
+    elif m == "llm_int8":
+        from effinfer.compress.quant.llm_int8 import quantize_model_llm_int8
+
+        quantize_model_llm_int8(model, threshold=options.threshold)
+    elif m in ("nf4", "fp4"):
+        from effinfer.compress.quant.nf4 import quantize_model_nf4
+
+        quantize_model_nf4(model, quant_type=m, blocksize=group, double_quant=options.double_quant)
 
 
 def quantize(
@@ -166,6 +197,10 @@ def quantize(
         "symmetric": options.symmetric,
         "act_order": options.act_order,
     }
+    if options.method == "llm_int8":
+        info["threshold"] = options.threshold
+    if options.method in ("nf4", "fp4"):
+        info["double_quant"] = options.double_quant
     save_quantized(model, model_dir, model_dir, out_dir, format=options.format, method_info=info)
     logger.info("quantized %s with %s in %.1f s", model_dir, options.method, time.perf_counter() - start)
     return out_dir
@@ -176,7 +211,8 @@ def quantize(
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quantize", help="quantize a model (RTN, GPTQ, AWQ, SmoothQuant) into a checkpoint directory"
+        "quantize",
+        help="quantize a model (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), NF4/FP4) into a checkpoint directory",
     )
     parser.add_argument("--model", help="HF model directory (default: the built-in default model)")
     parser.add_argument("--out", required=True, help="output model directory")
@@ -184,7 +220,8 @@ def register(subparsers) -> None:
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument(
         "--group-size", type=int, default=None,
-        help="input columns per scale (default 128 for 4-bit, per channel for 8-bit; -1: per channel)",
+        help="input columns per scale (default 128 for 4-bit, per channel for 8-bit, 64 for nf4/fp4; "
+             "-1: per channel)",
     )  # fmt: skip
     sym = parser.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="no zero point")
@@ -201,16 +238,24 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     parser.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clipping search")
-    parser.add_argument("--format", choices=("gptq", "awq", "compressed-tensors"),
+    parser.add_argument("--threshold", type=float, default=6.0,
+                        help="llm_int8: activation magnitude above which an input column runs in "
+                             "floating point instead of int8 (inf: never)")  # fmt: skip
+    parser.add_argument("--double-quant", action="store_true",
+                        help="nf4/fp4: quantize the absmax constants to 8 bits as well (QLoRA)")  # fmt: skip
+    parser.add_argument("--format", choices=("gptq", "awq", "compressed-tensors", "bitsandbytes"),
                         help="checkpoint layout (default: gptq for rtn/gptq, awq for awq, "
-                             "compressed-tensors for W8A8)")  # fmt: skip
+                             "compressed-tensors for W8A8, bitsandbytes for llm_int8/nf4/fp4)")  # fmt: skip
     parser.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     group_size = args.group_size
     if group_size is None:
-        group_size = 128 if args.bits == 4 else -1
+        if args.method in ("nf4", "fp4"):
+            group_size = BNB_4BIT_BLOCKSIZE
+        else:
+            group_size = 128 if args.bits == 4 else -1
     options = QuantizeOptions(
         method=args.method,
         bits=args.bits,
@@ -224,6 +269,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         damp=args.damp,
         alpha=args.alpha,
         awq_clip=not args.no_awq_clip,
+        threshold=args.threshold,
+        double_quant=args.double_quant,
         format=args.format,
     )
     out = quantize(args.model, args.out, options)

@@ -1,0 +1,199 @@
+"""LLM.int8(): row-wise int8 weights, per-token int8 activations, float outlier columns.
+
+The kernel is held to its fp32 reference, and both ends of the threshold to independent
+definitions: threshold inf is plain per-token W8A8 (``quant_linear.reference`` with
+``act_quant="int8"``), threshold 0 is the float product with the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effinfer.compress.quant import llm_int8 as llm_int8_quant
+from effinfer.compress.quant.llm_int8 import LLMInt8Weight, quantize_llm_int8
+from effinfer.compress.quant.rtn import quantizable_linears, quantize_rtn
+from effinfer.kernels import llm_int8, quant_linear
+from effinfer.layers.linear import Linear
+from effinfer.layers.quantized import QuantizedWeight
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    # Same quantized operands on both sides; only the fp32 summation order differs, plus one
+    # rounding to the output dtype.
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    atol = 1e-4 * expected.float().abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def _layer(out_features=96, in_features=128, seed=0, threshold=6.0):
+    torch.manual_seed(seed)
+    weight = torch.randn(out_features, in_features) * torch.rand(out_features, 1)  # rows of different ranges
+    return weight, torch.randn(out_features), quantize_llm_int8(weight, threshold)
+
+
+def _activations(rows, in_features=128, dtype=torch.float32, seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(rows, in_features)  # |x| < 6 but for the two planted outliers
+    x[:, 7] *= 30  # an outlier channel in every token
+    x[rows // 2, 90] = -9.0  # and one that only a single token has
+    return x.to(dtype)
+
+
+def _as_w8a8_weight(w: LLMInt8Weight) -> QuantizedWeight:
+    """The documented QuantizedWeight layout of symmetric int8: code + 128, scale = absmax / 127."""
+    qweight = (w.weight.to(torch.int32) + 128).to(torch.uint8)
+    scales = (w.absmax / 127).reshape(-1, 1)
+    return QuantizedWeight(qweight, scales, torch.full_like(scales, 128, dtype=torch.int32), 8, w.in_features)
+
+
+def test_weight_codes_are_rowwise_absmax_int8():
+    weight, _, qw = _layer()
+    assert qw.weight.dtype == torch.int8 and qw.weight.abs().max() == 127
+    torch.testing.assert_close(qw.absmax, weight.abs().amax(dim=1))
+    # Round to nearest on the grid absmax/127: the same codes as symmetric per-channel RTN (up to a
+    # float tie), and at most half a step from the float weight.
+    rtn = quantize_rtn(weight, 8, None, True)
+    assert (qw.weight.int() - (rtn.qweight.int() - 128)).abs().max() <= 1
+    step = (qw.absmax / 127)[:, None]
+    assert ((qw.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
+    parts = [qw.rows(0, 40), qw.rows(40, 96)]
+    fused = LLMInt8Weight.cat_rows(parts)
+    assert torch.equal(fused.weight, qw.weight) and torch.equal(fused.absmax, qw.absmax)
+    with pytest.raises(ValueError):
+        LLMInt8Weight(qw.weight.to(torch.int16), qw.absmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_kernel_matches_reference(dtype, rows):
+    _, bias, qw = _layer()
+    state = llm_int8.prepare(qw, bias, dtype)
+    x = _activations(rows, dtype=dtype)
+    y = llm_int8.apply(state, x)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    _close(y, llm_int8.reference(x, qw, bias), dtype)
+    y3 = llm_int8.apply(state, x.reshape(1, rows, 128))
+    assert y3.shape == (1, rows, 96)
+    torch.testing.assert_close(y3[0], y)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_infinite_threshold_is_plain_per_token_w8a8(rows):
+    _, bias, qw = _layer(threshold=float("inf"))
+    x = _activations(rows)
+    expected = quant_linear.reference(x, _as_w8a8_weight(qw), bias, "int8")
+    _close(llm_int8.reference(x, qw, bias), expected, torch.float32)
+    state = llm_int8.prepare(qw, bias, torch.float32)
+    _close(llm_int8.apply(state, x), expected, torch.float32)
+    assert state.outlier_columns == 0 and state.total_columns == 128
+
+
+def test_zero_threshold_is_the_float_product_with_the_dequantized_weight():
+    _, bias, qw = _layer(threshold=0.0)
+    x = _activations(6)
+    expected = F.linear(x, qw.dequantize(torch.float32), bias)
+    torch.testing.assert_close(llm_int8.reference(x, qw, bias), expected, rtol=1e-5, atol=1e-5)
+    state = llm_int8.prepare(qw, bias, torch.float32)
+    torch.testing.assert_close(llm_int8.apply(state, x), expected, rtol=1e-5, atol=1e-5)
+    assert state.outlier_columns == 128
+
+
+def test_decomposition_removes_what_an_outlier_column_costs():
+    _, bias, qw = _layer()
+    x = _activations(16)
+    exact = F.linear(x, qw.dequantize(), bias)  # measures what quantizing the activations adds
+
+    def error(threshold):
+        qw.threshold = threshold
+        return ((llm_int8.reference(x, qw, bias) - exact).norm() / exact.norm()).item()
+
+    # One column 30x the others flattens every token's int8 scale; taking it out fixes that.
+    assert error(6.0) < 0.25 * error(float("inf")), (error(6.0), error(float("inf")))
+
+
+def test_outlier_columns_are_counted_per_call():
+    _, bias, qw = _layer()
+    state = llm_int8.prepare(qw, bias, torch.float32)
+    x = torch.full((4, 128), 0.5)
+    x[0, 3], x[2, 3], x[1, 100] = 7.0, -8.0, 6.5  # columns 3 and 100 exceed 6.0
+    x[3, 50] = 6.0  # not above the threshold
+    llm_int8.apply(state, x)
+    assert (state.outlier_columns, state.total_columns) == (2, 128)
+    llm_int8.apply(state, torch.ones(2, 128))
+    assert (state.outlier_columns, state.total_columns) == (2, 256)
+    assert torch.equal(llm_int8.outlier_columns(x, 6.0), torch.tensor([3, 100]))
+
+
+def test_linear_runs_llm_int8_and_reports_the_outlier_share():
+    weight, bias, qw = _layer()
+    linear = Linear(128, [40, 56], bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    model = torch.nn.Sequential(linear)
+    quantized = quantize_llm_int8(linear.weight.data)
+    linear.set_quantized(quantized)
+    linear.finalize()
+    assert linear._kernel_state.backend == "llm_int8"
+    assert linear.weight_nbytes() == 96 * 128 + 96 * 4 + 96 * 4
+    x = _activations(5)
+    _close(linear(x), llm_int8.reference(x, quantized, bias), torch.float32)
+    assert llm_int8_quant.outlier_share(model) == (2, 128)  # columns 7 and 90
+    llm_int8_quant.reset_outlier_counts(model)
+    assert llm_int8_quant.outlier_share(model) == (0, 0)
+
+
+def test_quantize_options_for_the_bitsandbytes_methods():
+    from effinfer.compress.quant.pipeline import QuantizeOptions
+    from effinfer.config import ConfigError
+
+    options = QuantizeOptions("llm_int8", threshold=4.0)
+    assert (options.bits, options.group_size, options.format, options.threshold) == (
+        8,
+        None,
+        "bitsandbytes",
+        4.0,
+    )
+    nf4 = QuantizeOptions("nf4", group_size=-1, double_quant=True)
+    assert (nf4.bits, nf4.group_size, nf4.format, nf4.double_quant) == (4, 64, "bitsandbytes", True)
+    with pytest.raises(ConfigError):
+        QuantizeOptions("rtn", double_quant=True)
+    with pytest.raises(ConfigError):
+        QuantizeOptions("fp4", bits=8)
+
+
+@pytest.fixture(scope="module")
+def stories_prompts():
+    return ["Once upon a time", "The little dog"]
+
+
+def test_llm_int8_stories260k_end_to_end(stories260k, stories_prompts, monkeypatch):
+    """The pipeline's transform, loaded into ``LLM``: greedy tokens match the float model's."""
+    from effinfer import LLM, SamplingParams
+    from effinfer.compress.quant.pipeline import QuantizeOptions, apply_method
+    from effinfer.engine import engine as engine_module
+    from effinfer.loading.builder import finalize_model
+
+    real_load_model = engine_module.load_model
+
+    def load_llm_int8(path, config, dtype, device, max_len, show_progress):
+        model = real_load_model(path, config, dtype, device, max_len, show_progress, finalize=False)
+        with torch.no_grad():
+            apply_method(model, QuantizeOptions("llm_int8"), None, show_progress=False)
+        return finalize_model(model, device, dtype)
+
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    float_llm = LLM(str(stories260k), dtype="float32", show_progress=False)
+    expected = [o.outputs[0].token_ids for o in float_llm.generate(stories_prompts, greedy)]
+    monkeypatch.setattr(engine_module, "load_model", load_llm_int8)
+    llm = LLM(str(stories260k), dtype="float32", show_progress=False)
+    model = llm.engine.runner.model
+    linears = quantizable_linears(model)
+    assert linears and all(isinstance(m.quantized, LLMInt8Weight) for _, m in linears)
+    assert all(m._kernel_state.backend == "llm_int8" for _, m in linears)
+    got = [o.outputs[0].token_ids for o in llm.generate(stories_prompts, greedy)]
+    assert got == expected
+    outliers, total = llm_int8_quant.outlier_share(model)
+    assert total > 0 and 0 <= outliers < total
