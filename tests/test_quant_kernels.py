@@ -13,11 +13,11 @@ import logging
 import pytest
 import torch
 
-from effinfer.compress.quant.rtn import quantize_rtn
 from effinfer.kernels import quant_linear
 from effinfer.kernels.cpu import woq
 from effinfer.layers.linear import Linear
 from effinfer.layers.quantized import QuantizedWeight
+from tests.quant_helpers import quantized
 
 requires_kernel = pytest.mark.skipif(woq.extension() is None, reason="CPU int8/int4 kernel unavailable here")
 
@@ -34,22 +34,6 @@ LAYOUTS = [
 ]
 # Forced paths and the row counts that exercise their blocking (remainders included).
 PATHS = {"avx512": (10**9, [1, 2, 3, 4, 7]), "amx": (1, [1, 5, 17, 33, 70])}
-
-
-def quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, act_order: bool, seed: int):
-    """An RTN-quantized random weight; with ``act_order``, groups follow a random column permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, k, generator=gen)
-    if not act_order:
-        return quantize_rtn(weight, bits, group, symmetric)
-    # GPTQ act-order: columns are quantized in the order ``perm``; column perm[i] is in group i // g.
-    perm = torch.randperm(k, generator=gen)
-    q = quantize_rtn(weight[:, perm], bits, group, symmetric)
-    codes = torch.empty_like(q.qweight)
-    codes[:, perm] = q.qweight
-    g_idx = torch.empty(k, dtype=torch.int32)
-    g_idx[perm] = (torch.arange(k) // q.group_size).to(torch.int32)
-    return QuantizedWeight(codes, q.scales, q.zeros, bits, q.group_size, g_idx)
 
 
 def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias) -> None:
