@@ -416,9 +416,9 @@ def test_unknown_quant_method_is_a_clear_error(tiny_model, tmp_path):
     model, config = quantized_model(tiny_model, 4, 32, symmetric=True)
     out = save_quantized(model, tiny_model, tiny_model, tmp_path / "q", "gptq")
     hf = json.loads((out / "config.json").read_text())
-    hf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    hf["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
     (out / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ConfigError, match="'bitsandbytes'.*gptq, awq, compressed-tensors"):
+    with pytest.raises(ConfigError, match="'hqq'.*gptq, awq, compressed-tensors, bitsandbytes"):
         load_model(out, config, torch.float32, CPU, 128, show_progress=False)
     hf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}
     (out / "config.json").write_text(json.dumps(hf))
