@@ -36,7 +36,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
     group.add_argument(
-        "--quantization", choices=("int8", "int4", "fp8"),
+        "--quantization", choices=("int8", "int4", "fp8", "nf4", "llm_int8"),
         help="quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
     )  # fmt: skip
     group.add_argument(

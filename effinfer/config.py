@@ -163,7 +163,7 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 # Schemes ``EngineConfig.quantization`` applies at load time (``loading/online_quant.py``).
-ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8")
+ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8", "nf4", "llm_int8")
 # How the paged KV cache stores keys and values (``layers/attention.py``).
 KV_CACHE_DTYPES = ("auto", "int8")
 

@@ -30,7 +30,7 @@ import torch
 
 from effinfer.bench.report import machine_info
 
-SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4"}
+SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4", "nf4": "nf4", "llm_int8": "llm_int8"}
 LAYER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -329,7 +329,9 @@ def write_plot(report: QuantBenchReport, path: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="float HF model directory")
-    parser.add_argument("--schemes", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4")
+    parser.add_argument(
+        "--schemes", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4, nf4, llm_int8"
+    )
     parser.add_argument("--dtype", default="auto", help="activation dtype (default bfloat16)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: usable cores)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens timed per round")
