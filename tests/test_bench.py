@@ -191,3 +191,26 @@ def test_bench_without_peer_has_no_ratios(tiny_model, tmp_path):
     result = json.loads(json_path.read_text())
     assert result["engines"] == ["effinfer"] and result["ratios"] == {}
     assert set(result["results"]) == {"decode", "offline"}
+
+
+def test_bench_quant_runs_and_reports(tmp_path, capsys):
+    """`effinfer bench quant`: every scheme decodes, ratios are against bf16, the layer table renders."""
+    from effinfer.bench.quant import layer_table
+    from effinfer.bench.quant import main as bench_quant_main
+    from effinfer.default_model import default_model_path
+
+    out = tmp_path / "bq.json"
+    argv = ["--model", str(default_model_path()), "--schemes", "int8,int4", "--rounds", "1",
+            "--decode-tokens", "4", "--no-progress", "--json", str(out)]  # fmt: skip
+    assert bench_quant_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| effinfer | bf16 |" in text and "| effinfer | int4 |" in text
+    import json
+
+    variants = json.loads(out.read_text())["variants"]
+    assert [v["name"] for v in variants] == ["effinfer bf16", "effinfer int8", "effinfer int4"]
+    bf16, int8, int4 = (v["weight_bytes"] for v in variants)
+    assert int4 < int8 < bf16
+    rows = layer_table(64, 96, copies=2, batch_sizes=(1, 3), repeats=1)
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["int8_ms"] > 0 and r["int4_speedup"] > 0 for r in rows)

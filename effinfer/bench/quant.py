@@ -32,6 +32,8 @@ from effinfer.bench.report import machine_info
 
 SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4", "nf4": "nf4", "llm_int8": "llm_int8"}
 LAYER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# (in, out) of TinyLlama-1.1B's fused q/k/v, o, fused gate/up and down projections
+LAYER_SHAPES = ((2048, 2560), (2048, 2048), (2048, 11264), (5632, 2048))
 
 
 @dataclass
@@ -191,7 +193,7 @@ def layer_table(
     with torch.no_grad():
         for m in batch_sizes:
             x = torch.randn(m, in_features, dtype=torch.bfloat16)
-            row = {"batch": m}
+            row = {"shape": f"{in_features}→{out_features}", "batch": m}
             for scheme, stack in layers.items():
                 for layer in stack:  # warm-up
                     layer(x)
@@ -253,10 +255,17 @@ def run(args: argparse.Namespace) -> QuantBenchReport:
     gc.collect()
     if workdir is not None:
         workdir.cleanup()
-    table = []
+    table: list[dict] = []
     if args.layer_table:
-        log("timing one layer at batch sizes 1..64", file=sys.stderr, flush=True)
-        table = layer_table()
+        # TinyLlama's four projections; copies so each stack is ~350 MB of bf16 and streams from memory.
+        for in_features, out_features in LAYER_SHAPES:
+            copies = max(8, int(350e6 // (2 * in_features * out_features)))
+            log(
+                f"timing a {in_features}→{out_features} layer at batch sizes 1..64",
+                file=sys.stderr,
+                flush=True,
+            )
+            table += layer_table(in_features, out_features, copies)
     return QuantBenchReport(
         command=args.command_line,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -292,14 +301,20 @@ def render_markdown(report: QuantBenchReport) -> str:
         schemes = [k.removesuffix("_speedup") for k in report.layer_table[0] if k.endswith("_speedup")]
         lines += [
             "",
-            "One Linear layer (2048 → 11264, TinyLlama's gate/up), weights streamed from memory, ms per call:",
+            "One Linear layer per TinyLlama projection (in→out), weights streamed from memory, ms per call:",
             "",
-            "| batch | bf16 | " + " | ".join(f"{s} | {s} × bf16" for s in schemes) + " |",
-            "|---:|---:|" + "---:|---:|" * len(schemes),
+            "| layer | batch | bf16 | " + " | ".join(f"{s} | {s} × bf16" for s in schemes) + " |",
+            "|---|---:|---:|" + "---:|---:|" * len(schemes),
         ]
         for row in report.layer_table:
             cells = " | ".join(f"{row[f'{s}_ms']:.3f} | {row[f'{s}_speedup']:.2f}" for s in schemes)
-            lines.append(f"| {row['batch']} | {row['bf16_ms']:.3f} | {cells} |")
+            lines.append(f"| {row.get('shape', '')} | {row['batch']} | {row['bf16_ms']:.3f} | {cells} |")
+        worst = {s: min(row[f"{s}_speedup"] for row in report.layer_table) for s in schemes}
+        lines.append("")
+        lines.append(
+            "Slowest quantized layer relative to bf16: "
+            + ", ".join(f"{s} {v:.2f}×" for s, v in worst.items())
+        )
     return "\n".join(lines) + "\n"
 
 
