@@ -80,6 +80,17 @@ class QuantizedWeight:
         zero = self.zeros.float()[:, groups]
         return ((self.qweight.float() - zero) * scale).to(dtype)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        g_idx = self.g_idx.to(device) if self.g_idx is not None else None
+        return QuantizedWeight(
+            self.qweight.to(device),
+            self.scales.to(device),
+            self.zeros.to(device),
+            self.bits,
+            self.group_size,
+            g_idx,
+        )
+
     def nbytes(self) -> int:
         """Bytes of the packed form (codes at ``bits`` each, plus scales and zeros), as stored on disk."""
         codes = self.qweight.numel() * self.bits // 8

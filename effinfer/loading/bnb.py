@@ -14,32 +14,15 @@ stores ``weight`` (int8), ``SCB`` (each row's absmax) and ``weight_format``. The
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from effinfer.compress.quant.nf4 import QUANT_TYPES, CodebookWeight, NestedAbsmax
 from effinfer.config import ConfigError
-from effinfer.layers.linear import Linear
 from effinfer.loading import quant_formats as qf
-from effinfer.loading.builder import WeightsError
+from effinfer.loading.quantized import CheckpointFormat
 
 _STATE_PREFIX = "weight.quant_state.bitsandbytes__"
-
-
-def check_config(quant: dict) -> None:
-    """Fail early for a bitsandbytes config effinfer cannot load."""
-    four, eight = bool(quant.get("load_in_4bit")), bool(quant.get("load_in_8bit"))
-    if four == eight:
-        raise ConfigError(
-            "bitsandbytes quantization_config must set exactly one of load_in_4bit / load_in_8bit"
-        )
-    if four and str(quant.get("bnb_4bit_quant_type", "fp4")) not in QUANT_TYPES:
-        raise ConfigError(f"bitsandbytes 4-bit type {quant.get('bnb_4bit_quant_type')!r} is not supported")
-    if eight and quant.get("llm_int8_has_fp16_weight"):
-        raise ConfigError("bitsandbytes 8-bit checkpoints with llm_int8_has_fp16_weight are not supported")
 
 
 # ---- decoding one Linear -----------------------------------------------------------------------
@@ -90,70 +73,47 @@ def decode_8bit(tensors: dict[str, torch.Tensor], threshold: float):
     return LLMInt8Weight(tensors["weight"].to(torch.int8), tensors["SCB"].float(), threshold)
 
 
-# ---- streaming a checkpoint --------------------------------------------------------------------
+# ---- reading a checkpoint ----------------------------------------------------------------------
 
 
-def quantized_tensors(
-    model: nn.Module,
-    quant: dict,
-    files: list[Path],
-    tensors: Iterable[tuple[str, torch.Tensor, int]],
-    device: torch.device,
-    source: str,
-) -> Iterator[tuple[str, torch.Tensor | qf.QuantizedShard, int]]:
-    """Like ``loading/quantized.quantized_tensors``: hold back each quantized Linear's tensors until
-    all have arrived and pass them on as one ``QuantizedShard`` named ``<layer>.weight``."""
-    from effinfer.loading.quantized import _release_float_weights, _tensor_names
+class BitsAndBytesFormat(CheckpointFormat):
+    """bitsandbytes' tensors for ``loading/quantized.py``: keys are ``weight``, ``weight.<state>`` and ``SCB``."""
 
-    check_config(quant)
-    names = _tensor_names(files)
-    four = bool(quant.get("load_in_4bit"))
-    marker = ".weight.absmax" if four else ".SCB"
-    layers = {n[: -len(marker)] for n in names if n.endswith(marker)}
-    expected = {
-        layer: {n[len(layer) + 1 :] for n in names if n.startswith(layer + ".weight") or n == f"{layer}.SCB"}
-        for layer in layers
-    }
-    _release_float_weights(model, layers, names, source)
-    threshold = float(quant.get("llm_int8_threshold", 6.0))
-    return _stream(model, layers, expected, tensors, device, source, four, threshold)
+    def __init__(self, quant: dict) -> None:
+        four, eight = bool(quant.get("load_in_4bit")), bool(quant.get("load_in_8bit"))
+        if four == eight:
+            raise ConfigError(
+                "bitsandbytes quantization_config must set exactly one of load_in_4bit / load_in_8bit"
+            )
+        if four and str(quant.get("bnb_4bit_quant_type", "fp4")) not in QUANT_TYPES:
+            raise ConfigError(
+                f"bitsandbytes 4-bit type {quant.get('bnb_4bit_quant_type')!r} is not supported"
+            )
+        if eight and quant.get("llm_int8_has_fp16_weight"):
+            raise ConfigError(
+                "bitsandbytes 8-bit checkpoints with llm_int8_has_fp16_weight are not supported"
+            )
+        self.four = four
+        self.threshold = float(quant.get("llm_int8_threshold", 6.0))
 
+    def quantized_layers(self, names: set[str]) -> dict[str, set[str]]:
+        marker = ".weight.absmax" if self.four else ".SCB"
+        layers = {n[: -len(marker)] for n in names if n.endswith(marker)}
+        return {
+            layer: {
+                n[len(layer) + 1 :] for n in names if n.startswith(layer + ".weight") or n == f"{layer}.SCB"
+            }
+            for layer in layers
+        }
 
-def _layer_of(name: str, layers: set[str]) -> tuple[str, str] | None:
-    """(layer, key relative to it) for a quantized layer's tensor; keys start with ``weight`` or are ``SCB``."""
-    cut = len(name) - len(".SCB") if name.endswith(".SCB") else name.rfind(".weight")
-    if cut > 0 and name[:cut] in layers:
-        return name[:cut], name[cut + 1 :]
-    return None
+    def split(self, name: str, layers: dict[str, set[str]]) -> tuple[str, str] | None:
+        # A key may contain dots (``weight.quant_state...``): the layer ends where ``.weight`` starts.
+        cut = len(name) - len(".SCB") if name.endswith(".SCB") else name.rfind(".weight")
+        layer, key = name[:cut], name[cut + 1 :]
+        return (layer, key) if cut > 0 and key in layers.get(layer, ()) else None
 
-
-def _stream(model, layers, expected, tensors, device, source, four, threshold):
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    pending_bytes: dict[str, int] = {}
-    for name, tensor, nbytes in tensors:
-        found = _layer_of(name, layers)
-        if found is None or found[1] not in expected[found[0]]:
-            yield name, tensor, nbytes
-            continue
-        layer, key = found
-        pending.setdefault(layer, {})[key] = tensor
-        pending_bytes[layer] = pending_bytes.get(layer, 0) + nbytes
-        if len(pending[layer]) < len(expected[layer]):
-            continue
-        try:
-            parts = pending.pop(layer)
-            weight = decode_4bit(parts) if four else decode_8bit(parts, threshold)
-        except (ValueError, KeyError) as e:
-            raise WeightsError(f"checkpoint {source}: bitsandbytes layer {layer!r}: {e}") from None
-        weight = (
-            weight.to(device)
-            if four
-            else type(weight)(weight.weight.to(device), weight.absmax.to(device), threshold)
-        )
-        yield f"{layer}.weight", qf.QuantizedShard(weight), pending_bytes.pop(layer)
-    unfused = [n for n, m in model.named_modules() if isinstance(m, Linear) and m._quantized_shards]
-    if unfused:
-        raise WeightsError(f"checkpoint {source}: quantized layer {unfused[0]} lacks some of its fused parts")
+    def decode(self, layer: str, tensors: dict[str, torch.Tensor]) -> qf.QuantizedShard:
+        return qf.QuantizedShard(decode_4bit(tensors) if self.four else decode_8bit(tensors, self.threshold))
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from torch import nn
 
 from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear
-from effinfer.layers.quantized import QuantizedWeight
 from effinfer.loading import quant_formats as qf
 from effinfer.loading.builder import WeightsError
 
@@ -41,20 +40,11 @@ def read_quantization_config(path: Path) -> dict | None:
         return None
     if not isinstance(quant, dict):
         raise ConfigError(f"{config_path}: quantization_config must be an object")
-    if _is_bitsandbytes(quant):  # read by loading/bnb.py
-        from effinfer.loading import bnb
-
-        bnb.check_config(quant)
-        return quant
     checkpoint_format(quant)  # an unsupported method fails here, before the model is built
     return quant
 
 
-def _is_bitsandbytes(quant: dict) -> bool:
-    return str(quant.get("quant_method", "")).lower() == "bitsandbytes"
-
-
-class _Format:
+class CheckpointFormat:
     """How one quantization method names and decodes the tensors of a quantized Linear."""
 
     suffixes: tuple[str, ...] = ()
@@ -63,11 +53,21 @@ class _Format:
     def check(self, names: set[str]) -> None:
         """Fail early for checkpoint contents this reader cannot handle."""
 
+    def quantized_layers(self, names: set[str]) -> dict[str, set[str]]:
+        """{layer: the keys of its tensors in the checkpoint} for every quantized Linear."""
+        layers = {n[: -len(self.marker) - 1] for n in names if n.endswith("." + self.marker)}
+        return {layer: {s for s in self.suffixes if f"{layer}.{s}" in names} for layer in layers}
+
+    def split(self, name: str, layers: dict[str, set[str]]) -> tuple[str, str] | None:
+        """(layer, key) when ``name`` is one of a quantized layer's tensors, else None."""
+        layer, _, key = name.rpartition(".")
+        return (layer, key) if key in layers.get(layer, ()) else None
+
     def decode(self, layer: str, tensors: dict[str, torch.Tensor]) -> qf.QuantizedShard:
         raise NotImplementedError
 
 
-class _GPTQ(_Format):
+class _GPTQ(CheckpointFormat):
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
     marker = "qweight"
 
@@ -86,7 +86,7 @@ class _GPTQ(_Format):
         return qf.QuantizedShard(qf.unpack_gptq(tensors, self.bits, self.group_size, self.checkpoint_format))
 
 
-class _AWQ(_Format):
+class _AWQ(CheckpointFormat):
     suffixes = ("qweight", "qzeros", "scales")
     marker = "qweight"
 
@@ -103,7 +103,7 @@ class _AWQ(_Format):
         return qf.QuantizedShard(qf.unpack_awq(tensors, self.bits, self.group_size))
 
 
-class _CompressedTensors(_Format):
+class _CompressedTensors(CheckpointFormat):
     suffixes = (
         "weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
     )  # fmt: skip
@@ -165,7 +165,7 @@ class _CompressedTensors(_Format):
         return qf.QuantizedShard(qf.unpack_compressed_tensors(tensors, weights), act)
 
 
-def checkpoint_format(quant: dict) -> _Format:
+def checkpoint_format(quant: dict) -> CheckpointFormat:
     """The reader for a ``quantization_config``; a clear error for methods effinfer cannot read."""
     method = str(quant.get("quant_method", "")).lower()
     if method == "gptq":
@@ -174,6 +174,10 @@ def checkpoint_format(quant: dict) -> _Format:
         return _AWQ(quant)
     if method == "compressed-tensors":
         return _CompressedTensors(quant)
+    if method == "bitsandbytes":
+        from effinfer.loading.bnb import BitsAndBytesFormat
+
+        return BitsAndBytesFormat(quant)
     raise ConfigError(
         f"quantization method {method or '(none given)'!r} is not supported; "
         f"effinfer reads {', '.join(SUPPORTED_METHODS)} checkpoints"
@@ -202,17 +206,12 @@ def quantized_tensors(
     on as one ``QuantizedShard`` under the name of the float weight they replace; every other
     tensor passes through. The float weights of quantized Linears are released up front.
     """
-    if _is_bitsandbytes(quant):
-        from effinfer.loading import bnb
-
-        return bnb.quantized_tensors(model, quant, files, tensors, device, source)
     fmt = checkpoint_format(quant)
     names = _tensor_names(files)
     fmt.check(names)
-    layers = {n[: -len(fmt.marker) - 1] for n in names if n.endswith("." + fmt.marker)}
-    expected = {layer: {s for s in fmt.suffixes if f"{layer}.{s}" in names} for layer in layers}
-    _release_float_weights(model, layers, names, source)
-    return _stream(fmt, layers, expected, tensors, device, source, model)
+    layers = fmt.quantized_layers(names)
+    _release_float_weights(model, set(layers), names, source)
+    return _stream(fmt, layers, tensors, device, source, model)
 
 
 def _release_float_weights(model: nn.Module, layers: set[str], names: set[str], source: str) -> None:
@@ -239,35 +238,25 @@ def _release_float_weights(model: nn.Module, layers: set[str], names: set[str], 
             )
 
 
-def _stream(fmt, layers, expected, tensors, device, source, model):
+def _stream(fmt, layers, tensors, device, source, model):
     pending: dict[str, dict[str, torch.Tensor]] = {}
     pending_bytes: dict[str, int] = {}
     for name, tensor, nbytes in tensors:
-        layer, _, suffix = name.rpartition(".")
-        if layer not in layers or suffix not in expected[layer]:
+        found = fmt.split(name, layers)
+        if found is None:
             yield name, tensor, nbytes
             continue
-        pending.setdefault(layer, {})[suffix] = tensor
+        layer, key = found
+        pending.setdefault(layer, {})[key] = tensor
         pending_bytes[layer] = pending_bytes.get(layer, 0) + nbytes
-        if len(pending[layer]) < len(expected[layer]):
+        if len(pending[layer]) < len(layers[layer]):
             continue
         try:
             shard = fmt.decode(layer, pending.pop(layer))
         except (ValueError, KeyError) as e:
             raise WeightsError(f"checkpoint {source}: quantized layer {layer!r}: {e}") from None
-        shard.weight = _to_device(shard.weight, device)
+        shard.weight = shard.weight.to(device)
         yield f"{layer}.weight", shard, pending_bytes.pop(layer)
     unfused = [n for n, m in model.named_modules() if isinstance(m, Linear) and m._quantized_shards]
     if unfused:
         raise WeightsError(f"checkpoint {source}: quantized layer {unfused[0]} lacks some of its fused parts")
-
-
-def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    return QuantizedWeight(
-        weight.qweight.to(device),
-        weight.scales.to(device),
-        weight.zeros.to(device),
-        weight.bits,
-        weight.group_size,
-        weight.g_idx.to(device) if weight.g_idx is not None else None,
-    )

@@ -61,6 +61,9 @@ class LLMInt8Weight:
         """The float weight [out, in]: what the outlier columns are multiplied with, and the reference."""
         return (self.weight.float() * self.row_scale()[:, None]).to(dtype)
 
+    def to(self, device: torch.device | str) -> LLMInt8Weight:
+        return LLMInt8Weight(self.weight.to(device), self.absmax.to(device), self.threshold)
+
     def nbytes(self) -> int:
         return self.weight.numel() + self.absmax.numel() * 4
 
