@@ -69,28 +69,21 @@ class QuantBenchReport:
 
 
 class _EffinferDecode:
+    """``EffinferRunner`` (the core benchmark's) loaded with one quantization scheme."""
+
     engine = "effinfer"
 
     def __init__(self, name: str, model: str, quantization: str | None, dtype: str, threads: int | None):
-        from effinfer.bench.throughput import weight_read_bytes
-        from effinfer.engine.llm import LLM
+        from effinfer.bench.throughput import EffinferRunner
 
         self.name = name
-        self.llm = LLM(model, dtype=dtype, quantization=quantization, num_threads=threads,
-                       max_num_seqs=1, show_progress=False)  # fmt: skip
-        self.weight_bytes = weight_read_bytes(self.llm.engine.runner.model)
-        self.weights = quantization or str(self.llm.engine.dtype).removeprefix("torch.")
+        self.runner = EffinferRunner(model, dtype=dtype, num_threads=threads, max_num_seqs=1,
+                                     show_progress=False, quantization=quantization)  # fmt: skip
+        self.weight_bytes = self.runner.weight_bytes
+        self.weights = quantization or str(self.runner.dtype).removeprefix("torch.")
 
     def decode(self, prompt: list[int], num_tokens: int) -> float:
-        from effinfer.sampling_params import SamplingParams
-
-        engine = self.llm.engine
-        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=num_tokens + 1, ignore_eos=True))
-        stamps = []
-        while engine.has_unfinished_requests():
-            engine.step()
-            stamps.append(time.perf_counter())
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        return self.runner.decode(prompt, num_tokens).tokens_per_s
 
 
 class _LlamaCppDecode:

@@ -137,6 +137,7 @@ class EffinferRunner:
         num_threads: int | None = None,
         max_num_seqs: int = 64,
         show_progress: bool = True,
+        **engine_args,
     ) -> None:
         self.llm = LLM(
             model_path,
@@ -145,6 +146,7 @@ class EffinferRunner:
             num_threads=num_threads,
             max_num_seqs=max_num_seqs,
             show_progress=show_progress,
+            **engine_args,
         )
         self.engine = self.llm.engine
         self.device = self.engine.device

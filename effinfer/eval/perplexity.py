@@ -34,6 +34,20 @@ class PerplexityResult:
         )
 
 
+def _token_ids(llm, text: str | None, path, token_ids: list[int] | None) -> list[int]:
+    """The tokens to score: given, or of ``text``, or of the file at ``path``."""
+    if token_ids is not None:
+        return token_ids
+    if text is None:
+        if path is None:
+            raise ValueError("give text, path or token_ids")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    return llm.tokenizer.encode(text)
+
+
 def perplexity(
     llm,
     text: str | None = None,
@@ -45,15 +59,7 @@ def perplexity(
     show_progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``llm`` (an ``effinfer.LLM``) on a text, a file or token ids."""
-    if token_ids is None:
-        if text is None:
-            if path is None:
-                raise ValueError("give text, path or token_ids")
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-            text = path.read_text(encoding="utf-8", errors="replace")
-        token_ids = llm.tokenizer.encode(text)
+    token_ids = _token_ids(llm, text, path, token_ids)
     engine = llm.engine
     ctx = ctx or engine.max_model_len
     if ctx > engine.max_model_len:
@@ -108,10 +114,7 @@ def paged_perplexity(
     from effinfer.layers.attention import AttentionMetadata
     from effinfer.sampling_params import SamplingParams
 
-    if token_ids is None:
-        if text is None:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        token_ids = llm.tokenizer.encode(text)
+    token_ids = _token_ids(llm, text, path, token_ids)
     engine = llm.engine
     if engine.has_unfinished_requests():
         raise RuntimeError("paged_perplexity needs an idle engine")
