@@ -48,7 +48,7 @@ def calibration_batches(
     num_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
-    stride: int | None = None,
+    stride: int | str | None = None,
 ) -> torch.Tensor:
     """Token rows [n, seq_len] (int64) cut from a text, for the quantizers to look at activations.
 
@@ -57,9 +57,12 @@ def calibration_batches(
     ``num_samples`` of them are drawn at random (``seed``) when there are more. A text too short
     for ``num_samples`` rows gives as many as fit, and one shorter than ``seq_len`` tokens gives
     a single row of all its tokens. A stride below ``seq_len`` gets more (overlapping) rows out
-    of a short text, as GPTQ's reference sampling of random windows does.
+    of a short text, as GPTQ's reference sampling of random windows does; ``"auto"`` keeps rows
+    apart unless the text is too short for ``num_samples`` of them, then starts one every
+    ``seq_len // 4`` tokens.
     """
-    stride = stride or seq_len
+    auto = stride == "auto"
+    stride = seq_len if auto or stride is None else stride
     if num_samples < 1 or seq_len < 2 or stride < 1:
         raise ValueError(
             f"need num_samples >= 1, seq_len >= 2 and stride >= 1, got {num_samples}, {seq_len}, {stride}"
@@ -73,6 +76,8 @@ def calibration_batches(
     if len(ids) < seq_len:
         return ids[None]
     rows = ids.unfold(0, seq_len, stride)
+    if auto and len(rows) < num_samples:
+        rows = ids.unfold(0, seq_len, max(1, seq_len // 4))
     if len(rows) > num_samples:
         generator = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(rows), generator=generator)[:num_samples]

@@ -130,10 +130,8 @@ def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
     if not path.is_file():
         raise ConfigError(f"calibration file {str(path)!r} does not exist")
     tokenizer = Tokenizer.from_dir(model_dir)
-    n, seq_len = options.num_samples, options.seq_len
-    rows = calibration_batches(tokenizer, path, n, seq_len, options.seed, options.calib_stride)
-    if options.calib_stride is None and len(rows) < n and rows.shape[1] == seq_len:
-        rows = calibration_batches(tokenizer, path, n, seq_len, options.seed, max(1, seq_len // 4))
+    stride = options.calib_stride or "auto"
+    rows = calibration_batches(tokenizer, path, options.num_samples, options.seq_len, options.seed, stride)
     logger.info("calibration: %d rows of %d tokens from %s", len(rows), rows.shape[1], path)
     return rows
 
