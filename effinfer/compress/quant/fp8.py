@@ -19,6 +19,11 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
+# Scales are amax * (1 / 448), not amax / 448: CUDA divides a tensor by a Python number as a
+# multiplication by its reciprocal, the CPU divides exactly, and a scale that differs in the last
+# bit moves values that sit on an e4m3 rounding boundary to the next code (one step is 6-12%).
+# Multiplying by the same float32 constant gives the same scale on both.
+INV_FP8_MAX = 1.0 / FP8_MAX
 
 
 @dataclass
@@ -67,7 +72,7 @@ def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
     """e4m3 codes of ``weight`` [out, in] with scale = row absmax / 448 (an all-zero row gets scale 1)."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))
     codes = torch.clamp(w / scale[:, None], -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return Fp8Weight(codes, scale)
 
@@ -76,7 +81,7 @@ def quantize_activations_fp8(x: torch.Tensor, per_token: bool = True) -> tuple[t
     """Dynamic e4m3 codes of ``x`` [M, K] and their float32 scales ([M, 1] per token, [] per tensor)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
-    scale = amax.clamp(min=1e-12) / FP8_MAX
+    scale = amax.clamp(min=1e-12) * INV_FP8_MAX
     return torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+INV_FP8_MAX = 1.0 / FP8_MAX  # scales are amax * (1 / 448), as in compress/quant/fp8.py (and why)
 
 
 @dataclass
@@ -99,11 +100,11 @@ def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, state.in_features)
     xf = x2.float()
     if state.mode == "rowwise":
-        x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) * INV_FP8_MAX
         qx = torch.clamp(xf / x_scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         y = _scaled_mm(qx, state.weight_t, x_scale, state.weight_scale, torch.bfloat16)
     else:
-        x_scale = xf.abs().amax().clamp(min=1e-12) / FP8_MAX
+        x_scale = xf.abs().amax().clamp(min=1e-12) * INV_FP8_MAX
         qx = torch.clamp(xf / x_scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         y = _scaled_mm(qx, state.weight_t, x_scale, state.unit_scale, torch.float32) * state.weight_scale
     y = y.to(state.dtype)
