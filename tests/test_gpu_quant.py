@@ -1,7 +1,7 @@
 """GPU quantized kernels (kernels/triton/woq.py, kernels/triton/fp8.py) against their references.
 
-Every path of the Triton W4A16 / W8A16 kernel (split-K decode tiles, prefill tiles, both int4
-unpackings, dequantize-then-cuBLAS) is held to ``quant_linear.reference`` (dequantize, then an
+Every path of the Triton W4A16 / W8A16 kernel (the one-row CUDA-core kernel, split-K decode
+tiles, prefill tiles, both int4 unpackings, dequantize-then-cuBLAS) is held to ``quant_linear.reference`` (dequantize, then an
 fp32 matmul) over bit widths, group sizes, per-channel scales, widths the group does not
 divide, GPTQ act-order, zero points, bias and row counts; fp8 is held to its fake-quantized
 reference. On CUDA everything runs; without CUDA the kernel tests run only under Triton's
@@ -81,7 +81,7 @@ LAYOUTS = [
     (70, 400, 128, True),
 ]
 ROWS = [1, 3, 16, 100]
-PATHS = ["apply", "fused-reshape", "fused-gather", "dequant"]
+PATHS = ["apply", "gemv", "fused-reshape", "fused-gather", "dequant"]
 
 
 def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -89,6 +89,8 @@ def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
         return woq.apply(state, x)
     if path == "dequant":
         return woq.dequant_matmul(state, x, unpack="reshape")
+    if path == "gemv":
+        return woq.gemv(state, x)
     return woq.fused_matmul(state, x, unpack=path.split("-")[1])
 
 
@@ -114,9 +116,13 @@ def test_woq_matches_reference(bits, layout, path):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("path", PATHS)
-def test_woq_random_shapes(path):
+def test_woq_random_shapes(path, monkeypatch):
     """Random sizes, groups, bit widths and act-order, with 3-D activations."""
     woq = _woq()
+    # cuBLAS may add split-K partial sums in bf16 (torch's default): 1.3e-2 relative on an H200 for
+    # 581x870 at two rows, the dequantize path's own error being 2.7e-3. Hold our part to the
+    # one-rounding tolerance by asking cuBLAS for fp32 reductions.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     gen = torch.Generator().manual_seed(7)
     for trial in range(12):
         n = int(torch.randint(16, 700, (1,), generator=gen))
@@ -177,6 +183,37 @@ def test_woq_packing_layout():
     words = state.codes.cpu().to(torch.int64) & 0xFFFFFFFF
     for k in (0, 5, 7, 8, 63):
         assert torch.equal((words[k // 8] >> (4 * (k % 8))) & 0xF, qw.qweight[:, k].to(torch.int64))
+
+
+# NF4 / FP4 through the same kernel with a level table: (out, in, blocksize, quant_type).
+CODEBOOK_CASES = [(37, 128, 64, "nf4"), (130, 192, 64, "nf4"), (64, 1024, 64, "fp4"), (20, 256, 128, "nf4"),
+                  (48, 96, 32, "fp4")]  # fmt: skip
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("case", CODEBOOK_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lookup", ["gather", "select"])
+def test_codebook_matches_reference(case, path, lookup, monkeypatch):
+    from effinfer.compress.quant.nf4 import quantize_codebook
+
+    woq = _woq()
+    monkeypatch.setattr(woq, "LEVEL_LOOKUP", dict.fromkeys(woq.LEVEL_LOOKUP, lookup))
+    n, k, blocksize, quant_type = case
+    torch.manual_seed(n + k)
+    weight = quantize_codebook(torch.randn(n, k) * 0.05, quant_type, blocksize, double_quant=True)
+    bias = torch.randn(n) if n % 2 else None
+    state = woq.prepare_codebook(
+        weight.to(DEVICE), bias.to(DEVICE, DTYPE) if bias is not None else None, DTYPE
+    )
+    assert state is not None and state.table is not None
+    for m in ROWS:
+        x = torch.randn(m, k).to(DEVICE, DTYPE)
+        poison_allocator()
+        y = run_path(woq, state, x, path)
+        # The levels are rounded to the activation dtype once: within the usual 16-bit tolerance.
+        assert_close(y, quant_linear.reference(x.float().cpu(), weight, bias), DTYPE)
 
 
 @pytest.mark.gpu
@@ -278,9 +315,15 @@ def _quantized_model(path, device: str, dtype: torch.dtype, scheme: str):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
-def test_quantized_model_logits_match_reference(tmp_path, scheme, monkeypatch):
-    """A tiny Llama quantized on load: logits through the GPU kernels equal the dequantized reference."""
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8", "nf4"])
+def test_quantized_model_logits_match_reference(tmp_path, scheme):
+    """A tiny Llama quantized on load: logits through the GPU kernels equal the dequantized reference.
+
+    fp8 also quantizes activations, and there the model-level comparison is too coarse: bf16
+    differences between layers move some activations across an e4m3 rounding boundary (one
+    step is 6-12% of the value) and that compounds (0.057 relative, 85% equal argmax on an H200).
+    So fp8 checks every layer on the inputs it really received against fp8's reference instead.
+    """
     from effinfer.loading.builder import finalize_model
 
     from .conftest import make_hf_model
@@ -288,34 +331,38 @@ def test_quantized_model_logits_match_reference(tmp_path, scheme, monkeypatch):
     _, path = make_hf_model("LlamaForCausalLM", tmp_path)
     model = _quantized_model(path, "cuda", torch.bfloat16, scheme)
     ids = torch.randint(3, 512, (2, 40), device="cuda")
+    with torch.no_grad():
+        # Before finalize every Linear runs quant_linear.reference (fp32 dequantize-then-matmul).
+        expected = model.compute_logits(model.forward_dense(ids)).float()
+    linears = [m for m in model.modules() if getattr(m, "quantized", None) is not None]
+    layer_errors: list[float] = []
     if scheme == "fp8":
         from effinfer.kernels.triton import fp8
 
         if not fp8.supported(torch.device("cuda")):
             pytest.skip("fp8 tensor cores need compute capability 8.9+")
-        # The GPU quantizes activations too: so must the reference.
         activations = "token" if fp8.scaling_mode(torch.cuda.current_device()) == "rowwise" else "tensor"
-        with monkeypatch.context() as patch:
-            patch.setattr(
-                quant_linear, "reference", lambda x, w, b, a=None: fp8_reference(x, w, b, activations)
-            )
-            with torch.no_grad():
-                expected = model.compute_logits(model.forward_dense(ids)).float()
-    else:
-        with torch.no_grad():
-            # Before finalize every Linear runs quant_linear.reference (fp32 dequantize-then-matmul).
-            expected = model.compute_logits(model.forward_dense(ids)).float()
+
+        def check_layer(module, inputs, output):
+            ref = fp8_reference(inputs[0].float(), module.quantized, module.bias, activations).float()
+            layer_errors.append(((output.float() - ref).abs().max() / ref.abs().max()).item())
+
+        for linear in linears:
+            linear.register_forward_hook(check_layer)
     with torch.no_grad():
         finalize_model(model, torch.device("cuda"), torch.bfloat16)
-        backends = {
-            m._kernel_state.backend for m in model.modules() if hasattr(m, "quantized") and m.quantized
-        }
+        backends = {m._kernel_state.backend for m in linears}
         got = model.compute_logits(model.forward_dense(ids)).float()
-    assert backends == ({"fp8"} if scheme == "fp8" else {"triton-woq"}), backends
+    # nf4: down_proj's 160 columns are not whole blocks of 64, so it keeps the chunked decode.
+    expected_backends = {"fp8": {"fp8"}, "nf4": {"triton-woq", "codebook"}}.get(scheme, {"triton-woq"})
+    assert backends == expected_backends, backends
+    if scheme == "fp8":
+        assert len(layer_errors) == len(linears)
+        # As test_fp8_matches_reference: one bf16 rounding, and the rare code on a boundary.
+        assert max(layer_errors) < 1.5e-2, layer_errors
+        return
     rel = ((got - expected).norm() / expected.norm()).item()
-    # Only bf16 rounding differs (between layers, and an fp8 code that lands on the other side of
-    # a rounding boundary now and then).
-    assert rel < 0.02, rel
+    assert rel < 0.02, rel  # only bf16 rounding between layers differs
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() > 0.9
 
 

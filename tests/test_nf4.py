@@ -130,11 +130,10 @@ def test_kernel_matches_dequantize_reference(shape, dtype, monkeypatch):
     expected = quant_linear.reference(x, weight, bias)
     for chunk in (codebook_linear.CHUNK_VALUES, 300):  # one chunk, and many chunks with blocks across rows
         monkeypatch.setattr(codebook_linear, "CHUNK_VALUES", chunk)
-        state = quant_linear.prepare(weight, bias, None, dtype)
-        assert state.backend == "nf4"
+        data = codebook_linear.prepare(weight, bias, dtype)
         if chunk == 300:
-            assert state.data.chunk_rows < out_features or out_features <= 5
-        y = quant_linear.apply(state, x)
+            assert data.chunk_rows < out_features or out_features <= 5
+        y = codebook_linear.apply(data, x)
         assert y.dtype == dtype and y.shape == (3, out_features)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         assert torch.allclose(y.float(), expected.float(), atol=tol, rtol=tol)
@@ -156,3 +155,64 @@ def test_quantize_model_nf4_quantizes_each_checkpoint_tensor(tmp_path):
     assert torch.equal(qkv.quantized.dequantize()[:q_rows], expected)
     with pytest.raises(ValueError, match="unknown 4-bit type"):
         nf4.quantize_model_nf4(model, "int4")
+
+
+def test_row_blocks_only_when_blocks_tile_rows():
+    weight = nf4.quantize_codebook(torch.randn(6, 128), "nf4", 64)
+    grouped = codebook_linear.row_blocks(weight)
+    assert grouped.group_size == 64 and grouped.scales.shape == (6, 2)
+    # Row r's second block is flattened block 2r + 1.
+    assert torch.equal(grouped.scales[:, 1], weight.absmax[1::2])
+    assert torch.equal(grouped.qweight, weight.codes) and not grouped.zeros.any()
+    assert codebook_linear.row_blocks(nf4.quantize_codebook(torch.randn(6, 96), "nf4", 64)) is None
+
+
+def _bf16_levels(weight: nf4.CodebookWeight) -> nf4.CodebookWeight:
+    """The same weight with its levels rounded to bf16, as the table kernels hold them."""
+    code = weight.code.to(torch.bfloat16).float()
+    return nf4.CodebookWeight(weight.codes, weight.absmax, code, weight.quant_type, weight.blocksize)
+
+
+def _table_kernel_cases():
+    # (out, in, blocksize, quant_type): the usual block of 64, wider and narrower blocks, out not a
+    # multiple of 16, and FP4 (whose levels are not sorted by code).
+    return [(37, 128, 64, "nf4"), (130, 192, 64, "nf4"), (64, 1024, 64, "fp4"), (20, 256, 128, "nf4"),
+            (48, 96, 32, "fp4")]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _table_kernel_cases(), ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("path", ["avx512", "amx"])
+def test_cpu_table_kernel_matches_reference(case, path, monkeypatch):
+    from effinfer.kernels.cpu import woq
+
+    if woq.extension() is None:
+        pytest.skip("CPU weight-only kernel unavailable here")
+    out_features, in_features, blocksize, quant_type = case
+    monkeypatch.setitem(woq.AMX_MIN_ROWS, 4, 10**9 if path == "avx512" else 1)
+    torch.manual_seed(out_features + in_features)
+    weight = nf4.quantize_codebook(torch.randn(out_features, in_features) * 0.05, quant_type, blocksize, True)
+    bias = torch.randn(out_features)
+    state = quant_linear.prepare(weight, bias, None, torch.bfloat16)
+    assert state.backend == "cpu-woq"
+    for rows in (1, 2, 3, 5, 17, 70):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(rows, in_features).to(dtype)
+            y = quant_linear.apply(state, x)
+            assert y.dtype == dtype and y.shape == (rows, out_features)
+            # Against the kernel's own levels: only output rounding (bf16) or summation order (fp32).
+            exact = quant_linear.reference(x.float(), _bf16_levels(weight), bias)
+            tol = 8e-3 if dtype == torch.bfloat16 else 1e-4
+            assert (y.float() - exact).abs().max() <= tol * exact.abs().max()
+            # Against the true levels: bf16's 2**-9 rounding of each level on top.
+            true = quant_linear.reference(x.float(), weight, bias)
+            assert (y.float() - true).abs().max() <= 2e-2 * true.abs().max()
+
+
+def test_blocks_across_rows_fall_back_to_the_chunked_decode():
+    weight = nf4.quantize_codebook(torch.randn(10, 96), "nf4", 64)
+    state = quant_linear.prepare(weight, None, None, torch.bfloat16)
+    assert state.backend == "codebook"
+    x = torch.randn(2, 96)
+    y = quant_linear.apply(state, x.to(torch.bfloat16))
+    expected = quant_linear.reference(x, weight, None)
+    assert (y.float() - expected).abs().max() <= 2e-2 * expected.abs().max()

@@ -153,6 +153,9 @@ def _llama_cpp_files(model: Path, workdir: Path) -> dict[str, Path]:
 # -------------------------------------------------------------------- one layer, batch sizes 1..64
 
 
+LAYER_SCHEMES = ("int8", "int4", "nf4")  # the weight-only schemes the layer table can time
+
+
 def layer_table(
     in_features: int = 2048, out_features: int = 11264, copies: int = 16,
     batch_sizes: tuple[int, ...] = LAYER_BATCH_SIZES, schemes: tuple[str, ...] = ("int8", "int4"),
@@ -163,6 +166,7 @@ def layer_table(
     ``copies`` different weights are cycled through so they stream from memory as in a real
     decode step, not from cache (default: TinyLlama's fused gate/up projection, 16 layers' worth).
     """
+    from effinfer.compress.quant.nf4 import quantize_codebook
     from effinfer.compress.quant.rtn import quantize_rtn
     from effinfer.layers.linear import Linear
     from effinfer.loading.online_quant import RTN_SCHEMES
@@ -176,10 +180,13 @@ def layer_table(
         dense.finalize()
         layers["bf16"].append(dense)
         for scheme in schemes:
-            bits, group, sym = RTN_SCHEMES[scheme]
             layer = Linear(in_features, out_features)
             layer.weight.data = torch.empty(0, dtype=torch.bfloat16)
-            layer.set_quantized(quantize_rtn(weight.float(), bits, group, sym))
+            if scheme == "nf4":  # bitsandbytes' default: blocks of 64, no double quantization
+                layer.set_quantized(quantize_codebook(weight.float(), "nf4", 64))
+            else:
+                bits, group, sym = RTN_SCHEMES[scheme]
+                layer.set_quantized(quantize_rtn(weight.float(), bits, group, sym))
             layer.finalize()
             layers.setdefault(scheme, []).append(layer)
     rows = []
@@ -250,6 +257,7 @@ def run(args: argparse.Namespace) -> QuantBenchReport:
         workdir.cleanup()
     table: list[dict] = []
     if args.layer_table:
+        layer_schemes = tuple(s for s in schemes if s in LAYER_SCHEMES) or ("int8", "int4")
         # TinyLlama's four projections; copies so each stack is ~350 MB of bf16 and streams from memory.
         for in_features, out_features in LAYER_SHAPES:
             copies = max(8, int(350e6 // (2 * in_features * out_features)))
@@ -258,7 +266,7 @@ def run(args: argparse.Namespace) -> QuantBenchReport:
                 file=sys.stderr,
                 flush=True,
             )
-            table += layer_table(in_features, out_features, copies)
+            table += layer_table(in_features, out_features, copies, schemes=layer_schemes)
     return QuantBenchReport(
         command=args.command_line,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -5,8 +5,13 @@ output rows a 256-entry table turns every byte into its two levels at once, the 
 multiplied by their block's absmax and the chunk's product is taken, so at most one chunk of
 the weight exists in floating point at a time. Chunks start on block boundaries (blocks run
 over the flattened weight and may cross rows) and hold about a million values, so the Python
-cost per chunk is small next to its decode and matmul. Switch on: ``quant_linear.prepare``
-picks this for any weight with ``scheme`` ``"nf4"`` or ``"fp4"``.
+cost per chunk is small next to its decode and matmul.
+
+This is the fallback. When the blocks tile the rows (``in_features`` a multiple of the block
+size, as in every common model), ``row_blocks`` presents the weight as per-row groups and the
+weight-only kernels run it with a level table: ``kernels/cpu/woq.py`` (AVX512 / AMX) on CPU,
+``kernels/triton/woq.py`` on GPU. Switch on: ``quant_linear.prepare`` picks the fastest of these
+for any weight with ``scheme`` ``"nf4"`` or ``"fp4"``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from effinfer.layers.quantized import QuantizedWeight
 
 CHUNK_VALUES = 1 << 20  # weight values decoded per step: ~4 MB of fp32 temporaries
 
@@ -31,6 +38,21 @@ class CodebookLinear:
     blocksize: int
     chunk_rows: int  # a multiple of the rows after which a block boundary recurs
     dtype: torch.dtype
+
+
+def row_blocks(weight) -> QuantizedWeight | None:
+    """A CodebookWeight's codes and absmax as per-row groups (``group_size`` = block size, zeros 0).
+
+    Only the layout is borrowed: the codes stay indices into ``weight.code``, so the result is
+    for kernels that look the levels up, not for ``QuantizedWeight.dequantize``. None when a
+    block would cross a row.
+    """
+    out_features, in_features = weight.codes.shape
+    if in_features % weight.blocksize:
+        return None
+    scales = weight.absmax.float().reshape(out_features, in_features // weight.blocksize)
+    zeros = torch.zeros(scales.shape, dtype=torch.int32, device=scales.device)
+    return QuantizedWeight(weight.codes, scales, zeros, 4, weight.blocksize)
 
 
 def prepare(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> CodebookLinear:

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuantState:
-    backend: str  # "cpu-woq", "triton-woq", "w8a8", "fp8", or "dequantized" (the fallback)
+    backend: str  # "cpu-woq", "triton-woq", "w8a8", "fp8", "codebook", "llm_int8", or "dequantized"
     data: Any  # the backend's own packed form
     apply: Any  # callable(data, x) -> y
 
@@ -54,6 +54,29 @@ def _dequantized(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torc
     return dense_linear.prepare(weight.dequantize(dtype), bias)
 
 
+def _weight_only_kernel(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantState | None:
+    """The device's weight-only kernel (Triton on CUDA, C++ on CPU) for integer or NF4 / FP4 codes.
+
+    None where it does not apply (no Triton, a CPU without AMX, blocks that cross rows, ...).
+    """
+    codebook = getattr(weight, "scheme", None) in ("nf4", "fp4")
+    device = (weight.codes if codebook else weight.qweight).device
+    if device.type == "cuda":
+        try:
+            from effinfer.kernels.triton import woq as triton_woq
+        except ImportError as e:
+            logger.warning("no Triton weight-only kernel (%s): a slower path runs", e)
+            return None
+        data = (triton_woq.prepare_codebook if codebook else triton_woq.prepare)(weight, bias, dtype)
+        return QuantState("triton-woq", data, triton_woq.apply) if data is not None else None
+    if device.type == "cpu":
+        from effinfer.kernels.cpu import woq as cpu_woq
+
+        data = (cpu_woq.prepare_codebook if codebook else cpu_woq.prepare)(weight, bias, dtype)
+        return QuantState("cpu-woq", data, cpu_woq.apply) if data is not None else None
+    return None
+
+
 def prepare(
     weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str | None, dtype: torch.dtype
 ) -> QuantState:
@@ -61,7 +84,11 @@ def prepare(
     if scheme in ("nf4", "fp4"):  # compress/quant/nf4.CodebookWeight (bitsandbytes-style 4-bit)
         from effinfer.kernels import codebook_linear
 
-        return QuantState(scheme, codebook_linear.prepare(weight, bias, dtype), codebook_linear.apply)
+        # The weight-only kernels with a level table where blocks tile rows, else the chunked decode.
+        state = _weight_only_kernel(weight, bias, dtype)
+        return state or QuantState(
+            "codebook", codebook_linear.prepare(weight, bias, dtype), codebook_linear.apply
+        )
     if scheme == "llm_int8":  # compress/quant/llm_int8.LLMInt8Weight
         from effinfer.kernels import llm_int8
 
@@ -76,26 +103,13 @@ def prepare(
         from effinfer.kernels import dense_linear
 
         return QuantState("dequantized", _dequantized(weight, bias, dtype), dense_linear.apply)
-    device = weight.qweight.device
     if act_quant is not None:
         from effinfer.kernels import w8a8
 
         return QuantState("w8a8", w8a8.prepare(weight, bias, act_quant, dtype), w8a8.apply)
-    if device.type == "cuda":
-        try:
-            from effinfer.kernels.triton import woq as triton_woq
-
-            data = triton_woq.prepare(weight, bias, dtype)
-            if data is not None:
-                return QuantState("triton-woq", data, triton_woq.apply)
-        except ImportError as e:
-            logger.warning("no Triton weight-only kernel (%s): quantized layers run dequantized", e)
-    elif device.type == "cpu":
-        from effinfer.kernels.cpu import woq as cpu_woq
-
-        data = cpu_woq.prepare(weight, bias, dtype)
-        if data is not None:
-            return QuantState("cpu-woq", data, cpu_woq.apply)
+    state = _weight_only_kernel(weight, bias, dtype)
+    if state is not None:
+        return state
     from effinfer.kernels import dense_linear
 
     return QuantState("dequantized", _dequantized(weight, bias, dtype), dense_linear.apply)

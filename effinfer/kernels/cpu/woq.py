@@ -1,4 +1,4 @@
-"""CPU weight-only int8 / int4 matrix multiply (AVX512-BF16 for decode, AMX-BF16 for batches).
+"""CPU weight-only int8 / int4 / NF4 matrix multiply (AVX512-BF16 for decode, AMX-BF16 for batches).
 
 Paper: none single; the scheme is GPTQ/AWQ-style weight-only quantization (Frantar et al. 2022,
 Lin et al. 2023) executed the way llama.cpp and IPEX's WOQ kernels do on CPU. Idea: decoding
@@ -8,7 +8,9 @@ registers without ever writing a dense weight back to memory. The codes convert 
 exactly; the group scale and zero point are applied once per group to fp32 partial sums
 (``y = s * (sum q*x - zero * sum x)``). int4 decode uses AVX512-BF16 dot products with the
 codes in registers; everything else converts codes chunk by chunk into an L1-resident ring and
-multiplies on AMX tiles. The kernel is C++ (``woq_kernels.cpp``), JIT-compiled on first use and
+multiplies on AMX tiles. NF4 / FP4 weights (QLoRA) whose absmax blocks tile the rows run the
+same kernel with a 16-entry table of bf16 levels in place of the integer conversion (one vpermw
+per 32 codes) and the absmax as group scale. The kernel is C++ (``woq_kernels.cpp``), JIT-compiled on first use and
 cached by torch.utils.cpp_extension (~20 s the first time).
 
 Switch on: automatic for quantized Linear layers on CPUs with AVX512-BF16 and AMX-BF16 (Sapphire
@@ -111,6 +113,7 @@ class WoqData:
     in_features: int
     padded_in: int
     col_index: torch.Tensor | None  # int64 [padded_in]: source column of x (in_features = a zero)
+    table: torch.Tensor | None = None  # int16 [32]: bf16 bits of the 16 levels the codes index (NF4 / FP4)
 
 
 def column_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,11 +183,25 @@ def prepare(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dty
     return pack(weight, bias)
 
 
+def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> WoqData | None:
+    """Pack an NF4 / FP4 ``CodebookWeight`` whose blocks tile its rows; None otherwise (chunked decode then)."""
+    from effinfer.kernels.codebook_linear import row_blocks
+
+    grouped = row_blocks(weight)
+    if grouped is None or grouped.qweight.device.type != "cpu" or extension() is None:
+        return None
+    data = pack(grouped, bias)
+    data.zscales.zero_()  # no zero point: y = absmax * sum(level[q] * x)
+    table = F.pad(weight.code.float().cpu().to(torch.bfloat16), (0, 16))
+    data.table = table.view(torch.int16).contiguous()
+    return data
+
+
 def _run(data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool) -> torch.Tensor:
     amx_min_rows = AMX_MIN_ROWS[data.bits]
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
-        out_fp32, amx_min_rows,
+        out_fp32, amx_min_rows, data.table,
     )  # fmt: skip
 
 
@@ -200,7 +217,8 @@ def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
         y = _run(data, x2.contiguous(), data.bias, out_fp32=False)
     else:
         # Other dtypes: split x into two bf16 parts (x = hi + lo to ~2**-16) so the bf16 kernel
-        # still gives a float32-accurate product; the codes themselves are exact in bf16.
+        # still gives a float32-accurate product; integer codes are exact in bf16 (table levels
+        # are not: they carry bf16's 2**-9 rounding).
         xf = x2.float()
         hi = xf.to(torch.bfloat16)
         lo = (xf - hi.float()).to(torch.bfloat16)

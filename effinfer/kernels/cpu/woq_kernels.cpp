@@ -1,6 +1,8 @@
-// Weight-only int8 / int4 GEMM for x86 CPUs with AVX512-BF16 and AMX-BF16.
+// Weight-only int8 / int4 / 4-bit-codebook GEMM for x86 CPUs with AVX512-BF16 and AMX-BF16.
 //
 // y[m, n] = sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero[n, g]) * x[m, k]    (+ bias[n])
+// or, for NF4 / FP4 codes (QLoRA), the same with level[q[n, k]] in place of q - zero:
+// y[m, n] = sum_g absmax[n, g] * sum_{k in g} level[q[n, k]] * x[m, k]
 //
 // Decoding is memory-bound: the win comes from streaming 1 (int8) or 0.5 (int4) bytes per weight
 // instead of bf16's 2. Two ideas keep the arithmetic cheap enough to stay at DRAM speed:
@@ -10,12 +12,15 @@
 //  * int4 codes become bf16 with one OR: the bit pattern 0x4300 | q is the bf16 number 128 + q,
 //    and the extra 128 * sum(x) is folded into the zero point (done in Python at pack time);
 //    int8 codes go through fp16 (see dequant_quad), offset by 1, likewise folded.
+//  * NF4 / FP4 codes are looked up in a 16-entry table of bf16 levels held in one zmm: one
+//    vpermw turns 32 nibbles into 32 levels, so a codebook costs what an int4 OR costs. The
+//    levels are rounded to bf16 once (2**-9 relative, as bitsandbytes' own bf16 dequantization).
 //
 // Packed layout (built by woq.py): output rows in blocks of 16 ("nb"), input columns in
 // "quads" of 4. For one (nb, quad), the 64 codes form two rows of AMX's VNNI B layout, each row
 // n0k0 n0k1 n1k0 n1k1 ... n15k0 n15k1 (one bf16 pair per output row, k = 2 consecutive columns):
 //   int8: 64 bytes, row 0 then row 1;
-//   int4: 32 bytes, byte j = row0[j] | row1[j] << 4.
+//   int4 and table codes: 32 bytes, byte j = row0[j] | row1[j] << 4.
 // Groups are padded to multiples of 32 columns (zero codes, zero x), so a group is a whole
 // number of AMX K-steps; ``chunks[g]`` is the first 32-column chunk of group g.
 //
@@ -47,12 +52,25 @@ constexpr int64_t kLag = 4;       // chunks converted ahead of the one being mul
 constexpr int64_t kPrefetchSmallM = 4096;
 constexpr int64_t kPrefetchAmx = 2048;
 
+// What the codes stand for (the kernels' template argument).
+enum CodeKind : int {
+  kInt8 = 8,     // uint8 integer codes
+  kInt4 = 4,     // 4-bit integer codes
+  kTable4 = 16,  // 4-bit indices into a table of 16 levels (NF4, FP4)
+};
+
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// The 64 codes of one quad, as two zmm of 32 bf16 each (exact integers; int4 offset by 128).
-template <int Bits>
-inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1) {
-  if constexpr (Bits == 8) {
+// The 64 codes of one quad, as two zmm of 32 bf16 each (exact integers, int4 offset by 128; or
+// table levels). ``table`` holds the 16 bf16 levels in its low 16 words (kTable4 only).
+template <int Kind>
+inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1, __m512i table) {
+  if constexpr (Kind == kTable4) {
+    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    // vpermw reads the low 5 bits of each index: the low nibble needs its upper bits cleared.
+    w0 = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x000F)), table));
+    w1 = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+  } else if constexpr (Kind == kInt8) {
     // uint8 -> bf16 in 5 ops (the fp32 route takes 7): c = q + 1 is in [1, 256], so its fp16
     // (AVX512-FP16 converts 32 words at once) has at most 8 significant bits; dropping fp16's 3
     // spare mantissa bits and rebiasing the exponent (127 - 15) gives bf16 exactly. The +1 is
@@ -74,8 +92,8 @@ inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1) {
   }
 }
 
-template <int Bits>
-constexpr int quad_bytes() { return Bits == 8 ? 64 : 32; }
+template <int Kind>
+constexpr int quad_bytes() { return Kind == kInt8 ? 64 : 32; }
 
 struct Problem {
   const uint16_t* x;       // bf16 [M, Kp]
@@ -85,9 +103,14 @@ struct Problem {
   const float* zscales;    // [NB, G, 16]: (zero + offset) * scale
   const int32_t* chunks;   // [G + 1]
   const float* bias;       // [NB * 16] or nullptr
+  const uint16_t* table;   // [32] bf16 levels (16 used), kTable4 only
   const float* xsum;       // [M, G]: sum of x over each group
   void* out;               // [M, N], bf16 or fp32
   bool out_fp32;
+
+  __m512i table_register() const {
+    return table ? _mm512_loadu_si512((const void*)table) : _mm512_setzero_si512();
+  }
 };
 
 // One block of 16 results for row m: add bias, convert, store the valid columns.
@@ -108,16 +131,17 @@ inline void store_block(const Problem& P, int64_t m, int64_t nb, __m512 y) {
 // Small M: register-blocked AVX512-BF16. MB rows of x at a time; every dequantized code vector
 // is used MB times. With few rows the dot products form short dependency chains, so each row
 // gets several accumulators (NC) to keep the FMA pipes busy while the codes stream in.
-template <int Bits, int MB>
+template <int Kind, int MB>
 void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
   constexpr int NC = MB == 1 ? 4 : (MB <= 3 ? 2 : 1);
-  constexpr int QB = quad_bytes<Bits>();
+  constexpr int QB = quad_bytes<Kind>();
   const int64_t quads = P.Kp / 4;
   const uint8_t* w = P.codes + nb * quads * QB;
   const float* sc = P.scales + nb * P.G * kBlockN;
   const float* zs = P.zscales + nb * P.G * kBlockN;
   const int32_t* xrow[MB];
   for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(P.x + (m0 + m) * P.Kp);  // bf16 pairs
+  const __m512i table = P.table_register();
 
   __m512 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
@@ -129,8 +153,8 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
     for (int64_t q = (int64_t)P.chunks[g] * kQuadsPerChunk; q < q_end; q += 2) {  // 8 columns
       _mm_prefetch((const char*)(w + q * QB + kPrefetchSmallM), _MM_HINT_T0);
       __m512bh wv[4];
-      dequant_quad<Bits>(w + q * QB, wv[0], wv[1]);
-      dequant_quad<Bits>(w + (q + 1) * QB, wv[2], wv[3]);
+      dequant_quad<Kind>(w + q * QB, wv[0], wv[1], table);
+      dequant_quad<Kind>(w + (q + 1) * QB, wv[2], wv[3], table);
       for (int m = 0; m < MB; ++m) {
         for (int i = 0; i < 4; ++i) {
           // Column pair 2q + i of row m, broadcast: lane j gets x[k]*w[j,k] + x[k+1]*w[j,k+1].
@@ -151,17 +175,17 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
   for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
 }
 
-template <int Bits>
+template <int Kind>
 void small_m(const Problem& P) {
   const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       int64_t m = 0;
-      for (; m + 4 <= P.M; m += 4) small_m_block<Bits, 4>(P, m, nb);
+      for (; m + 4 <= P.M; m += 4) small_m_block<Kind, 4>(P, m, nb);
       switch (P.M - m) {
-        case 3: small_m_block<Bits, 3>(P, m, nb); break;
-        case 2: small_m_block<Bits, 2>(P, m, nb); break;
-        case 1: small_m_block<Bits, 1>(P, m, nb); break;
+        case 3: small_m_block<Kind, 3>(P, m, nb); break;
+        case 2: small_m_block<Kind, 2>(P, m, nb); break;
+        case 1: small_m_block<Kind, 1>(P, m, nb); break;
         default: break;
       }
     }
@@ -240,16 +264,17 @@ inline void odd_chunk(const uint16_t* b, const uint16_t* xc, int64_t xstep) {
 // One output block (16 rows of W) against NT row tiles of x starting at row tile t0.
 // ``stage`` is a ring of kStage dequantized chunks (1 KB each); a chunk is written kLag steps
 // before its tile load, so the load never waits on freshly stored data.
-template <int Bits, int NT>
+template <int Kind, int NT>
 void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0, uint16_t* stage,
                float (*cbuf)[16][16], float* totals) {
-  constexpr int QB = quad_bytes<Bits>();
+  constexpr int QB = quad_bytes<Kind>();
   const int64_t chunks = P.Kp / kChunk;
   const uint8_t* w = P.codes + nb * (P.Kp / 4) * QB;
   const float* sc = P.scales + nb * P.G * kBlockN;
   const float* zs = P.zscales + nb * P.G * kBlockN;
   const uint16_t* xt = xtiles + t0 * chunks * kTile;
   std::fill(totals, totals + NT * 16 * kBlockN, 0.0f);
+  const __m512i table = P.table_register();
   // Software pipeline over the block's chunks: chunk c + kLag is dequantized (vector units)
   // while the tile unit multiplies chunk c, from a ring of kStage converted chunks.
   auto dequant_chunk = [&](int64_t c) {
@@ -258,7 +283,7 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
     for (int q = 0; q < kQuadsPerChunk; ++q) {
       _mm_prefetch((const char*)(src + q * QB + kPrefetchAmx), _MM_HINT_T0);
       __m512bh w0, w1;
-      dequant_quad<Bits>(src + q * QB, w0, w1);
+      dequant_quad<Kind>(src + q * QB, w0, w1, table);
       _mm512_store_si512(dst + q * 64, (__m512i)w0);
       _mm512_store_si512(dst + q * 64 + 32, (__m512i)w1);
     }
@@ -303,7 +328,7 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
 // x arrives rearranged into AMX A tiles, [row tiles][32-column chunks][16 rows][32 columns], so
 // each tile is one contiguous KB (loading 16 rows at the matrix's own stride thrashes L1 sets).
 // Up to 4 row tiles (64 rows of x) per pass; each block of codes is dequantized once per pass.
-template <int Bits>
+template <int Kind>
 void large_m(const Problem& P, const uint16_t* xtiles) {
   const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
   const int64_t row_tiles = (P.M + 15) / 16;
@@ -318,10 +343,10 @@ void large_m(const Problem& P, const uint16_t* xtiles) {
     for (int64_t t0 = 0; t0 < row_tiles; t0 += 4) {
       for (int64_t nb = begin; nb < end; ++nb) {
         switch (std::min<int64_t>(4, row_tiles - t0)) {
-          case 1: amx_block<Bits, 1>(P, xtiles, nb, t0, stage, cbuf, totals); break;
-          case 2: amx_block<Bits, 2>(P, xtiles, nb, t0, stage, cbuf, totals); break;
-          case 3: amx_block<Bits, 3>(P, xtiles, nb, t0, stage, cbuf, totals); break;
-          default: amx_block<Bits, 4>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          case 1: amx_block<Kind, 1>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          case 2: amx_block<Kind, 2>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          case 3: amx_block<Kind, 3>(P, xtiles, nb, t0, stage, cbuf, totals); break;
+          default: amx_block<Kind, 4>(P, xtiles, nb, t0, stage, cbuf, totals); break;
         }
       }
     }
@@ -356,11 +381,14 @@ bool amx_ready() {
 
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
 // M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
+// ``table`` (int16 [32], bf16 bit patterns of 16 levels then padding) makes 4-bit codes indices.
 torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales,
                          torch::Tensor chunks, c10::optional<torch::Tensor> bias, int64_t bits, int64_t n,
-                         bool out_fp32, int64_t amx_min_rows) {
+                         bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(!table.has_value() || (bits == 4 && table->numel() == 32 && table->element_size() == 2),
+              "a code table needs 4-bit codes and 32 16-bit entries");
   x = x.contiguous();
   const int64_t M = x.size(0);
   const int64_t Kp = x.size(1);
@@ -398,20 +426,23 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.zscales = zscales.data_ptr<float>();
   P.chunks = chunks.data_ptr<int32_t>();
   P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  P.table = table.has_value() ? (const uint16_t*)table->data_ptr() : nullptr;
   P.xsum = xsum.data_ptr<float>();
   P.out = out.data_ptr();
   P.out_fp32 = out_fp32;
   group_sums(P, xsum.data_ptr<float>());
   if (use_amx) {
     const auto* xt = (const uint16_t*)xtiles.data_ptr();
-    bits == 8 ? large_m<8>(P, xt) : large_m<4>(P, xt);
+    if (P.table) large_m<kTable4>(P, xt);
+    else bits == 8 ? large_m<kInt8>(P, xt) : large_m<kInt4>(P, xt);
   } else {
-    bits == 8 ? small_m<8>(P) : small_m<4>(P);
+    if (P.table) small_m<kTable4>(P);
+    else bits == 8 ? small_m<kInt8>(P) : small_m<kInt4>(P);
   }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("woq_linear", &woq_linear, "weight-only int8/int4 linear (see woq_kernels.cpp)");
+  m.def("woq_linear", &woq_linear, "weight-only int8/int4/NF4 linear (see woq_kernels.cpp)");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }

@@ -14,9 +14,16 @@ GPTQ act-order (``g_idx``) is handled by permuting the weight's columns so that 
 contiguous, and permuting ``x`` the same way per call; groups that are not a multiple of 16
 columns are zero-padded to one. K is padded to a whole number of K-blocks.
 
-Few rows (decode): split-K over the grid so that even a 2048x2048 weight fills every SM, then a
-small reduction kernel adds the partial sums and the bias. Many rows (``DEQUANT_MIN_M`` and up):
+One row (batch-1 decode, ``GEMV_MAX_M``): a CUDA-core matrix-vector kernel (a tensor-core tile
+would waste 15 of its 16 rows). Few rows: tensor-core tiles. Both split K over the grid so that
+even a 2048x2048 weight fills every SM, then a small reduction kernel adds the partial sums and
+the bias. Many rows (``DEQUANT_MIN_M`` and up):
 the weight is dequantized to the activation dtype once per call and multiplied by cuBLAS.
+
+NF4 / FP4 (QLoRA) weights whose absmax blocks tile the rows run the same kernel: the block is
+the group, the absmax its scale, and the 4-bit codes index a 16-entry table of levels instead of
+standing for ``q - zero``. ``LEVEL_LOOKUP`` picks, per kernel, how a code becomes its level: a
+gather from the table (served by L1), or a tree of 15 selects between the 16 levels in registers.
 
 Switch on: automatic for quantized Linear layers on CUDA (``kernels/quant_linear.py``) when
 Triton is importable; ``prepare`` returns None (the layer then runs a dequantized weight) for
@@ -37,13 +44,27 @@ from effinfer.layers.quantized import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 # From this many rows on, dequantize-then-cuBLAS instead of the fused kernel (benchmarks/gpu_quant.py
-# measures both on the GPU; large M is compute-bound and cuBLAS's bf16 GEMM is hard to beat).
-DEQUANT_MIN_M = 128
+# measures both: on an H200 dequantizing won at 64 rows on every shape, by 1.8-2x, and lost or
+# tied at 16).
+DEQUANT_MIN_M = 64
 # The unpacking of int4 words: "reshape" loads each word once and splits it into 8 rows in
 # registers; "gather" loads each word 8 times (once per row, served by L1), as GPTQ-Triton does.
 # If "reshape" fails to compile on some Triton version, the kernel falls back to "gather".
 UNPACK = "reshape"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# NF4 / FP4, per kernel: "gather" (a load per code from the 16-entry table, served by L1) or
+# "select" (a 4-level tree of selects between the levels in registers). Measured on an H200
+# (benchmarks/gpu_quant.py, 4096x11008): gemv 61 us gathering vs 100 selecting; tensor-core
+# tiles 83 vs 92 at one row and 160 vs 523 at 64 (the gather's registers spill there);
+# dequantizing 34 vs 44 us for 11264x2048.
+LEVEL_LOOKUP = {"gemv": "gather", "tile": "select", "dequantize": "gather"}
+# NF4 / FP4 from this many rows on: dequantize-then-cuBLAS. The level lookup costs more than
+# integer unpacking, and from two rows on dequantizing beat both fused kernels on the H200.
+CODEBOOK_DEQUANT_MIN_M = 2
+# Up to this many rows, the CUDA-core matrix-vector kernel (``gemv``) instead of tensor-core tiles
+# (at two rows the tiles were already as fast or faster).
+GEMV_MAX_M = 1
+_LOOKUP_CODES = {"gather": 1, "select": 2}  # the kernels' CODEBOOK argument; 0 = integer codes
 
 
 @dataclass
@@ -63,6 +84,7 @@ class TritonWoqState:
     out_features: int
     dtype: torch.dtype
     num_sms: int
+    table: torch.Tensor | None = None  # float32 [16]: the levels 4-bit codes index (NF4 / FP4)
 
 
 @dataclass(frozen=True)
@@ -106,13 +128,40 @@ def _load_codes(
     return codes
 
 
+@triton.jit
+def _levels(codes, table_ptr, LOOKUP: tl.constexpr):
+    """``table[codes]`` (float32) for 4-bit codes: a gather (LOOKUP 1) or a tree of selects (LOOKUP 2)."""
+    if LOOKUP == 1:
+        return tl.load(table_ptr + codes)
+    b0 = (codes & 1) != 0
+    b1 = (codes & 2) != 0
+    b2 = (codes & 4) != 0
+    b3 = (codes & 8) != 0
+    # Pairs that differ in bit 0, then in bit 1, 2, 3.
+    p0 = tl.where(b0, tl.load(table_ptr + 1), tl.load(table_ptr + 0))
+    p1 = tl.where(b0, tl.load(table_ptr + 3), tl.load(table_ptr + 2))
+    p2 = tl.where(b0, tl.load(table_ptr + 5), tl.load(table_ptr + 4))
+    p3 = tl.where(b0, tl.load(table_ptr + 7), tl.load(table_ptr + 6))
+    p4 = tl.where(b0, tl.load(table_ptr + 9), tl.load(table_ptr + 8))
+    p5 = tl.where(b0, tl.load(table_ptr + 11), tl.load(table_ptr + 10))
+    p6 = tl.where(b0, tl.load(table_ptr + 13), tl.load(table_ptr + 12))
+    p7 = tl.where(b0, tl.load(table_ptr + 15), tl.load(table_ptr + 14))
+    q0 = tl.where(b1, p1, p0)
+    q1 = tl.where(b1, p3, p2)
+    q2 = tl.where(b1, p5, p4)
+    q3 = tl.where(b1, p7, p6)
+    r0 = tl.where(b2, q1, q0)
+    r1 = tl.where(b2, q3, q2)
+    return tl.where(b3, r1, r0)
+
+
 # Sizes that only feed masks and loop counts are not specialized on (divisible by 16, equal to 1),
 # so that odd layer widths and row counts do not each compile their own kernel.
 @triton.jit(do_not_specialize=["M", "K", "group", "blocks_per_split"])
 def _woq_matmul_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, table_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, group, blocks_per_split,
-    STORAGE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+    STORAGE_BITS: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
     UNPACK_RESHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, n] = sum_k x[m, k] * (q[k, n] - zero[g(k), n]) * scale[g(k), n] over this program's K-slice.
@@ -120,6 +169,7 @@ def _woq_matmul_kernel(
     ``PARTIAL``: write fp32 partial sums to ``out[pid_k, m, n]`` (split-K), else the final
     result (plus bias) in ``out``'s dtype. Every K-block lies in one group (``group`` is a
     multiple of ``BLOCK_K``), so the scale multiplies the block's dot product once.
+    ``CODEBOOK`` (1 or 2, see ``_levels``): the codes index ``table`` and there is no zero point.
     """
     pid_m = tl.program_id(0)  # fastest: programs that share a weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
@@ -141,10 +191,13 @@ def _woq_matmul_kernel(
         )
         codes = _load_codes(codes_ptr, kb, offs_n, n_mask, N, STORAGE_BITS, BLOCK_K, BLOCK_N, UNPACK_RESHAPE)
         g = (kb * BLOCK_K) // group
-        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0)
         scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0)
-        # q - zero is an integer in [-255, 255]: exact in bf16 / fp16.
-        w = (codes - zero[None, :]).to(x.dtype)
+        if CODEBOOK != 0:
+            w = _levels(codes, table_ptr, CODEBOOK).to(x.dtype)
+        else:
+            zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0)
+            # q - zero is an integer in [-255, 255]: exact in bf16 / fp16.
+            w = (codes - zero[None, :]).to(x.dtype)
         if IEEE:
             part = tl.dot(x, w, input_precision="ieee")
         else:
@@ -158,6 +211,48 @@ def _woq_matmul_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["K", "group", "blocks_per_split"])
+def _woq_gemv_kernel(
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, table_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, group, blocks_per_split,
+    STORAGE_BITS: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    UNPACK_RESHAPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One row of x times the weight, on CUDA cores: the matrix-vector product of batch-1 decode.
+
+    A dot-product tile would waste 15 of its 16 rows on a single token; instead every thread
+    multiplies its codes by x elementwise into an fp32 [BLOCK_K, BLOCK_N] accumulator, which is
+    summed over K once at the end. Grid: (N tiles, K-slices, rows of x); ``PARTIAL`` as in
+    ``_woq_matmul_kernel``.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for i in range(0, blocks_per_split):
+        kb = pid_k * blocks_per_split + i
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        codes = _load_codes(codes_ptr, kb, offs_n, n_mask, N, STORAGE_BITS, BLOCK_K, BLOCK_N, UNPACK_RESHAPE)
+        g = (kb * BLOCK_K) // group
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+        if CODEBOOK != 0:
+            w = _levels(codes, table_ptr, CODEBOOK)
+        else:
+            zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0)
+            w = (codes - zero[None, :]).to(tl.float32)
+        acc += x[:, None] * (w * scale[None, :])
+    y = tl.sum(acc, axis=0)
+    if PARTIAL:
+        tl.store(out_ptr + (pid_k * M + row) * N + offs_n, y, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit(do_not_specialize=["total", "N", "splits"])
@@ -177,19 +272,22 @@ def _splitk_reduce_kernel(
 
 @triton.jit(do_not_specialize=["K", "group"])
 def _dequantize_kernel(
-    codes_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group,
-    STORAGE_BITS: tl.constexpr, UNPACK_RESHAPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    codes_ptr, scales_ptr, zeros_ptr, table_ptr, out_ptr, N, K, group,
+    STORAGE_BITS: tl.constexpr, CODEBOOK: tl.constexpr, UNPACK_RESHAPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n] for k < K (out is [K, N])."""
+    """out[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n] (or table[q] * scale) for k < K (out is [K, N])."""
     kb = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     codes = _load_codes(codes_ptr, kb, offs_n, n_mask, N, STORAGE_BITS, BLOCK_K, BLOCK_N, UNPACK_RESHAPE)
     g = (kb * BLOCK_K) // group
-    zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0)
     scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0)
-    w = (codes - zero[None, :]).to(tl.float32) * scale[None, :]
+    if CODEBOOK != 0:
+        w = _levels(codes, table_ptr, CODEBOOK) * scale[None, :]
+    else:
+        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0)
+        w = (codes - zero[None, :]).to(tl.float32) * scale[None, :]
     mask = (offs_k[:, None] < K) & n_mask[None, :]
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -306,6 +404,17 @@ def prepare(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dty
     )
 
 
+def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> TritonWoqState | None:
+    """Repack an NF4 / FP4 ``CodebookWeight`` whose blocks tile its rows; None otherwise (chunked decode then)."""
+    from effinfer.kernels.codebook_linear import row_blocks
+
+    grouped = row_blocks(weight)
+    state = prepare(grouped, bias, dtype) if grouped is not None else None
+    if state is not None:
+        state.table = weight.code.float().to(state.codes.device).contiguous()
+    return state
+
+
 # ----------------------------------------------------------------------------------------------
 # Running
 
@@ -329,6 +438,11 @@ def choose_config(state: TritonWoqState, m: int) -> KernelConfig:
     return KernelConfig(block_m, block_n, block_k, split, warps, stages)
 
 
+def _codebook_mode(state: TritonWoqState, kernel: str) -> int:
+    """The kernels' CODEBOOK argument: 0 for integer codes, else ``kernel``'s level lookup."""
+    return 0 if state.table is None else _LOOKUP_CODES[LEVEL_LOOKUP[kernel]]
+
+
 _unpack_fallback: set[tuple] = set()  # configs where the "reshape" unpacking failed to compile
 
 
@@ -347,28 +461,22 @@ def _launch_matmul(
     state: TritonWoqState, x2: torch.Tensor, out: torch.Tensor, cfg: KernelConfig, unpack: str
 ):
     m, n = x2.shape[0], state.out_features
-    k_blocks = state.padded_k // cfg.block_k
-    # The fewest K-blocks per program that divide them evenly among at most ``split_k`` programs.
-    per_split = next(p for p in range(triton.cdiv(k_blocks, cfg.split_k), k_blocks + 1) if k_blocks % p == 0)
-    splits = k_blocks // per_split
+    per_split, splits = _split_evenly(state.padded_k // cfg.block_k, cfg.split_k)
     partial = splits > 1
     target = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if partial else out
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
     bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
+    table = state.table if state.table is not None else state.scales  # a valid pointer, never read
     _woq_matmul_kernel[grid](
-        x2, state.codes, state.scales, state.zeros, bias, target,
+        x2, state.codes, state.scales, state.zeros, table, bias, target,
         m, n, state.kernel_k, x2.stride(0), state.group, per_split,
-        STORAGE_BITS=state.storage_bits, HAS_BIAS=state.bias is not None, PARTIAL=partial,
+        STORAGE_BITS=state.storage_bits, CODEBOOK=_codebook_mode(state, "tile"), HAS_BIAS=state.bias is not None, PARTIAL=partial,
         IEEE=x2.dtype == torch.float32, UNPACK_RESHAPE=unpack == "reshape",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if partial:
-        total = m * n
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(total, block),)](
-            target, bias, out, total, n, splits, HAS_BIAS=state.bias is not None, BLOCK=block
-        )
+        _reduce_splits(state, target, out)
 
 
 def _with_unpack_fallback(state: TritonWoqState, key: tuple, launch) -> None:
@@ -386,6 +494,66 @@ def _with_unpack_fallback(state: TritonWoqState, key: tuple, launch) -> None:
     launch("gather")
 
 
+def _split_evenly(k_blocks: int, split_k: int) -> tuple[int, int]:
+    """(K-blocks per program, programs): the fewest blocks per program that divide them among <= split_k."""
+    per_split = next(p for p in range(triton.cdiv(k_blocks, split_k), k_blocks + 1) if k_blocks % p == 0)
+    return per_split, k_blocks // per_split
+
+
+def _reduce_splits(state: TritonWoqState, partial: torch.Tensor, out: torch.Tensor) -> None:
+    splits, m, n = partial.shape
+    total, block = m * n, 1024
+    bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
+    _splitk_reduce_kernel[(triton.cdiv(total, block),)](
+        partial, bias, out, total, n, splits, HAS_BIAS=state.bias is not None, BLOCK=block
+    )
+
+
+def gemv(state: TritonWoqState, x: torch.Tensor, unpack: str | None = None) -> torch.Tensor:
+    """y = x @ W^T + b on CUDA cores, one program row per row of x (meant for one or a few rows)."""
+    x2 = _prepare_x(state, x)
+    m, n = x2.shape[0], state.out_features
+    out = torch.empty(m, n, dtype=state.dtype, device=x2.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    block_n, block_k = 128, min(64, state.max_block_k)
+    tiles = triton.cdiv(n, block_n)
+    k_blocks = state.padded_k // block_k
+    # Enough programs for every SM to have several loads in flight, each still streaming 2+ blocks.
+    per_split, splits = _split_evenly(
+        k_blocks, max(1, min(triton.cdiv(4 * state.num_sms, tiles), k_blocks // 2))
+    )
+    partial = splits > 1
+    target = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if partial else out
+    bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
+    table = state.table if state.table is not None else state.scales
+
+    def launch(u: str) -> None:
+        _woq_gemv_kernel[(tiles, splits, m)](
+            x2, state.codes, state.scales, state.zeros, table, bias, target,
+            m, n, state.kernel_k, x2.stride(0), state.group, per_split,
+            STORAGE_BITS=state.storage_bits, CODEBOOK=_codebook_mode(state, "gemv"), HAS_BIAS=state.bias is not None,
+            PARTIAL=partial, UNPACK_RESHAPE=u == "reshape", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        )  # fmt: skip
+
+    if unpack is not None:
+        launch(unpack)
+    else:
+        key = (
+            "gemv",
+            block_k,
+            state.storage_bits,
+            _codebook_mode(state, "gemv"),
+            x2.dtype,
+            state.bias is not None,
+            partial,
+        )
+        _with_unpack_fallback(state, key, launch)
+    if partial:
+        _reduce_splits(state, target, out)
+    return out.reshape(*x.shape[:-1], n)
+
+
 def fused_matmul(
     state: TritonWoqState, x: torch.Tensor, config: KernelConfig | None = None, unpack: str | None = None
 ) -> torch.Tensor:
@@ -398,7 +566,14 @@ def fused_matmul(
         if unpack is not None:
             _launch_matmul(state, x2, out, cfg, unpack)
         else:
-            key = ("matmul", cfg, state.storage_bits, x2.dtype, state.bias is not None)
+            key = (
+                "matmul",
+                cfg,
+                state.storage_bits,
+                _codebook_mode(state, "tile"),
+                x2.dtype,
+                state.bias is not None,
+            )
             _with_unpack_fallback(state, key, lambda u: _launch_matmul(state, x2, out, cfg, u))
     return out.reshape(*x.shape[:-1], state.out_features)
 
@@ -409,16 +584,22 @@ def dequantize(state: TritonWoqState, unpack: str | None = None) -> torch.Tensor
     wt = torch.empty(state.kernel_k, state.out_features, dtype=state.dtype, device=state.codes.device)
     grid = (triton.cdiv(state.kernel_k, block_k), triton.cdiv(state.out_features, block_n))
 
+    table = state.table if state.table is not None else state.scales  # a valid pointer, never read
+
     def launch(u: str) -> None:
         _dequantize_kernel[grid](
-            state.codes, state.scales, state.zeros, wt, state.out_features, state.kernel_k, state.group,
-            STORAGE_BITS=state.storage_bits, UNPACK_RESHAPE=u == "reshape", BLOCK_K=block_k, BLOCK_N=block_n,
+            state.codes, state.scales, state.zeros, table, wt, state.out_features, state.kernel_k,
+            state.group, STORAGE_BITS=state.storage_bits, CODEBOOK=_codebook_mode(state, "dequantize"), UNPACK_RESHAPE=u == "reshape", BLOCK_K=block_k, BLOCK_N=block_n,
         )  # fmt: skip
 
     if unpack is not None:
         launch(unpack)
     else:
-        _with_unpack_fallback(state, ("dequantize", state.storage_bits, state.dtype), launch)
+        _with_unpack_fallback(
+            state,
+            ("dequantize", state.storage_bits, _codebook_mode(state, "dequantize"), state.dtype),
+            launch,
+        )
     return wt
 
 
@@ -432,6 +613,8 @@ def dequant_matmul(state: TritonWoqState, x: torch.Tensor, unpack: str | None = 
 
 def apply(state: TritonWoqState, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // state.in_features
-    if rows >= DEQUANT_MIN_M:
+    if rows >= (DEQUANT_MIN_M if state.table is None else CODEBOOK_DEQUANT_MIN_M):
         return dequant_matmul(state, x)
+    if rows <= GEMV_MAX_M:
+        return gemv(state, x)
     return fused_matmul(state, x)
