@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: CUDA tests of the quantized kernels and the engine, then the
-# quantized-matmul benchmark. The GPU machine has no network and its own python3 (torch, triton,
+# quantized-matmul benchmark and the end-to-end decode benchmark (effinfer per scheme vs HF). The GPU machine has no network and its own python3 (torch, triton,
 # pytest, transformers); effinfer's one missing dependency (gguf, pure Python) and the
 # stories260K test model travel in build/ (git-ignored), which the call must carry.
 #
 #   Here, once:        bash benchmarks/gpu_check.sh --prepare
 #   On the GPU (run):  command "bash benchmarks/gpu_check.sh", carry ["build/gpu-wheels", "build/shared-data"]
 #
-# Writes under $OUT: env.txt, pytest.log, bench.log, gpu_quant.json, gpu_quant.md.
+# Writes under $OUT: env.txt, pytest.log, bench.log, gpu_quant.{json,md}, decode.log, gpu_decode.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +51,10 @@ tests_rc=${PIPESTATUS[0]}
 timeout 150 python3 benchmarks/gpu_quant.py --out "$OUT/gpu_quant.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
+# End to end: ~1-2 minutes (a 1.1B random model is written, loaded six times).
+timeout 200 python3 benchmarks/gpu_decode.py --rounds 2 --out "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/decode.log"
+decode_rc=${PIPESTATUS[0]}
+
 tail -n 4 "$OUT/pytest.log"
-echo "pytest rc=$tests_rc  benchmark rc=$bench_rc  (124 = timed out)"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "pytest rc=$tests_rc  benchmark rc=$bench_rc  decode rc=$decode_rc  (124 = timed out)"
+exit $(( tests_rc != 0 || bench_rc != 0 || decode_rc != 0 ))

@@ -1,11 +1,15 @@
-"""GPU quantized matmuls (Triton W8A16 / W4A16, fp8 via _scaled_mm) against bf16 cuBLAS, per layer shape and batch.
+"""GPU quantized matmuls (Triton W8A16 / W4A16 / NF4, fp8 via _scaled_mm) against bf16 cuBLAS, per layer shape and batch.
 
 For TinyLlama-1.1B and Llama-7B layer shapes and M = 1, 16, 64, 256 rows, times one y = x @ W^T
 with CUDA events over CUDA-graph replays (so Python launch overhead is not counted), cycling
 through enough copies of each weight that they do not fit in L2 (decode streams weights from
 HBM). Reports microseconds per call, the speedup over bf16, achieved GB/s (weight + activation
-+ output bytes) against the H100's 3.35 TB/s datasheet bandwidth, and each kernel's error
-against its fp32 reference (a timing of a wrong kernel is worth nothing).
++ output bytes) against the card's datasheet bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s), and
+each kernel's error against its fp32 reference (a timing of a wrong kernel is worth nothing).
+``w4a16`` / ``w8a16`` / ``nf4`` are what a layer runs (``woq.apply``'s choice by row count); the
+other rows time each path alone: ``-gemv`` the CUDA-core one-row kernel, ``-fused`` the tensor-
+core tiles, ``-dequant`` dequantize-then-cuBLAS, ``nf4-*-gather|select`` the two level lookups
+(block 64), ``nf4-chunked`` the decode-chunk-then-cuBLAS fallback.
 
 Run on a GPU: ``python benchmarks/gpu_quant.py --out results.json`` (also writes results.md).
 """
@@ -24,8 +28,9 @@ import torch.nn.functional as F
 
 from effinfer.compress.quant.fp8 import quantize_fp8
 from effinfer.compress.quant.fp8 import reference as fp8_reference
+from effinfer.compress.quant.nf4 import quantize_codebook
 from effinfer.compress.quant.rtn import quantize_rtn
-from effinfer.kernels import quant_linear
+from effinfer.kernels import codebook_linear, quant_linear
 from effinfer.kernels.triton import fp8, woq
 
 SHAPES = [  # (name, out_features N, in_features K)
@@ -36,8 +41,8 @@ SHAPES = [  # (name, out_features N, in_features K)
     ("llama7b.gate", 11008, 4096),
     ("llama7b.down", 4096, 11008),
 ]
-ROWS = (1, 16, 64, 256)
-PEAK_GBS = 3350.0  # H100 SXM HBM3 datasheet
+ROWS = (1, 2, 4, 16, 64, 256)
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet HBM bandwidth by card name; H100 SXM otherwise
 STREAM_BYTES = 256 << 20  # weights cycled per measurement: several times the 50 MB L2
 
 
@@ -75,6 +80,20 @@ def _time_us(fn, states: list, x: torch.Tensor, reps: int = 5) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * len(states))
 
 
+def _with_lookup(fn, kernel: str, lookup: str):
+    """``fn`` with ``woq.LEVEL_LOOKUP[kernel]`` set to ``lookup`` while it launches (and is captured)."""
+
+    def run(state, x):
+        saved = woq.LEVEL_LOOKUP[kernel]
+        woq.LEVEL_LOOKUP[kernel] = lookup
+        try:
+            return fn(state, x)
+        finally:
+            woq.LEVEL_LOOKUP[kernel] = saved
+
+    return run
+
+
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -86,6 +105,7 @@ def bench_shape(name: str, n: int, k: int, rows, methods: set[str]) -> list[dict
     q8 = quantize_rtn(w, 8, None, symmetric=True)
     q4 = quantize_rtn(w, 4, 128, symmetric=False)
     f8 = quantize_fp8(w)
+    nf = quantize_codebook(w, "nf4", 64)
     variants: dict[str, tuple] = {}  # name -> (fn, state, weight bytes, reference weight or (kind, obj))
 
     def dense(state, x):
@@ -100,11 +120,30 @@ def bench_shape(name: str, n: int, k: int, rows, methods: set[str]) -> list[dict
     variants["w4-dequant"] = (woq.dequant_matmul, s4, q4.nbytes(), ("woq", q4))
     variants["w8-fused"] = (woq.fused_matmul, s8, q8.nbytes(), ("woq", q8))
     variants["w8-dequant"] = (woq.dequant_matmul, s8, q8.nbytes(), ("woq", q8))
+    variants["w4-gemv"] = (woq.gemv, s4, q4.nbytes(), ("woq", q4))
+    variants["w8-gemv"] = (woq.gemv, s8, q8.nbytes(), ("woq", q8))
     variants["w4-gather"] = (
         lambda s, x: woq.fused_matmul(s, x, unpack="gather"),
         s4,
         q4.nbytes(),
         ("woq", q4),
+    )
+    variants["nf4"] = (woq.apply, woq.prepare_codebook(nf, None, torch.bfloat16), nf.nbytes(), ("woq", nf))
+    sn = variants["nf4"][1]
+    for lookup in ("gather", "select"):
+        for path, kernel, fn in (("gemv", "gemv", woq.gemv), ("fused", "tile", woq.fused_matmul)):
+            variants[f"nf4-{path}-{lookup}"] = (
+                _with_lookup(fn, kernel, lookup),
+                sn,
+                nf.nbytes(),
+                ("woq", nf),
+            )
+    variants["nf4-dequant"] = (woq.dequant_matmul, sn, nf.nbytes(), ("woq", nf))
+    variants["nf4-chunked"] = (
+        codebook_linear.apply,
+        codebook_linear.prepare(nf, None, torch.bfloat16),
+        nf.nbytes(),
+        ("woq", nf),
     )
     sf = fp8.prepare(f8, None, torch.bfloat16)
     if sf is not None:
@@ -117,9 +156,9 @@ def bench_shape(name: str, n: int, k: int, rows, methods: set[str]) -> list[dict
         for vname, (fn, state, wbytes, ref) in variants.items():
             if vname not in methods:
                 continue
-            if vname.endswith(("-fused", "-dequant")) and m < 16:
+            if ("gemv" in vname or vname == "w4-gather") and m > 16:
                 continue
-            if vname == "w4-gather" and m > 16:
+            if vname == "nf4-chunked" and m not in (1, max(rows)):
                 continue
             kind, obj = ref
             if kind == "dense":
@@ -148,10 +187,14 @@ def bench_shape(name: str, n: int, k: int, rows, methods: set[str]) -> list[dict
     return results
 
 
-def table(results: list[dict]) -> str:
+def peak_gbs(device_name: str) -> float:
+    return next((v for k, v in PEAK_GBS.items() if k in device_name), PEAK_GBS["H100"])
+
+
+def table(results: list[dict], peak: float) -> str:
     bf16 = {(r["shape"], r["m"]): r["us"] for r in results if r["method"] == "bf16"}
     lines = [
-        "| shape | N x K | M | method | us | x bf16 | GB/s | % of 3.35 TB/s | TFLOP/s | rel err |",
+        f"| shape | N x K | M | method | us | x bf16 | GB/s | % of {peak / 1000:.2f} TB/s | TFLOP/s | rel err |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
@@ -159,7 +202,7 @@ def table(results: list[dict]) -> str:
         speedup = f"{base / r['us']:.2f}" if base else "-"
         lines.append(
             f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['method']} | {r['us']:.1f} | {speedup} | "
-            f"{r['gbs']:.0f} | {100 * r['gbs'] / PEAK_GBS:.0f}% | {r['tflops']:.1f} | {r['rel_err']:.1e} |"
+            f"{r['gbs']:.0f} | {100 * r['gbs'] / peak:.0f}% | {r['tflops']:.1f} | {r['rel_err']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -173,7 +216,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=None, help="shape names to run (default: all)")
     parser.add_argument(
         "--methods", nargs="*",
-        default=["bf16", "w8a16", "w4a16", "fp8", "w4-fused", "w4-dequant", "w8-fused", "w8-dequant", "w4-gather"],
+        default=["bf16", "w8a16", "w4a16", "nf4", "fp8", "w4-gemv", "w4-fused", "w4-dequant", "w8-gemv",
+                 "w8-fused", "w8-dequant", "w4-gather", "nf4-gemv-gather", "nf4-gemv-select", "nf4-fused-gather",
+                 "nf4-fused-select", "nf4-dequant", "nf4-chunked"],
     )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -189,12 +234,13 @@ def main() -> None:
         t0 = time.perf_counter()
         results += bench_shape(name, n, k, args.rows, set(args.methods))
         print(f"  {name}: {time.perf_counter() - t0:.1f} s")
-    text = table(results)
+    peak = peak_gbs(props.name)
+    text = table(results, peak)
     print(text)
     print(f"total {time.perf_counter() - started:.1f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=props.name, torch=torch.__version__, peak_gbs=PEAK_GBS,
+        meta = dict(device=props.name, torch=torch.__version__, peak_gbs=peak,
                     dequant_min_m=woq.DEQUANT_MIN_M, unpack=woq.UNPACK)  # fmt: skip
         args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
         args.out.with_suffix(".md").write_text(f"{props.name}, torch {torch.__version__}\n\n{text}\n")
