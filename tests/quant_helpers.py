@@ -22,3 +22,15 @@ def quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, act
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[perm] = (torch.arange(k) // q.group_size).to(torch.int32)
     return QuantizedWeight(codes, q.scales, q.zeros, bits, q.group_size, g_idx)
+
+
+# NF4 / FP4 weights for the table kernels (CPU and GPU): (out, in, blocksize, quant_type). The usual
+# block of 64, wider and narrower blocks, out not a multiple of 16, and FP4 (whose levels are not
+# sorted by code).
+CODEBOOK_KERNEL_CASES = [
+    (37, 128, 64, "nf4"),
+    (130, 192, 64, "nf4"),
+    (64, 1024, 64, "fp4"),
+    (20, 256, 128, "nf4"),
+    (48, 96, 32, "fp4"),
+]

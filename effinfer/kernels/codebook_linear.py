@@ -10,8 +10,8 @@ cost per chunk is small next to its decode and matmul.
 This is the fallback. When the blocks tile the rows (``in_features`` a multiple of the block
 size, as in every common model), ``row_blocks`` presents the weight as per-row groups and the
 weight-only kernels run it with a level table: ``kernels/cpu/woq.py`` (AVX512 / AMX) on CPU,
-``kernels/triton/woq.py`` on GPU. Switch on: ``quant_linear.prepare`` picks the fastest of these
-for any weight with ``scheme`` ``"nf4"`` or ``"fp4"``.
+``kernels/triton/woq.py`` on GPU. Switch on: ``quant_linear.prepare`` uses those kernels where
+they apply and this module elsewhere, for any weight with ``scheme`` ``"nf4"`` or ``"fp4"``.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Fp8Weight:
 
 
 def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
-    """e4m3 codes of ``weight`` [out, in] with scale = row absmax / 448 (an all-zero row gets scale 1)."""
+    """e4m3 codes of ``weight`` [out, in] with scale = row absmax * (1 / 448) (an all-zero row gets scale 1)."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))

@@ -53,8 +53,9 @@ COMPILE_FLAGS = [
     "-mamx-bf16",
 ]
 # Rows of x from which the AMX path beats register-blocked AVX512-BF16, measured on Sapphire
-# Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2.
-AMX_MIN_ROWS = {8: 1, 4: 2}
+# Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2,
+# for NF4 / FP4 ("table") from 3 (2048->11264: AVX512 0.67 vs AMX 0.72 ms at 2 rows, 0.92 vs 0.72 at 3).
+AMX_MIN_ROWS = {8: 1, 4: 2, "table": 3}
 
 
 def _cpu_flags() -> set[str]:
@@ -91,7 +92,8 @@ def extension() -> Any | None:
     except Exception as exc:  # no compiler, no ninja, a compile error: degrade, never crash
         detail = str(exc).strip().splitlines()
         logger.warning(
-            "could not build the CPU int8/int4 kernel (%s): quantized layers run dequantized",
+            "could not build the CPU int8/int4/NF4 kernel (%s): quantized layers run dequantized "
+            "(NF4 / FP4: decoded chunk by chunk)",
             " / ".join(detail[:1] + detail[-3:]),
         )
         return None
@@ -114,6 +116,7 @@ class WoqData:
     padded_in: int
     col_index: torch.Tensor | None  # int64 [padded_in]: source column of x (in_features = a zero)
     table: torch.Tensor | None = None  # int16 [32]: bf16 bits of the 16 levels the codes index (NF4 / FP4)
+    table_lo: torch.Tensor | None = None  # the same for level - bf16(level), for float32 activations
 
 
 def column_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,17 +194,21 @@ def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> W
     if grouped is None or grouped.qweight.device.type != "cpu" or extension() is None:
         return None
     data = pack(grouped, bias)
-    data.zscales.zero_()  # no zero point: y = absmax * sum(level[q] * x)
-    table = F.pad(weight.code.float().cpu().to(torch.bfloat16), (0, 16))
-    data.table = table.view(torch.int16).contiguous()
+    data.zscales = torch.empty(0)  # no zero point: y = absmax * sum(level[q] * x)
+    levels = weight.code.float().cpu()
+    hi = levels.to(torch.bfloat16)
+    lo = (levels - hi.float()).to(torch.bfloat16)
+    data.table, data.table_lo = (F.pad(t, (0, 16)).view(torch.int16).contiguous() for t in (hi, lo))
     return data
 
 
-def _run(data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool) -> torch.Tensor:
-    amx_min_rows = AMX_MIN_ROWS[data.bits]
+def _run(
+    data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool, table: torch.Tensor | None
+) -> torch.Tensor:
+    amx_min_rows = AMX_MIN_ROWS["table" if table is not None else data.bits]
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
-        out_fp32, amx_min_rows, data.table,
+        out_fp32, amx_min_rows, table,
     )  # fmt: skip
 
 
@@ -214,17 +221,19 @@ def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
     elif data.padded_in != data.in_features:
         x2 = F.pad(x2, (0, data.padded_in - data.in_features))
     if x.dtype == torch.bfloat16:
-        y = _run(data, x2.contiguous(), data.bias, out_fp32=False)
+        y = _run(data, x2.contiguous(), data.bias, out_fp32=False, table=data.table)
     else:
         # Other dtypes: split x into two bf16 parts (x = hi + lo to ~2**-16) so the bf16 kernel
-        # still gives a float32-accurate product; integer codes are exact in bf16 (table levels
-        # are not: they carry bf16's 2**-9 rounding).
+        # still gives a float32-accurate product. Integer codes are exact in bf16; table levels
+        # are split the same way (level = hi + lo), and the lo levels get one more pass with hi x.
         xf = x2.float()
         hi = xf.to(torch.bfloat16)
         lo = (xf - hi.float()).to(torch.bfloat16)
         rows = xf.shape[0]
-        both = _run(data, torch.cat([hi, lo]), None, out_fp32=True)
+        both = _run(data, torch.cat([hi, lo]), None, out_fp32=True, table=data.table)
         y = both[:rows] + both[rows:]
+        if data.table_lo is not None:
+            y += _run(data, hi, None, out_fp32=True, table=data.table_lo)
         if data.bias is not None:
             y += data.bias
         y = y.to(x.dtype)

@@ -13,8 +13,9 @@
 //    and the extra 128 * sum(x) is folded into the zero point (done in Python at pack time);
 //    int8 codes go through fp16 (see dequant_quad), offset by 1, likewise folded.
 //  * NF4 / FP4 codes are looked up in a 16-entry table of bf16 levels held in one zmm: one
-//    vpermw turns 32 nibbles into 32 levels, so a codebook costs what an int4 OR costs. The
-//    levels are rounded to bf16 once (2**-9 relative, as bitsandbytes' own bf16 dequantization).
+//    vpermw turns 32 nibbles into 32 levels, so a codebook costs what an int4 OR costs. Each
+//    level is rounded to bf16 once (up to 2**-8 relative); for float32 activations woq.py adds
+//    a second pass with a table of the rounding remainders.
 //
 // Packed layout (built by woq.py): output rows in blocks of 16 ("nb"), input columns in
 // "quads" of 4. For one (nb, quad), the 64 codes form two rows of AMX's VNNI B layout, each row
@@ -100,11 +101,11 @@ struct Problem {
   int64_t M, Kp, N, G;
   const uint8_t* codes;    // packed, see above
   const float* scales;     // [NB, G, 16]
-  const float* zscales;    // [NB, G, 16]: (zero + offset) * scale
+  const float* zscales;    // [NB, G, 16]: (zero + offset) * scale; nullptr with a table
   const int32_t* chunks;   // [G + 1]
   const float* bias;       // [NB * 16] or nullptr
   const uint16_t* table;   // [32] bf16 levels (16 used), kTable4 only
-  const float* xsum;       // [M, G]: sum of x over each group
+  const float* xsum;       // [M, G]: sum of x over each group (not computed with a table)
   void* out;               // [M, N], bf16 or fp32
   bool out_fp32;
 
@@ -138,7 +139,7 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
   const int64_t quads = P.Kp / 4;
   const uint8_t* w = P.codes + nb * quads * QB;
   const float* sc = P.scales + nb * P.G * kBlockN;
-  const float* zs = P.zscales + nb * P.G * kBlockN;
+  const float* zs = P.zscales ? P.zscales + nb * P.G * kBlockN : nullptr;
   const int32_t* xrow[MB];
   for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(P.x + (m0 + m) * P.Kp);  // bf16 pairs
   const __m512i table = P.table_register();
@@ -164,12 +165,14 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
       }
     }
     const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
-    const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
     for (int m = 0; m < MB; ++m) {
       __m512 a = acc[m][0];
       for (int c = 1; c < NC; ++c) a = _mm512_add_ps(a, acc[m][c]);
       total[m] = _mm512_fmadd_ps(a, s, total[m]);
-      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(m0 + m) * P.G + g]), total[m]);
+      if constexpr (Kind != kTable4) {  // table codes have no zero point
+        const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
+        total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(m0 + m) * P.G + g]), total[m]);
+      }
     }
   }
   for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
@@ -271,7 +274,7 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
   const int64_t chunks = P.Kp / kChunk;
   const uint8_t* w = P.codes + nb * (P.Kp / 4) * QB;
   const float* sc = P.scales + nb * P.G * kBlockN;
-  const float* zs = P.zscales + nb * P.G * kBlockN;
+  const float* zs = P.zscales ? P.zscales + nb * P.G * kBlockN : nullptr;
   const uint16_t* xt = xtiles + t0 * chunks * kTile;
   std::fill(totals, totals + NT * 16 * kBlockN, 0.0f);
   const __m512i table = P.table_register();
@@ -311,13 +314,15 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
     }
     // Apply the group's scale and zero point to the partial sums.
     const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
-    const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
     for (int r = 0; r < NT * 16; ++r) {
       __m512 c = _mm512_load_ps(cbuf[r / 16][r % 16]);
       if constexpr (NT <= 2) c = _mm512_add_ps(c, _mm512_load_ps(cbuf[2 + r / 16][r % 16]));
       float* tot = totals + r * kBlockN;
       __m512 v = _mm512_fmadd_ps(c, s, _mm512_loadu_ps(tot));
-      v = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(t0 * 16 + r) * P.G + g]), v);
+      if constexpr (Kind != kTable4) {
+        const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
+        v = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(t0 * 16 + r) * P.G + g]), v);
+      }
       _mm512_storeu_ps(tot, v);
     }
   }
@@ -387,8 +392,9 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
                          bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(!table.has_value() || (bits == 4 && table->numel() == 32 && table->element_size() == 2),
-              "a code table needs 4-bit codes and 32 16-bit entries");
+  TORCH_CHECK(!table.has_value() || (bits == 4 && table->numel() == 32 && table->element_size() == 2 &&
+                                      table->is_contiguous() && table->device().is_cpu()),
+              "a code table needs 4-bit codes and 32 contiguous 16-bit entries on the CPU");
   x = x.contiguous();
   const int64_t M = x.size(0);
   const int64_t Kp = x.size(1);
@@ -414,7 +420,8 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
         }
   }
   auto out = torch::empty({M, n}, x.options().dtype(out_fp32 ? torch::kFloat32 : torch::kBFloat16));
-  auto xsum = torch::zeros({(M + 15) / 16 * 16, G}, x.options().dtype(torch::kFloat32));
+  // Per-group sums of x feed only the zero-point term, which table codes do not have.
+  auto xsum = torch::zeros({table.has_value() ? 0 : (M + 15) / 16 * 16, G}, x.options().dtype(torch::kFloat32));
   Problem P;
   P.x = (const uint16_t*)x.data_ptr();
   P.M = M;
@@ -423,14 +430,14 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.G = G;
   P.codes = codes.data_ptr<uint8_t>();
   P.scales = scales.data_ptr<float>();
-  P.zscales = zscales.data_ptr<float>();
+  P.zscales = table.has_value() ? nullptr : zscales.data_ptr<float>();  // no zero point with a table
   P.chunks = chunks.data_ptr<int32_t>();
   P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   P.table = table.has_value() ? (const uint16_t*)table->data_ptr() : nullptr;
   P.xsum = xsum.data_ptr<float>();
   P.out = out.data_ptr();
   P.out_fp32 = out_fp32;
-  group_sums(P, xsum.data_ptr<float>());
+  if (!table.has_value()) group_sums(P, xsum.data_ptr<float>());
   if (use_amx) {
     const auto* xt = (const uint16_t*)xtiles.data_ptr();
     if (P.table) large_m<kTable4>(P, xt);

@@ -22,18 +22,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from effinfer.compress.quant.fp8 import Fp8Weight
+from effinfer.compress.quant.fp8 import Fp8Weight, quantize_activations_fp8
 
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-INV_FP8_MAX = 1.0 / FP8_MAX  # scales are amax * (1 / 448), as in compress/quant/fp8.py (and why)
 
 
 @dataclass
@@ -98,14 +94,11 @@ def prepare(weight: Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype) ->
 
 def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, state.in_features)
-    xf = x2.float()
+    # The reference's own activation codes (compress/quant/fp8.py): the two differ only in rounding.
+    qx, x_scale = quantize_activations_fp8(x2, per_token=state.mode == "rowwise")
     if state.mode == "rowwise":
-        x_scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) * INV_FP8_MAX
-        qx = torch.clamp(xf / x_scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         y = _scaled_mm(qx, state.weight_t, x_scale, state.weight_scale, torch.bfloat16)
     else:
-        x_scale = xf.abs().amax().clamp(min=1e-12) * INV_FP8_MAX
-        qx = torch.clamp(xf / x_scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         y = _scaled_mm(qx, state.weight_t, x_scale, state.unit_scale, torch.float32) * state.weight_scale
     y = y.to(state.dtype)
     if state.bias is not None:

@@ -44,8 +44,8 @@ from effinfer.layers.quantized import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 # From this many rows on, dequantize-then-cuBLAS instead of the fused kernel (benchmarks/gpu_quant.py
-# measures both: on an H200 dequantizing won at 64 rows on every shape, by 1.8-2x, and lost or
-# tied at 16).
+# measures both: on an H200 dequantizing won at 64 rows on every shape, by 1.6-2.3x; at 16 rows
+# it won on some shapes and lost on others; docs/results/gpu_quant_h200.md).
 DEQUANT_MIN_M = 64
 # The unpacking of int4 words: "reshape" loads each word once and splits it into 8 rows in
 # registers; "gather" loads each word 8 times (once per row, served by L1), as GPTQ-Triton does.
@@ -54,16 +54,21 @@ UNPACK = "reshape"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # NF4 / FP4, per kernel: "gather" (a load per code from the 16-entry table, served by L1) or
 # "select" (a 4-level tree of selects between the levels in registers). Measured on an H200
-# (benchmarks/gpu_quant.py, 4096x11008): gemv 61 us gathering vs 100 selecting; tensor-core
-# tiles 83 vs 92 at one row and 160 vs 523 at 64 (the gather's registers spill there);
-# dequantizing 34 vs 44 us for 11264x2048.
+# (docs/results/gpu_quant_h200.md, 4096x11008): GEMV 61 us gathering vs 100 selecting; tensor-core
+# tiles 83 vs 92 at one row and 160 vs 523 at 64 (the gather's registers spill there). ``apply``
+# sends NF4 to the GEMV or to dequantizing, so the tiles' lookup matters only where they are
+# called directly; dequantizing gathers (34 vs 44 us for 11264x2048 in a one-off check,
+# docs/results/gpu_nf4_lookup_h200.md).
 LEVEL_LOOKUP = {"gemv": "gather", "tile": "select", "dequantize": "gather"}
-# NF4 / FP4 from this many rows on: dequantize-then-cuBLAS. The level lookup costs more than
-# integer unpacking, and from two rows on dequantizing beat both fused kernels on the H200.
+# NF4 / FP4 from this many rows on: dequantize-then-cuBLAS. From two rows it matched or beat the
+# tiles on every shape; the GEMV was still ahead on the 7B-sized layers at two rows (58 vs 69 us)
+# but behind on TinyLlama's (17 vs 12) and on every layer from four rows.
 CODEBOOK_DEQUANT_MIN_M = 2
-# Up to this many rows, the CUDA-core matrix-vector kernel (``gemv``) instead of tensor-core tiles
-# (at two rows the tiles were already as fast or faster).
+# The CUDA-core one-row kernel (``gemv``) instead of tensor-core tiles: for a single row, always
+# for NF4 / FP4, and for integer codes on layers of at least ``GEMV_MIN_WEIGHTS`` weights (int8 on
+# 11008x4096: 26.7 vs 33.7 us; on TinyLlama's 2048x2048 o_proj the tiles won, 8.5 vs 9.9).
 GEMV_MAX_M = 1
+GEMV_MIN_WEIGHTS = 1 << 23
 _LOOKUP_CODES = {"gather": 1, "select": 2}  # the kernels' CODEBOOK argument; 0 = integer codes
 
 
@@ -71,7 +76,7 @@ _LOOKUP_CODES = {"gather": 1, "select": 2}  # the kernels' CODEBOOK argument; 0 
 class TritonWoqState:
     codes: torch.Tensor  # int32 [Kp // 8, N] (packed nibbles) or uint8 [Kp, N]
     scales: torch.Tensor  # float32 [groups, N]
-    zeros: torch.Tensor  # int32 [groups, N]
+    zeros: torch.Tensor  # int32 [groups, N] (a placeholder [1] with a table)
     bias: torch.Tensor | None  # [N], in the activation dtype
     perm: torch.Tensor | None  # int64 [K']: the input column feeding kernel column k (in_features = a zero)
     zero_column: bool  # perm reads column ``in_features``: append a zero column to x first
@@ -412,6 +417,7 @@ def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> T
     state = prepare(grouped, bias, dtype) if grouped is not None else None
     if state is not None:
         state.table = weight.code.float().to(state.codes.device).contiguous()
+        state.zeros = state.zeros.new_zeros(1)  # never read with a table: no [groups, N] of zeros
     return state
 
 
@@ -436,6 +442,11 @@ def choose_config(state: TritonWoqState, m: int) -> KernelConfig:
         # Keep at least two K-blocks per program so each one still streams some weight.
         split = max(1, min(triton.cdiv(target, tiles), k_blocks // 2))
     return KernelConfig(block_m, block_n, block_k, split, warps, stages)
+
+
+def _pointer_or_scales(tensor: torch.Tensor | None, state: TritonWoqState) -> torch.Tensor:
+    """``tensor``, or a valid stand-in pointer where the kernel's flags say it is never read."""
+    return tensor if tensor is not None else state.scales
 
 
 def _codebook_mode(state: TritonWoqState, kernel: str) -> int:
@@ -465,8 +476,7 @@ def _launch_matmul(
     partial = splits > 1
     target = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if partial else out
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
-    bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
-    table = state.table if state.table is not None else state.scales  # a valid pointer, never read
+    bias, table = _pointer_or_scales(state.bias, state), _pointer_or_scales(state.table, state)
     _woq_matmul_kernel[grid](
         x2, state.codes, state.scales, state.zeros, table, bias, target,
         m, n, state.kernel_k, x2.stride(0), state.group, per_split,
@@ -503,7 +513,7 @@ def _split_evenly(k_blocks: int, split_k: int) -> tuple[int, int]:
 def _reduce_splits(state: TritonWoqState, partial: torch.Tensor, out: torch.Tensor) -> None:
     splits, m, n = partial.shape
     total, block = m * n, 1024
-    bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
+    bias = _pointer_or_scales(state.bias, state)
     _splitk_reduce_kernel[(triton.cdiv(total, block),)](
         partial, bias, out, total, n, splits, HAS_BIAS=state.bias is not None, BLOCK=block
     )
@@ -525,29 +535,21 @@ def gemv(state: TritonWoqState, x: torch.Tensor, unpack: str | None = None) -> t
     )
     partial = splits > 1
     target = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if partial else out
-    bias = state.bias if state.bias is not None else state.scales  # a valid pointer, never read
-    table = state.table if state.table is not None else state.scales
+    bias, table = _pointer_or_scales(state.bias, state), _pointer_or_scales(state.table, state)
+    codebook = _codebook_mode(state, "gemv")
 
     def launch(u: str) -> None:
         _woq_gemv_kernel[(tiles, splits, m)](
             x2, state.codes, state.scales, state.zeros, table, bias, target,
             m, n, state.kernel_k, x2.stride(0), state.group, per_split,
-            STORAGE_BITS=state.storage_bits, CODEBOOK=_codebook_mode(state, "gemv"), HAS_BIAS=state.bias is not None,
+            STORAGE_BITS=state.storage_bits, CODEBOOK=codebook, HAS_BIAS=state.bias is not None,
             PARTIAL=partial, UNPACK_RESHAPE=u == "reshape", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
 
     if unpack is not None:
         launch(unpack)
     else:
-        key = (
-            "gemv",
-            block_k,
-            state.storage_bits,
-            _codebook_mode(state, "gemv"),
-            x2.dtype,
-            state.bias is not None,
-            partial,
-        )
+        key = ("gemv", block_k, state.storage_bits, codebook, x2.dtype, state.bias is not None, partial)
         _with_unpack_fallback(state, key, launch)
     if partial:
         _reduce_splits(state, target, out)
@@ -584,7 +586,7 @@ def dequantize(state: TritonWoqState, unpack: str | None = None) -> torch.Tensor
     wt = torch.empty(state.kernel_k, state.out_features, dtype=state.dtype, device=state.codes.device)
     grid = (triton.cdiv(state.kernel_k, block_k), triton.cdiv(state.out_features, block_n))
 
-    table = state.table if state.table is not None else state.scales  # a valid pointer, never read
+    table = _pointer_or_scales(state.table, state)
 
     def launch(u: str) -> None:
         _dequantize_kernel[grid](
@@ -615,6 +617,8 @@ def apply(state: TritonWoqState, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // state.in_features
     if rows >= (DEQUANT_MIN_M if state.table is None else CODEBOOK_DEQUANT_MIN_M):
         return dequant_matmul(state, x)
-    if rows <= GEMV_MAX_M:
+    if rows <= GEMV_MAX_M and (
+        state.table is not None or state.out_features * state.in_features >= GEMV_MIN_WEIGHTS
+    ):
         return gemv(state, x)
     return fused_matmul(state, x)
