@@ -94,6 +94,15 @@ def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
     return woq.fused_matmul(state, x, unpack=path.split("-")[1])
 
 
+def assert_rows_match(woq, state, path: str, weight, bias: torch.Tensor | None) -> None:
+    """``path`` on every row count in ROWS equals the fp32 dequantize-then-matmul reference."""
+    for m in ROWS:
+        x = torch.randn(m, weight.in_features).to(DEVICE, DTYPE)
+        poison_allocator()
+        y = run_path(woq, state, x, path)
+        assert_close(y, quant_linear.reference(x.float().cpu(), weight, bias), DTYPE)
+
+
 @pytest.mark.parametrize("bits", [4, 8, 3])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: "x".join(str(t) for t in v))
 @pytest.mark.parametrize("path", PATHS)
@@ -106,11 +115,7 @@ def test_woq_matches_reference(bits, layout, path):
     bias = torch.randn(n) if n % 2 else None
     state = woq.prepare(to_device(qw, DEVICE), bias.to(DEVICE, DTYPE) if bias is not None else None, DTYPE)
     assert state is not None
-    for m in ROWS:
-        x = torch.randn(m, k).to(DEVICE, DTYPE)
-        poison_allocator()
-        y = run_path(woq, state, x, path)
-        assert_close(y, quant_linear.reference(x.float().cpu(), qw, bias), DTYPE)
+    assert_rows_match(woq, state, path, qw, bias)
 
 
 @pytest.mark.gpu
@@ -203,12 +208,8 @@ def test_codebook_matches_reference(case, path, lookup, monkeypatch):
         weight.to(DEVICE), bias.to(DEVICE, DTYPE) if bias is not None else None, DTYPE
     )
     assert state is not None and state.table is not None
-    for m in ROWS:
-        x = torch.randn(m, k).to(DEVICE, DTYPE)
-        poison_allocator()
-        y = run_path(woq, state, x, path)
-        # The levels are rounded to the activation dtype once: within the usual 16-bit tolerance.
-        assert_close(y, quant_linear.reference(x.float().cpu(), weight, bias), DTYPE)
+    # The levels are rounded to the activation dtype once: within the usual 16-bit tolerance.
+    assert_rows_match(woq, state, path, weight, bias)
 
 
 @pytest.mark.gpu

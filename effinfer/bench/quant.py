@@ -166,10 +166,8 @@ def layer_table(
     ``copies`` different weights are cycled through so they stream from memory as in a real
     decode step, not from cache (default: TinyLlama's fused gate/up projection, 16 layers' worth).
     """
-    from effinfer.compress.quant.nf4 import quantize_codebook
-    from effinfer.compress.quant.rtn import quantize_rtn
     from effinfer.layers.linear import Linear
-    from effinfer.loading.online_quant import RTN_SCHEMES
+    from effinfer.loading.online_quant import quantize_weight
 
     torch.manual_seed(0)
     layers: dict[str, list[Linear]] = {"bf16": []}
@@ -182,11 +180,7 @@ def layer_table(
         for scheme in schemes:
             layer = Linear(in_features, out_features)
             layer.weight.data = torch.empty(0, dtype=torch.bfloat16)
-            if scheme == "nf4":  # bitsandbytes' default: blocks of 64, no double quantization
-                layer.set_quantized(quantize_codebook(weight.float(), "nf4", 64))
-            else:
-                bits, group, sym = RTN_SCHEMES[scheme]
-                layer.set_quantized(quantize_rtn(weight.float(), bits, group, sym))
+            layer.set_quantized(quantize_weight(weight.float(), scheme))  # as ``--quantization`` does
             layer.finalize()
             layers.setdefault(scheme, []).append(layer)
     rows = []

@@ -17,14 +17,26 @@ from effinfer.config import ConfigError
 
 # scheme -> (bits, group size, symmetric)
 RTN_SCHEMES = {"int8": (8, None, True), "int4": (4, 128, False)}
+NF4_SETTINGS = ("nf4", 64, False)  # bitsandbytes' default: blocks of 64, no double quantization
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str):
+    """One float decoder weight [out, in] as ``scheme`` (int8, int4 or nf4) stores it when loading."""
+    if scheme == "nf4":
+        from effinfer.compress.quant.nf4 import quantize_codebook
+
+        return quantize_codebook(weight, *NF4_SETTINGS)
+    from effinfer.compress.quant.rtn import quantize_rtn
+
+    return quantize_rtn(weight, *RTN_SCHEMES[scheme])
 
 
 def quantize_on_load(model: torch.nn.Module, scheme: str, show_progress: bool = True) -> None:
     """Replace every decoder Linear's float weight by its quantized form (before ``finalize_model``)."""
-    if scheme == "nf4":  # bitsandbytes' default: NF4 in blocks of 64, no double quantization
+    if scheme == "nf4":
         from effinfer.compress.quant.nf4 import quantize_model_nf4
 
-        quantize_model_nf4(model, "nf4", 64, False)
+        quantize_model_nf4(model, *NF4_SETTINGS)
         return
     if scheme == "llm_int8":
         from effinfer.compress.quant.llm_int8 import quantize_model_llm_int8

@@ -10,8 +10,8 @@ exactly; the group scale and zero point are applied once per group to fp32 parti
 codes in registers; everything else converts codes chunk by chunk into an L1-resident ring and
 multiplies on AMX tiles. NF4 / FP4 weights (QLoRA) whose absmax blocks tile the rows run the
 same kernel with a 16-entry table of bf16 levels in place of the integer conversion (one vpermw
-per 32 codes) and the absmax as group scale. The kernel is C++ (``woq_kernels.cpp``), JIT-compiled on first use and
-cached by torch.utils.cpp_extension (~20 s the first time).
+per 32 codes) and the absmax as group scale. The kernel is C++ (``woq_kernels.cpp``),
+JIT-compiled on first use and cached by torch.utils.cpp_extension (~20 s the first time).
 
 Switch on: automatic for quantized Linear layers on CPUs with AVX512-BF16 and AMX-BF16 (Sapphire
 Rapids and later); elsewhere, or if the build fails, ``prepare`` returns None and the layer runs a

@@ -25,11 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.compress.quant.fp8 import Fp8Weight, quantize_activations_fp8
+from effinfer.compress.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
 
 logger = logging.getLogger(__name__)
-
-FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass
