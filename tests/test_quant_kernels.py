@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from effinfer.kernels import quant_linear
-from effinfer.kernels.cpu import woq
+from effinfer.kernels.cpu import build, woq
 from effinfer.layers.linear import Linear
 from effinfer.layers.quantized import QuantizedWeight
 from tests.quant_helpers import quantized
@@ -122,8 +122,8 @@ def test_a_failed_build_warns_and_returns_none(monkeypatch, caplog):
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(cpp_extension, "load", broken_build)
-    monkeypatch.setattr(woq, "_cpu_flags", lambda: set(woq.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(woq.REQUIRED_CPU_FLAGS))
     monkeypatch.delenv("EFFINFER_CPU_WOQ", raising=False)
-    with caplog.at_level(logging.WARNING, logger=woq.__name__):
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert woq.extension.__wrapped__() is None
     assert "compiler exploded" in caplog.text

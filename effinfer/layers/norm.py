@@ -1,13 +1,17 @@
 """RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean subtraction.
 
 Computed in float32 and cast back before the weight, exactly as HF Llama does, so logits
-match the reference bit for bit in float32 and closely in bfloat16.
+match the reference bit for bit in float32 and closely in bfloat16. With ``residual`` the layer
+first adds the residual stream (x + residual, in the activation dtype) and returns that sum too,
+so a decoder layer's residual add and the next norm are one pass (one fused op on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from effinfer.kernels.cpu import fused
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +20,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with ``residual``, (norm(x + residual), x + residual)."""
+        if x.dim() == 2 and self.weight.dtype == x.dtype and fused.usable(x):
+            out = fused.extension().rms_norm(x, residual, self.weight, self.eps)
+            return out[0] if residual is None else (out[0], out[1])
+        if residual is None:
+            return self.reference(x)
+        x = x + residual
+        return self.reference(x), x
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from effinfer.kernels.cpu import fused
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -58,10 +60,13 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: [T, heads, head_dim] — queries and keys side by side, so one pass rotates both."""
+def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] in place and return it; queries and keys side by side, so one pass rotates both."""
     cos, sin = cos_sin
-    return _rotate(x, cos, sin)
+    if x.stride(1) == x.shape[2] and x.stride(2) == 1 and cos.dtype == x.dtype and fused.usable(x):
+        fused.extension().rotary_(x, cos.squeeze(1), sin.squeeze(1))
+        return x
+    return x.copy_(_rotate(x, cos, sin))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

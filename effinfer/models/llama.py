@@ -16,7 +16,7 @@ from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
-from effinfer.layers.rotary import RotaryEmbedding, apply_rotary
+from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
 
 
 class LlamaAttention(nn.Module):
@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
-        q, k = apply_rotary(qk, cos_sin).split([heads, kv_heads], dim=1)
+        q, k = apply_rotary_(qk, cos_sin).split([heads, kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -70,8 +70,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos_sin, meta)
+        h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -21,7 +21,6 @@ dequantized bf16 weight. ``EFFINFER_CPU_WOQ=0`` disables the kernel.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from effinfer.kernels.cpu import build
 from effinfer.layers.quantized import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -58,44 +58,16 @@ COMPILE_FLAGS = [
 AMX_MIN_ROWS = {8: 1, 4: 2, "table": 3}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @functools.cache
 def extension() -> Any | None:
     """The compiled kernel module, or None (with one warning) where it cannot run."""
     if os.environ.get("EFFINFER_CPU_WOQ", "1") == "0":
         return None
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        logger.info("CPU lacks %s: quantized layers run dequantized", ", ".join(missing))
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:10]
-        module = cpp_extension.load(
-            name=f"effinfer_woq_{digest}",
-            sources=[str(SOURCE)],
-            extra_cflags=COMPILE_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a compile error: degrade, never crash
-        detail = str(exc).strip().splitlines()
-        logger.warning(
-            "could not build the CPU int8/int4/NF4 kernel (%s): quantized layers run dequantized "
-            "(NF4 / FP4: decoded chunk by chunk)",
-            " / ".join(detail[:1] + detail[-3:]),
-        )
+    module = build.load(
+        "effinfer_woq", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS,
+        "quantized layers run dequantized (NF4 / FP4: decoded chunk by chunk)",
+    )  # fmt: skip
+    if module is None:
         return None
     if not module.amx_ready():
         logger.warning("the kernel refused AMX tile state: quantized layers run dequantized")

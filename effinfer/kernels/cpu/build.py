@@ -1,0 +1,50 @@
+"""Builds the C++ CPU kernels on first use (torch.utils.cpp_extension, cached by content hash).
+
+A kernel that cannot be built or run here (no compiler, a CPU without the instructions it needs,
+or switched off by its environment variable) is None, and its callers run the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def load(
+    name: str, source: Path, compile_flags: list[str], required_cpu_flags: tuple[str, ...], fallback: str
+) -> Any | None:
+    """The compiled module ``name`` built from ``source``, or None with one message saying ``fallback``."""
+    missing = [f for f in required_cpu_flags if f not in cpu_flags()]
+    if missing:
+        logger.info("CPU lacks %s: %s", ", ".join(missing), fallback)
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        digest = hashlib.sha1(source.read_bytes() + " ".join(compile_flags).encode()).hexdigest()[:10]
+        return cpp_extension.load(
+            name=f"{name}_{digest}",
+            sources=[str(source)],
+            extra_cflags=compile_flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a compile error: degrade, never crash
+        detail = str(exc).strip().splitlines()
+        logger.warning("could not build %s (%s): %s", source.name, " / ".join(detail[:1] + detail[-3:]), fallback)
+        return None

@@ -1,0 +1,329 @@
+// Fused CPU ops for the non-GEMM part of a decoder layer: RMSNorm (optionally after the residual
+// add), rotary embedding, SiLU-and-multiply, and one-query-per-sequence
+// attention read straight from the paged cache.
+//
+// Why: at batch 1 a TinyLlama-sized decode step spends ~11 ms outside the matrix products, almost
+// all of it in ~1,500 small PyTorch calls (casts, slices, reductions, gathers), each of which
+// costs a few microseconds of dispatch and a pass over memory. One C++ call per job does the
+// same arithmetic in one pass.
+//
+// Numerics follow the PyTorch reference in ``layers/`` (which follows HF transformers): every
+// value PyTorch would store in the activation dtype is rounded to it at the same point here
+// (``round_as``), and reductions run in float32. Only the order of float32 additions differs.
+// Attention keeps scores, softmax and the weighted sum in float32 (the reference rounds q.k and
+// the probabilities to bf16 on the way).
+//
+// Every op takes bf16 or float32 tensors (the ``Act`` template parameter) whose last dimension
+// is contiguous; rows may be strided.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using BF16 = at::BFloat16;
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const BF16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(BF16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even, as torch
+}
+
+// ``v`` rounded to the precision of Act: what PyTorch holds after an op whose result is an Act tensor.
+inline __m512 round_as(const float*, __m512 v) { return v; }
+inline __m512 round_as(const BF16*, __m512 v) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <typename Act>
+inline __m512 round_to(__m512 v) { return round_as(static_cast<const Act*>(nullptr), v); }
+
+// e^x for float32 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)), _mm512_set1_ps(88.3762626647950f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat, name,
+              " must be bfloat16 or float32");
+  TORCH_CHECK(t.stride(-1) == 1, name, "'s last dimension must be contiguous");
+}
+
+// Rows of work are spread over threads only when there is enough of it to pay for waking them.
+inline int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work_per_row)); }
+
+// ---- RMSNorm ------------------------------------------------------------------------------------
+// out = weight * Act(x * rsqrt(mean(x^2) + eps)), x in float32; with ``residual``, x is first
+// Act(x + residual) and is also returned (the new residual stream).
+template <typename Act>
+void rms_norm_rows(const Act* x, int64_t x_stride, const Act* residual, int64_t res_stride, const Act* weight,
+                   Act* out, Act* sum_out, int64_t rows, int64_t hidden, double eps) {
+  at::parallel_for(0, rows, grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Act* xr = x + r * x_stride;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t i = 0; i < hidden; i += 16) {
+        const __mmask16 m = lanes(hidden - i);
+        __m512 v = load(xr + i, m);
+        if (residual) {
+          v = round_to<Act>(_mm512_add_ps(v, load(residual + r * res_stride + i, m)));
+          store(sum_out + r * hidden + i, v, m);
+        }
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const Act* row = residual ? sum_out + r * hidden : xr;  // the summed row, when there is one
+      const float inv_rms = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / (float)hidden + (float)eps);
+      const __m512 scale = _mm512_set1_ps(inv_rms);
+      for (int64_t i = 0; i < hidden; i += 16) {
+        const __mmask16 m = lanes(hidden - i);
+        const __m512 normed = round_to<Act>(_mm512_mul_ps(load(row + i, m), scale));
+        store(out + r * hidden + i, _mm512_mul_ps(load(weight + i, m), normed), m);
+      }
+    }
+  });
+}
+
+// ---- rotary embedding ----------------------------------------------------------------------------
+// qk: [T, heads + kv_heads, d] (queries then keys), rotated in place, HF's rotate_half pairing
+// (i, i + d/2): out = Act(Act(x * cos) + Act(rotate_half(x) * sin)).
+template <typename Act>
+void rotary_rows(Act* qk, int64_t qk_stride, int64_t heads, int64_t d, const Act* cos, const Act* sin,
+                 int64_t cs_stride, int64_t tokens) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, tokens, grain(heads * d), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Act* c = cos + t * cs_stride;
+      const Act* s = sin + t * cs_stride;
+      for (int64_t h = 0; h < heads; ++h) {
+        Act* x = qk + t * qk_stride + h * d;
+        for (int64_t i = 0; i < half; i += 16) {
+          const __mmask16 m = lanes(half - i);
+          const __m512 x1 = load(x + i, m), x2 = load(x + half + i, m);
+          const __m512 lo = _mm512_sub_ps(round_to<Act>(_mm512_mul_ps(x1, load(c + i, m))),
+                                          round_to<Act>(_mm512_mul_ps(x2, load(s + i, m))));
+          const __m512 hi = _mm512_add_ps(round_to<Act>(_mm512_mul_ps(x2, load(c + half + i, m))),
+                                          round_to<Act>(_mm512_mul_ps(x1, load(s + half + i, m))));
+          store(x + i, lo, m);
+          store(x + half + i, hi, m);
+        }
+      }
+    }
+  });
+}
+
+// ---- SiLU(gate) * up ------------------------------------------------------------------------------
+// gate_up: [T, 2I] (gate columns, then up); out [T, I] = Act(Act(silu(gate)) * up).
+template <typename Act>
+void silu_mul_rows(const Act* gate_up, int64_t stride, Act* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, grain(inter), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Act* g = gate_up + r * stride;
+      const Act* u = g + inter;
+      for (int64_t i = 0; i < inter; i += 16) {
+        const __mmask16 m = lanes(inter - i);
+        const __m512 x = load(g + i, m);
+        const __m512 silu = round_to<Act>(
+            _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+        store(out + r * inter + i, _mm512_mul_ps(silu, load(u + i, m)), m);
+      }
+    }
+  });
+}
+
+// ---- attention of one new token per sequence over its paged context ------------------------------
+// For each (sequence, KV head): the ``group`` query heads that share the KV head score every
+// visible cached key, softmax in float32, and sum the values. Keys and values are read in place
+// from their blocks (no gathered copy of the context).
+template <typename Act>
+void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, const Act* v_cache,
+                           const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
+                           int64_t block_size, int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t d,
+                           double scale, int64_t window, Act* out) {
+  const int64_t group = heads / kv_heads;
+  const int64_t vecs = (d + 15) / 16;
+  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(group * vecs * 16), qf(group * vecs * 16);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      const int64_t ctx = context_lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t len = ctx - first;
+      scores.resize(group * len);
+      for (int64_t g = 0; g < group; ++g)  // this head's query, scaled, in float32
+        for (int64_t j = 0; j < vecs; ++j) {
+          const __mmask16 m = lanes(d - j * 16);
+          const __m512 v = load(q + b * q_stride + (kvh * group + g) * d + j * 16, m);
+          _mm512_storeu_ps(&qf[(g * vecs + j) * 16], _mm512_mul_ps(v, _mm512_set1_ps((float)scale)));
+        }
+      const int64_t* table = block_tables + b * max_blocks;
+      auto slot_row = [&](const Act* cache, int64_t pos) {
+        return cache + ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh) * d;
+      };
+      std::vector<float> best(group, -INFINITY);
+      for (int64_t t = 0; t < len; ++t) {
+        const Act* k = slot_row(k_cache, first + t);
+        __m512 kv[16];
+        for (int64_t j = 0; j < vecs; ++j) kv[j] = load(k + j * 16, lanes(d - j * 16));
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t j = 0; j < vecs; ++j) dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[(g * vecs + j) * 16]), kv[j], dot);
+          const float s = _mm512_reduce_add_ps(dot);
+          scores[g * len + t] = s;
+          best[g] = std::max(best[g], s);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {  // softmax numerators and their sum
+        float* row = &scores[g * len];
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t += 16) {
+          const __mmask16 m = lanes(len - t);
+          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), _mm512_set1_ps(best[g])));
+          _mm512_mask_storeu_ps(row + t, m, e);
+          total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(total);
+        for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < len; ++t) {
+        const Act* v = slot_row(v_cache, first + t);
+        for (int64_t j = 0; j < vecs; ++j) {
+          const __m512 vv = load(v + j * 16, lanes(d - j * 16));
+          for (int64_t g = 0; g < group; ++g) {
+            float* a = &acc[(g * vecs + j) * 16];
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), vv, _mm512_loadu_ps(a)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t j = 0; j < vecs; ++j)
+          store(out + (b * heads + kvh * group + g) * d + j * 16, _mm512_loadu_ps(&acc[(g * vecs + j) * 16]),
+                lanes(d - j * 16));
+    }
+  });
+}
+
+template <typename F>
+void by_dtype(const torch::Tensor& t, F&& fn) {
+  if (t.scalar_type() == torch::kBFloat16) fn(static_cast<BF16*>(nullptr));
+  else fn(static_cast<float*>(nullptr));
+}
+
+}  // namespace
+
+// x: [T, hidden]; returns the normalized rows, and with ``residual`` also x + residual.
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                    double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type(),
+              "rms_norm: x [T, hidden] and a contiguous weight [hidden] of x's dtype");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  torch::Tensor sum;
+  if (residual) {
+    check_rows(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "residual must match x");
+    sum = torch::empty_like(out);
+  }
+  by_dtype(x, [&](auto* tag) {
+    using Act = std::remove_pointer_t<decltype(tag)>;
+    rms_norm_rows<Act>(x.data_ptr<Act>(), x.stride(0), residual ? residual->data_ptr<Act>() : nullptr,
+                       residual ? residual->stride(0) : 0, weight.data_ptr<Act>(), out.data_ptr<Act>(),
+                       residual ? sum.data_ptr<Act>() : nullptr, x.size(0), x.size(1), eps);
+  });
+  if (residual) return {out, sum};
+  return {out};
+}
+
+// qk: [T, heads, d] (queries and keys side by side), rotated in place; cos, sin: [T, d].
+void rotary_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
+  check_rows(qk, "qk");
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(1) == qk.size(2) && qk.size(2) % 2 == 0, "qk must be [T, heads, d] with even d");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == qk.size(0) && cos.size(1) == qk.size(2) &&
+                  cos.stride(1) == 1 && sin.stride(1) == 1 && cos.stride(0) == sin.stride(0) &&
+                  cos.scalar_type() == qk.scalar_type() && sin.scalar_type() == qk.scalar_type(),
+              "cos and sin must be [T, d] rows of qk's dtype");
+  by_dtype(qk, [&](auto* tag) {
+    using Act = std::remove_pointer_t<decltype(tag)>;
+    rotary_rows<Act>(qk.data_ptr<Act>(), qk.stride(0), qk.size(1), qk.size(2), cos.data_ptr<Act>(),
+                     sin.data_ptr<Act>(), cos.stride(0), qk.size(0));
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [T, 2 * intermediate]");
+  const int64_t inter = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), inter}, gate_up.options());
+  by_dtype(gate_up, [&](auto* tag) {
+    using Act = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_rows<Act>(gate_up.data_ptr<Act>(), gate_up.stride(0), out.data_ptr<Act>(), gate_up.size(0), inter);
+  });
+  return out;
+}
+
+// q: [B, heads, d]; caches [blocks, block_size, kv_heads, d]; block_tables [B, max_blocks] int64;
+// context_lens [B] int64 (the new token included, already in the cache). Returns [B, heads * d].
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                               torch::Tensor context_lens, double scale, int64_t window) {
+  check_rows(q, "q");
+  TORCH_CHECK(q.dim() == 3 && q.stride(1) == q.size(2), "q must be [B, heads, d] with contiguous heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type() && k_cache.size(3) == q.size(2),
+              "caches must be contiguous [blocks, block_size, kv_heads, d] of q's dtype");
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(2), d = q.size(2);
+  TORCH_CHECK(heads % kv_heads == 0 && d <= 256, "heads must be a multiple of kv_heads, head_dim at most 256");
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && tables.dim() == 2 &&
+                  tables.size(0) == q.size(0) && lens.numel() == q.size(0),
+              "block_tables [B, max_blocks] and context_lens [B] must be int64");
+  const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= tables.size(1) * block_size, "context length ", lp[b], " does not fit its block table");
+    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tp[b * tables.size(1) + i] >= 0 && tp[b * tables.size(1) + i] < num_blocks, "block table entry out of range");
+  }
+  auto out = torch::empty({q.size(0), heads * d}, q.options());
+  by_dtype(q, [&](auto* tag) {
+    using Act = std::remove_pointer_t<decltype(tag)>;
+    decode_attention_rows<Act>(q.data_ptr<Act>(), q.stride(0), k_cache.data_ptr<Act>(), v_cache.data_ptr<Act>(), tp,
+                               tables.size(1), lp, block_size, q.size(0), heads, kv_heads, d, scale, window,
+                               out.data_ptr<Act>());
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (see fused_ops.cpp)");
+  m.def("rotary_", &rotary_, "rotary embedding, in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache");
+}
