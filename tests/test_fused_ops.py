@@ -119,7 +119,9 @@ def reference_decode(q, k_cache, v_cache, meta, window):
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(num_seqs, heads, d, dtype=torch.float64)
     for b, n in enumerate(meta.context_lens):
-        slots = torch.tensor([int(meta.block_tables[b, p // block_size]) * block_size + p % block_size for p in range(n)])
+        slots = torch.tensor(
+            [int(meta.block_tables[b, p // block_size]) * block_size + p % block_size for p in range(n)]
+        )
         k = k_cache.view(-1, kv_heads, d)[slots].double()
         v = v_cache.view(-1, kv_heads, d)[slots].double()
         first = 0 if window is None else max(0, n - window)

@@ -1,10 +1,14 @@
 """Dense (unquantized) matrix multiply for Linear layers.
 
-The reference is ``torch.nn.functional.linear``. On CPU with bfloat16 weights the weight is
-reordered once, at load time, into oneDNN's blocked layout (the "prepacking" that IPEX and
-torch.compile's freezing do), so every GEMM streams it straight into AMX/AVX-512 tiles instead of
-re-blocking it per call: decode is memory-bound, and this reads the weights closer to the
-machine's bandwidth. Results equal the reference (tests/test_kernels.py).
+The reference is ``torch.nn.functional.linear``. On CPU with bfloat16 weights:
+  * where the AMX skinny-GEMM kernel can run (``kernels/cpu/skinny.py``; in_features a multiple of
+    32), decode-sized batches (up to 64 rows) use it on the plain weight, which it streams at
+    close to DRAM speed, and larger batches (prefill) use oneDNN through ``F.linear`` on the same
+    tensor;
+  * otherwise the weight is reordered once, at load time, into oneDNN's blocked layout (the
+    "prepacking" that IPEX and torch.compile's freezing do), so every GEMM streams it straight
+    into AMX/AVX-512 tiles instead of re-blocking it per call.
+Results equal the reference up to float32 summation order (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from effinfer.kernels.cpu import skinny
 
 # The batch size oneDNN tunes the packed layout for; measured on AMX it serves 1..512 rows well.
 PACK_BATCH_HINT = 16
@@ -23,6 +29,8 @@ class DenseState:
     weight: torch.Tensor  # plain [out, in], or oneDNN-packed when ``packed``
     bias: torch.Tensor | None
     packed: bool = False
+    skinny_bias: torch.Tensor | None = None  # float32 copy of the bias for the skinny kernel
+    skinny: bool = False  # decode-sized batches run kernels/cpu/skinny.py
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -34,7 +42,12 @@ def can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
-def prepare(weight: torch.Tensor, bias: torch.Tensor | None, allow_prepack: bool = True) -> DenseState:
+def prepare(
+    weight: torch.Tensor, bias: torch.Tensor | None, allow_prepack: bool = True, allow_skinny: bool = True
+) -> DenseState:
+    if allow_skinny and skinny.supports(weight):
+        skinny_bias = None if bias is None else bias.detach().float().contiguous()
+        return DenseState(weight.detach().contiguous(), bias, skinny_bias=skinny_bias, skinny=True)
     if allow_prepack and can_prepack(weight):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         return DenseState(packed, bias, packed=True)
@@ -42,6 +55,9 @@ def prepare(weight: torch.Tensor, bias: torch.Tensor | None, allow_prepack: bool
 
 
 def apply(state: DenseState, x: torch.Tensor) -> torch.Tensor:
+    if state.skinny and x.dtype == torch.bfloat16 and x.numel() <= skinny.MAX_ROWS * x.shape[-1]:
+        rows = x.reshape(-1, x.shape[-1])
+        return skinny.linear(rows, state.weight, state.skinny_bias).reshape(*x.shape[:-1], -1)
     if state.packed:
         return torch.ops.mkldnn._linear_pointwise(x, state.weight, state.bias, "none", [], "")
     return F.linear(x, state.weight, state.bias)

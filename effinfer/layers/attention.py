@@ -132,7 +132,9 @@ class PagedAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+        )
 
     def _prefill(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         outputs = []

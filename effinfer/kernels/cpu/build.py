@@ -36,7 +36,9 @@ def load(
     try:
         from torch.utils import cpp_extension
 
-        digest = hashlib.sha1(source.read_bytes() + " ".join(compile_flags).encode()).hexdigest()[:10]
+        # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
+        text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+        digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
         return cpp_extension.load(
             name=f"{name}_{digest}",
             sources=[str(source)],
@@ -46,5 +48,7 @@ def load(
         )
     except Exception as exc:  # no compiler, no ninja, a compile error: degrade, never crash
         detail = str(exc).strip().splitlines()
-        logger.warning("could not build %s (%s): %s", source.name, " / ".join(detail[:1] + detail[-3:]), fallback)
+        logger.warning(
+            "could not build %s (%s): %s", source.name, " / ".join(detail[:1] + detail[-3:]), fallback
+        )
         return None

@@ -26,7 +26,17 @@ from effinfer.kernels.cpu import build
 SOURCE = Path(__file__).with_name("fused_ops.cpp")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 # No contraction of a product and a sum into one FMA: the rounding must be the reference's.
-COMPILE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+COMPILE_FLAGS = [
+    "-O3",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+]
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -42,4 +52,9 @@ def extension() -> Any | None:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused ops can take ``x``: a CPU bf16 / float32 tensor, grad off, kernels built."""
-    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in DTYPES and extension() is not None
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and extension() is not None
+    )

@@ -157,7 +157,8 @@ void silu_mul_rows(const Act* gate_up, int64_t stride, Act* out, int64_t rows, i
 // ---- attention of one new token per sequence over its paged context ------------------------------
 // For each (sequence, KV head): the ``group`` query heads that share the KV head score every
 // visible cached key, softmax in float32, and sum the values. Keys and values are read in place
-// from their blocks (no gathered copy of the context).
+// from their blocks (no gathered copy of the context), converted once to float32 (keys
+// transposed, so 16 keys are scored with one FMA per channel and no horizontal sums).
 template <typename Act>
 void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, const Act* v_cache,
                            const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
@@ -166,63 +167,59 @@ void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, c
   const int64_t group = heads / kv_heads;
   const int64_t vecs = (d + 15) / 16;
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(group * vecs * 16), qf(group * vecs * 16);
+    std::vector<float> keys_t, values, scores, qf(group * d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
       const int64_t ctx = context_lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t len = ctx - first;
-      scores.resize(group * len);
-      for (int64_t g = 0; g < group; ++g)  // this head's query, scaled, in float32
+      const int64_t padded = (len + 15) / 16 * 16;
+      keys_t.assign(d * padded, 0.0f);  // [channel][key]
+      values.resize(len * vecs * 16);   // [key][channel, padded to 16]
+      scores.resize(group * padded);
+      const int64_t* table = block_tables + b * max_blocks;
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t pos = first + t;
+        const int64_t row = ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh) * d;
         for (int64_t j = 0; j < vecs; ++j) {
           const __mmask16 m = lanes(d - j * 16);
-          const __m512 v = load(q + b * q_stride + (kvh * group + g) * d + j * 16, m);
-          _mm512_storeu_ps(&qf[(g * vecs + j) * 16], _mm512_mul_ps(v, _mm512_set1_ps((float)scale)));
-        }
-      const int64_t* table = block_tables + b * max_blocks;
-      auto slot_row = [&](const Act* cache, int64_t pos) {
-        return cache + ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh) * d;
-      };
-      std::vector<float> best(group, -INFINITY);
-      for (int64_t t = 0; t < len; ++t) {
-        const Act* k = slot_row(k_cache, first + t);
-        __m512 kv[16];
-        for (int64_t j = 0; j < vecs; ++j) kv[j] = load(k + j * 16, lanes(d - j * 16));
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t j = 0; j < vecs; ++j) dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[(g * vecs + j) * 16]), kv[j], dot);
-          const float s = _mm512_reduce_add_ps(dot);
-          scores[g * len + t] = s;
-          best[g] = std::max(best[g], s);
+          alignas(64) float k16[16];
+          _mm512_store_ps(k16, load(k_cache + row + j * 16, m));
+          for (int64_t i = 0; i < 16 && j * 16 + i < d; ++i) keys_t[(j * 16 + i) * padded + t] = k16[i];
+          _mm512_storeu_ps(&values[(t * vecs + j) * 16], load(v_cache + row + j * 16, m));
         }
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax numerators and their sum
-        float* row = &scores[g * len];
+      for (int64_t g = 0; g < group; ++g)  // this head's query, scaled, in float32
+        for (int64_t i = 0; i < d; ++i)
+          qf[g * d + i] = (float)q[b * q_stride + (kvh * group + g) * d + i] * (float)scale;
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = &scores[g * padded];
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < padded; t += 16) {  // 16 keys at a time
+          __m512 s = _mm512_setzero_ps();
+          for (int64_t i = 0; i < d; ++i)
+            s = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * d + i]), _mm512_loadu_ps(&keys_t[i * padded + t]), s);
+          _mm512_storeu_ps(row + t, s);
+          best = _mm512_mask_max_ps(best, lanes(len - t), best, s);
+        }
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
         __m512 total = _mm512_setzero_ps();
-        for (int64_t t = 0; t < len; t += 16) {
-          const __mmask16 m = lanes(len - t);
-          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), _mm512_set1_ps(best[g])));
-          _mm512_mask_storeu_ps(row + t, m, e);
-          total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        for (int64_t t = 0; t < padded; t += 16) {  // softmax numerators (padding keys get 0) and their sum
+          const __m512 e = _mm512_maskz_mov_ps(lanes(len - t), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + t), top)));
+          _mm512_storeu_ps(row + t, e);
+          total = _mm512_add_ps(total, e);
         }
         const float inv = 1.0f / _mm512_reduce_add_ps(total);
-        for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < len; ++t) {
-        const Act* v = slot_row(v_cache, first + t);
-        for (int64_t j = 0; j < vecs; ++j) {
-          const __m512 vv = load(v + j * 16, lanes(d - j * 16));
-          for (int64_t g = 0; g < group; ++g) {
-            float* a = &acc[(g * vecs + j) * 16];
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), vv, _mm512_loadu_ps(a)));
-          }
+        __m512 acc[16];
+        for (int64_t j = 0; j < vecs; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+          const __m512 p = _mm512_set1_ps(row[t]);
+          for (int64_t j = 0; j < vecs; ++j) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(&values[(t * vecs + j) * 16]), acc[j]);
         }
-      }
-      for (int64_t g = 0; g < group; ++g)
         for (int64_t j = 0; j < vecs; ++j)
-          store(out + (b * heads + kvh * group + g) * d + j * 16, _mm512_loadu_ps(&acc[(g * vecs + j) * 16]),
+          store(out + (b * heads + kvh * group + g) * d + j * 16, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)),
                 lanes(d - j * 16));
+      }
     }
   });
 }

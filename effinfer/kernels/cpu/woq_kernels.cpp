@@ -33,13 +33,13 @@
 //    tiles (64 rows) of x; more rows take several 64-row passes.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
 #include <torch/extension.h>
-#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "amx.h"
 
 namespace {
 
@@ -201,31 +201,6 @@ void small_m(const Problem& P) {
 // consecutive chunks alternate between the two A and the two B tiles (the next load need not
 // wait for the previous product to finish reading), and with at most two row tiles, odd
 // chunks also accumulate into their own C tiles (2, 3) to shorten the dependency chain.
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-bool request_amx_permission() {
-  constexpr int kArchReqXcompPerm = 0x1023;
-  constexpr int kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-void configure_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 constexpr int64_t kTile = 16 * kChunk;  // bf16 elements in one A or B tile (1 KB)
 
 // Products of one chunk of codes (already bf16, at ``b``) with NT row tiles of x at ``xc``: tile
@@ -338,7 +313,7 @@ void large_m(const Problem& P, const uint16_t* xtiles) {
   const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
   const int64_t row_tiles = (P.M + 15) / 16;
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    amx::configure_tiles();
     alignas(64) uint16_t stage[kStage * kTile];
     alignas(64) float cbuf[4][16][16];
     alignas(64) float totals[64 * kBlockN];
@@ -379,10 +354,7 @@ void group_sums(const Problem& P, float* xsum) {
 
 }  // namespace
 
-bool amx_ready() {
-  static const bool ready = request_amx_permission();
-  return ready;
-}
+bool amx_ready() { return amx::ready(); }
 
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
 // M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
