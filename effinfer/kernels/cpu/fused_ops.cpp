@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -157,8 +159,9 @@ void silu_mul_rows(const Act* gate_up, int64_t stride, Act* out, int64_t rows, i
 // ---- attention of one new token per sequence over its paged context ------------------------------
 // For each (sequence, KV head): the ``group`` query heads that share the KV head score every
 // visible cached key, softmax in float32, and sum the values. Keys and values are read in place
-// from their blocks (no gathered copy of the context), converted once to float32 (keys
-// transposed, so 16 keys are scored with one FMA per channel and no horizontal sums).
+// from their blocks (no gathered copy of the context). The query heads of a group sit in the 16
+// lanes of a vector, so one key is scored against all of them at once (bf16: one dot-product
+// instruction per channel pair) and the softmax runs lane-wise, with no horizontal sums.
 template <typename Act>
 void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, const Act* v_cache,
                            const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
@@ -166,59 +169,90 @@ void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, c
                            double scale, int64_t window, Act* out) {
   const int64_t group = heads / kv_heads;
   const int64_t vecs = (d + 15) / 16;
+  const int64_t heads_per_pass = std::max<int64_t>(1, 16 / vecs);  // output accumulators that fit in registers
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys_t, values, scores, qf(group * d);
+    std::vector<float> scores;                    // [key][16 query heads]
+    std::vector<float> q_t(d * 16);               // [channel][16 query heads]
+    std::vector<uint32_t> q_pairs(d / 2 * 16);    // bf16 only: [channel pair][16 query heads]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
       const int64_t ctx = context_lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t len = ctx - first;
-      const int64_t padded = (len + 15) / 16 * 16;
-      keys_t.assign(d * padded, 0.0f);  // [channel][key]
-      values.resize(len * vecs * 16);   // [key][channel, padded to 16]
-      scores.resize(group * padded);
       const int64_t* table = block_tables + b * max_blocks;
-      for (int64_t t = 0; t < len; ++t) {
+      auto slot_row = [&](const Act* cache, int64_t t) {
         const int64_t pos = first + t;
-        const int64_t row = ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh) * d;
-        for (int64_t j = 0; j < vecs; ++j) {
-          const __mmask16 m = lanes(d - j * 16);
-          alignas(64) float k16[16];
-          _mm512_store_ps(k16, load(k_cache + row + j * 16, m));
-          for (int64_t i = 0; i < 16 && j * 16 + i < d; ++i) keys_t[(j * 16 + i) * padded + t] = k16[i];
-          _mm512_storeu_ps(&values[(t * vecs + j) * 16], load(v_cache + row + j * 16, m));
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)  // this head's query, scaled, in float32
-        for (int64_t i = 0; i < d; ++i)
-          qf[g * d + i] = (float)q[b * q_stride + (kvh * group + g) * d + i] * (float)scale;
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = &scores[g * padded];
+        return cache + ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh) * d;
+      };
+      scores.resize(len * 16);
+      for (int64_t g0 = 0; g0 < group; g0 += 16) {
+        const int64_t gs = std::min<int64_t>(16, group - g0);
+        const Act* q0 = q + b * q_stride + (kvh * group + g0) * d;
+        std::fill(q_t.begin(), q_t.end(), 0.0f);
+        std::fill(q_pairs.begin(), q_pairs.end(), 0u);
+        for (int64_t g = 0; g < gs; ++g)
+          for (int64_t i = 0; i < d; ++i) {
+            q_t[i * 16 + g] = (float)q0[g * d + i];
+            if (i % 2 == 0) std::memcpy(&q_pairs[i / 2 * 16 + g], q0 + g * d + i, 4);
+          }
         __m512 best = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < padded; t += 16) {  // 16 keys at a time
-          __m512 s = _mm512_setzero_ps();
-          for (int64_t i = 0; i < d; ++i)
-            s = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * d + i]), _mm512_loadu_ps(&keys_t[i * padded + t]), s);
-          _mm512_storeu_ps(row + t, s);
-          best = _mm512_mask_max_ps(best, lanes(len - t), best, s);
+        const __m512 scale_v = _mm512_set1_ps((float)scale);
+        int64_t t = 0;
+        if constexpr (std::is_same_v<Act, BF16>) {
+          // Eight keys at a time: eight independent dot-product chains (their latency, not their
+          // rate, bounds fewer), each channel pair broadcast straight from the cache row.
+          for (; t + 8 <= len; t += 8) {
+            const float* pairs[8];
+            __m512 acc[8];
+            for (int u = 0; u < 8; ++u) {
+              pairs[u] = (const float*)slot_row(k_cache, t + u);
+              acc[u] = _mm512_setzero_ps();
+            }
+            for (int64_t p = 0; p < d / 2; ++p) {
+              const __m512bh qv = (__m512bh)_mm512_loadu_si512(&q_pairs[p * 16]);
+              for (int u = 0; u < 8; ++u)
+                acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_broadcastss_ps(_mm_load_ss(pairs[u] + p)), qv);
+            }
+            for (int u = 0; u < 8; ++u) {
+              const __m512 sc = _mm512_mul_ps(acc[u], scale_v);
+              _mm512_storeu_ps(&scores[(t + u) * 16], sc);
+              best = _mm512_max_ps(best, sc);
+            }
+          }
         }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+        for (; t < len; ++t) {  // float32, and the last few keys of bf16
+          const Act* k = slot_row(k_cache, t);
+          __m512 sc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < d; ++i) sc = _mm512_fmadd_ps(_mm512_set1_ps((float)k[i]), _mm512_loadu_ps(&q_t[i * 16]), sc);
+          sc = _mm512_mul_ps(sc, scale_v);
+          _mm512_storeu_ps(&scores[t * 16], sc);
+          best = _mm512_max_ps(best, sc);
+        }
         __m512 total = _mm512_setzero_ps();
-        for (int64_t t = 0; t < padded; t += 16) {  // softmax numerators (padding keys get 0) and their sum
-          const __m512 e = _mm512_maskz_mov_ps(lanes(len - t), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + t), top)));
-          _mm512_storeu_ps(row + t, e);
+        for (int64_t t = 0; t < len; ++t) {  // softmax numerators, lane-wise over the keys
+          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(&scores[t * 16]), best));
+          _mm512_storeu_ps(&scores[t * 16], e);
           total = _mm512_add_ps(total, e);
         }
-        const float inv = 1.0f / _mm512_reduce_add_ps(total);
-        __m512 acc[16];
-        for (int64_t j = 0; j < vecs; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < len; ++t) {
-          const __m512 p = _mm512_set1_ps(row[t]);
-          for (int64_t j = 0; j < vecs; ++j) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(&values[(t * vecs + j) * 16]), acc[j]);
+        alignas(64) float inv[16];
+        _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+        for (int64_t h0 = 0; h0 < gs; h0 += heads_per_pass) {  // weighted sums of the values
+          const int64_t hn = std::min<int64_t>(heads_per_pass, gs - h0);
+          __m512 acc[16];
+          for (int64_t a = 0; a < hn * vecs; ++a) acc[a] = _mm512_setzero_ps();
+          for (int64_t t = 0; t < len; ++t) {
+            const Act* v = slot_row(v_cache, t);
+            for (int64_t j = 0; j < vecs; ++j) {
+              const __m512 vv = load(v + j * 16, lanes(d - j * 16));
+              for (int64_t h = 0; h < hn; ++h)
+                acc[h * vecs + j] = _mm512_fmadd_ps(_mm512_set1_ps(scores[t * 16 + h0 + h]), vv, acc[h * vecs + j]);
+            }
+          }
+          for (int64_t h = 0; h < hn; ++h)
+            for (int64_t j = 0; j < vecs; ++j)
+              store(out + (b * heads + kvh * group + g0 + h0 + h) * d + j * 16,
+                    _mm512_mul_ps(acc[h * vecs + j], _mm512_set1_ps(inv[h0 + h])), lanes(d - j * 16));
         }
-        for (int64_t j = 0; j < vecs; ++j)
-          store(out + (b * heads + kvh * group + g) * d + j * 16, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)),
-                lanes(d - j * 16));
       }
     }
   });
@@ -294,7 +328,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
                   v_cache.scalar_type() == q.scalar_type() && k_cache.size(3) == q.size(2),
               "caches must be contiguous [blocks, block_size, kv_heads, d] of q's dtype");
   const int64_t heads = q.size(1), kv_heads = k_cache.size(2), d = q.size(2);
-  TORCH_CHECK(heads % kv_heads == 0 && d <= 256, "heads must be a multiple of kv_heads, head_dim at most 256");
+  TORCH_CHECK(heads % kv_heads == 0 && d <= 256 && d % 2 == 0,
+              "heads must be a multiple of kv_heads, head_dim even and at most 256");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && tables.dim() == 2 &&

@@ -29,16 +29,21 @@ constexpr int64_t kMaxX = 64;     // rows of x per call (four groups of 16)
 int64_t prefetch_bytes = 256;     // software prefetch distance along each weight row (measured best)
 
 // x [M, K] bf16 -> per 16-row group g and 32-column chunk c a 1 KB tile at ((g * chunks + c) * 16
-// + p) * 32 + 2 * m + j holding x[16 g + m, 32 c + 2 p + j] (zero past the last row).
+// + p) * 32 + 2 * m + j holding x[16 g + m, 32 c + 2 p + j] (zero past the last row). One gather
+// of 16 column pairs, one from each row, per 64-byte tile row.
 void pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* out) {
   const int64_t chunks = K / kCols, groups = (M + 15) / 16;
-  std::memset(out, 0, groups * chunks * 1024);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t g = m / 16, mm = m % 16;
-    const uint32_t* row = (const uint32_t*)(x + m * K);  // column pairs
-    uint32_t* dst = (uint32_t*)out;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t p = 0; p < 16; ++p) dst[((g * chunks + c) * 16 + p) * 16 + mm] = row[c * 16 + p];
+  const int* pairs = (const int*)x;
+  auto* dst = (__m512i*)out;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t rows = std::min<int64_t>(16, M - g * 16);
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    const __m512i row_start = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32((int)(K / 2)));
+    const int* base = pairs + g * 16 * (K / 2);
+    for (int64_t q = 0; q < chunks * 16; ++q)  // q = 16 c + p: the column pair
+      _mm512_storeu_si512(dst + g * chunks * 16 + q,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_start, base + q, 4));
   }
 }
 
