@@ -39,6 +39,8 @@ def load(
         # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
         text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
         digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
+        if not _is_built(f"{name}_{digest}"):
+            logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
         return cpp_extension.load(
             name=f"{name}_{digest}",
             sources=[str(source)],
@@ -52,3 +54,13 @@ def load(
             "could not build %s (%s): %s", source.name, " / ".join(detail[:1] + detail[-3:]), fallback
         )
         return None
+
+
+def _is_built(name: str) -> bool:
+    from torch.utils import cpp_extension
+
+    try:
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private helper of torch's: if it moves, just say nothing
+        return True
+    return (directory / f"{name}.so").exists()

@@ -202,6 +202,13 @@ void decode_attention_rows(const Act* q, int64_t q_stride, const Act* k_cache, c
           // Eight keys at a time: eight independent dot-product chains (their latency, not their
           // rate, bounds fewer), each channel pair broadcast straight from the cache row.
           for (; t + 8 <= len; t += 8) {
+            // The rows are scattered over the cache, and the weights streamed since the last step
+            // have evicted them: fetch the next eight keys and values while these are scored.
+            for (int64_t u = t + 8; u < std::min<int64_t>(t + 16, len); ++u)
+              for (int64_t byte = 0; byte < d * 2; byte += 64) {
+                _mm_prefetch((const char*)slot_row(k_cache, u) + byte, _MM_HINT_T0);
+                _mm_prefetch((const char*)slot_row(v_cache, u) + byte, _MM_HINT_T0);
+              }
             const float* pairs[8];
             __m512 acc[8];
             for (int u = 0; u < 8; ++u) {
