@@ -60,9 +60,11 @@ void block(const uint16_t* w, int64_t K, const uint16_t* xtiles, int64_t n0, int
   if constexpr (G > 2) _tile_zero(4);
   if constexpr (G > 3) _tile_zero(5);
   for (int64_t c = 0; c < chunks; ++c) {
+    // Near the end of the rows, fetch the start of the next block's rows instead (the block this
+    // thread most likely does next; a prefetch past the weight's end is harmless).
     const int64_t ahead = c * 64 + prefetch_bytes;
-    if (ahead < stride)
-      for (int64_t r = 0; r < kRows; ++r) _mm_prefetch(rows + r * stride + ahead, _MM_HINT_T0);
+    const char* target = ahead < stride ? rows + ahead : rows + kRows * stride + (ahead - stride);
+    for (int64_t r = 0; r < kRows; ++r) _mm_prefetch(target + r * stride, _MM_HINT_T0);
     _tile_loadd(0, rows + c * 64, stride);
     _tile_loadd(1, xtiles + c * 512, 64);
     _tile_dpbf16ps(2, 0, 1);
