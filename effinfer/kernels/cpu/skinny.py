@@ -6,9 +6,9 @@ once, so its speed is the speed at which the weights stream in from DRAM. One co
 prefetchers keep too few misses in flight for that (they stop at 4 KB pages), so the kernel
 prefetches each weight row a short distance ahead in software and feeds 16 rows x 32 columns of
 weights at a time to AMX tiles straight from the row-major tensor (``skinny_gemm.cpp``). Measured
-here: 29-31 GB/s at one row where oneDNN's prepacked bf16 GEMM reads 23-27 GB/s (details in
-docs/benchmarks.md). Bigger batches (prefill) go to oneDNN through ``F.linear`` on the same
-tensor, so the model is held once.
+here: 28-31 GB/s at 1-16 rows where oneDNN's prepacked bf16 GEMM reads 21-26 GB/s
+(benchmarks/dense_kernels.py, docs/benchmarks.md). Bigger batches (prefill) go to oneDNN
+through ``F.linear`` on the same tensor, so the model is held once.
 
 Switch on: automatic for bf16 Linear layers whose in_features is a multiple of 32, on CPUs with
 AMX-BF16 (Sapphire Rapids and later); ``EFFINFER_CPU_SKINNY=0`` turns it off (the layers then use

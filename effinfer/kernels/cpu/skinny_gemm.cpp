@@ -3,8 +3,10 @@
 //
 // Decoding is memory-bound: all that matters is how fast W streams in. One core alone cannot keep
 // enough cache misses in flight from the hardware prefetchers (they stop at 4 KB pages), so the
-// kernel prefetches every weight row a fixed distance ahead in software; measured on this Xeon,
-// that lifts a 2-core stream from ~27 to ~35 GB/s where oneDNN's bf16 GEMM reads ~25.
+// kernel prefetches every weight row a fixed distance ahead in software. Measured on this Xeon
+// (2 cores, 2 MiB pages): a plain 2-thread read streams ~27-30 GB/s, the same read prefetched
+// ~35-40 GB/s; this kernel reads 28-31 GB/s per TinyLlama matrix where oneDNN's bf16 GEMM reads
+// 21-26 (benchmarks/dense_kernels.py).
 //
 // W is the A operand: a tile is 16 output rows x 32 input columns, loaded straight from the
 // row-major weight (row stride = in_features). x is the B operand: per 32 columns, a 1 KB tile
