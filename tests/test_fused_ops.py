@@ -84,10 +84,14 @@ def test_silu_and_mul_matches_reference(dtype, rows, inter):
         mostly_equal(ours, expected, 0.99, 1e-2)
 
 
+# Context lengths: below, at and above multiples of 8 (the bf16 path scores eight keys per pass).
+CONTEXT_LENS = [6, 13, 20, 4, 11, 18, 16, 8, 1]
+
+
 def paged_problem(dtype, num_seqs, heads, kv_heads, head_dim, block_size=4, seed=0):
     """A shuffled block pool holding ``num_seqs`` contexts of different lengths, and one query each."""
     gen = torch.Generator().manual_seed(seed)
-    lens = [1 + (7 * i + 5) % 23 for i in range(num_seqs)]
+    lens = CONTEXT_LENS[:num_seqs]
     per_seq = [-(-n // block_size) for n in lens]
     num_blocks = sum(per_seq) + 3
     order = torch.randperm(num_blocks, generator=gen).tolist()
@@ -135,10 +139,13 @@ def reference_decode(q, k_cache, v_cache, meta, window):
 @requires_fused
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "heads, kv_heads, head_dim, window", [(4, 4, 8, None), (8, 2, 64, None), (8, 1, 80, 5), (4, 2, 128, 9)]
+    "heads, kv_heads, head_dim, window",
+    [(4, 4, 8, None), (8, 2, 64, None), (8, 1, 80, 5), (4, 2, 128, 9), (32, 1, 64, None), (4, 2, 256, 12)],
 )
 def test_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, window):
-    q, k_cache, v_cache, meta = paged_problem(dtype, 6, heads, kv_heads, head_dim, seed=heads + head_dim)
+    q, k_cache, v_cache, meta = paged_problem(
+        dtype, len(CONTEXT_LENS), heads, kv_heads, head_dim, seed=heads + head_dim
+    )
     expected = reference_decode(q, k_cache, v_cache, meta, window)
     ours = ops().decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor, head_dim**-0.5, window or -1
@@ -165,6 +172,9 @@ def test_bad_input_gets_a_clear_error():
         ops().silu_and_mul(torch.zeros(2, 8, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="must match x"):
         ops().rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="head_dim even"):
+        ops().decode_attention(q[..., :7].contiguous(), k_cache[..., :7].contiguous(), v_cache[..., :7].contiguous(),
+                               meta.block_tables, meta.context_lens_tensor, 1.0, -1)  # fmt: skip
 
 
 def test_layers_use_the_reference_under_autograd_and_when_switched_off(monkeypatch):
@@ -189,8 +199,28 @@ def test_greedy_tokens_are_the_same_with_and_without_fused_ops(arch, tmp_path, m
     _, path = make_hf_model(arch, tmp_path, **extra)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [[1, 17, 99, 305], [1] + list(range(40, 63))]
-    llm = LLM(str(path), dtype="float32", device="cpu", show_progress=False)
+    # No prefix caching: the second run must not reuse blocks the first one computed.
+    llm = LLM(str(path), dtype="float32", device="cpu", show_progress=False, enable_prefix_caching=False)
+    calls = CountingOps(ops())
+    monkeypatch.setattr(fused, "extension", lambda: calls)
     with_fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert {"rms_norm", "rotary_", "silu_and_mul", "decode_attention"} <= set(calls.counts)  # they really ran
     monkeypatch.setattr(fused, "extension", lambda: None)
     without = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert with_fused == without
+
+
+class CountingOps:
+    """The fused-op module, counting the calls to each op."""
+
+    def __init__(self, module):
+        self.module, self.counts = module, {}
+
+    def __getattr__(self, name):
+        op = getattr(self.module, name)
+
+        def counted(*args):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return op(*args)
+
+        return counted

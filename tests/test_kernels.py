@@ -52,15 +52,27 @@ def test_skinny_bf16_linear_matches_reference(rows, out_features, in_features, b
     x, weight, b = random_problem(rows, out_features, in_features, bias, seed=rows * 5 + out_features)
     state = dense_linear.prepare(weight, b)
     assert state.skinny and not state.packed and state.weight.data_ptr() == weight.data_ptr()  # no copy
-    assert_matches_reference(state, x, weight, b)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(skinny, "linear", lambda *args: calls.append(1) or skinny_linear(*args))
+        assert_matches_reference(state, x, weight, b)
+    assert len(calls) == (1 if rows <= skinny.MAX_ROWS else 0)  # the kernel up to 64 rows, F.linear above
     # Leading dimensions and a non-contiguous x work as well.
     wide = torch.randn(2, rows, in_features + 32, dtype=torch.bfloat16)[..., 16 : 16 + in_features]
     assert_matches_reference(state, wide, weight, b)
 
 
+skinny_linear = skinny.linear
+
+
 def test_skinny_kernel_skips_what_it_cannot_take(monkeypatch):
     assert not skinny.supports(torch.empty(8, 40, dtype=torch.bfloat16))  # in_features not a multiple of 32
     assert not skinny.supports(torch.empty(8, 64))  # float32
+    assert not skinny.supports(torch.empty(64, 8, dtype=torch.bfloat16).t())  # not contiguous
+    if skinny.supports(torch.empty(16, 64, dtype=torch.bfloat16)):
+        state = dense_linear.prepare(torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True), None)
+        x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
+        assert dense_linear.apply(state, x).grad_fn is not None  # autograd on: F.linear, not the kernel
     monkeypatch.setattr(skinny, "extension", lambda: None)
     assert not skinny.supports(torch.empty(8, 64, dtype=torch.bfloat16))
 

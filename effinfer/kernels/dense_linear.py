@@ -47,7 +47,7 @@ def prepare(
 ) -> DenseState:
     if allow_skinny and skinny.supports(weight):
         skinny_bias = None if bias is None else bias.detach().float().contiguous()
-        return DenseState(weight.detach().contiguous(), bias, skinny_bias=skinny_bias, skinny=True)
+        return DenseState(weight.detach(), bias, skinny_bias=skinny_bias, skinny=True)
     if allow_prepack and can_prepack(weight):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         return DenseState(packed, bias, packed=True)
@@ -55,9 +55,11 @@ def prepare(
 
 
 def apply(state: DenseState, x: torch.Tensor) -> torch.Tensor:
-    if state.skinny and x.dtype == torch.bfloat16 and x.numel() <= skinny.MAX_ROWS * x.shape[-1]:
-        rows = x.reshape(-1, x.shape[-1])
-        return skinny.linear(rows, state.weight, state.skinny_bias).reshape(*x.shape[:-1], -1)
+    rows = x.numel() // max(1, x.shape[-1])
+    needs_grad = x.requires_grad and torch.is_grad_enabled()  # the kernel has no backward
+    if state.skinny and x.dtype == torch.bfloat16 and 1 <= rows <= skinny.MAX_ROWS and not needs_grad:
+        out = skinny.linear(x.reshape(rows, x.shape[-1]), state.weight, state.skinny_bias)
+        return out.reshape(*x.shape[:-1], -1)
     if state.packed:
         return torch.ops.mkldnn._linear_pointwise(x, state.weight, state.bias, "none", [], "")
     return F.linear(x, state.weight, state.bias)

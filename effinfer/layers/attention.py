@@ -23,6 +23,8 @@ from torch import nn
 
 from effinfer.kernels.cpu import fused
 
+FUSED_MAX_HEAD_DIM = 256  # the fused decode attention keeps one query row in 16 registers
+
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes [T, kv_heads, d] and float32 scales [T, kv_heads] of keys or values [T, kv_heads, d].
@@ -163,7 +165,8 @@ class PagedAttention(nn.Module):
         return visible
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_scale_cache is None and self.k_cache.dtype == q.dtype and fused.usable(q):
+        fits = self.head_dim % 2 == 0 and self.head_dim <= FUSED_MAX_HEAD_DIM
+        if self.k_scale_cache is None and self.k_cache.dtype == q.dtype and fits and fused.usable(q):
             # Reads keys and values in place from their blocks: no gathered copy of every context.
             window = -1 if self.sliding_window is None else self.sliding_window
             return fused.extension().decode_attention(

@@ -1,7 +1,8 @@
 """RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean subtraction.
 
-Computed in float32 and cast back before the weight, exactly as HF Llama does, so logits
-match the reference bit for bit in float32 and closely in bfloat16. With ``residual`` the layer
+Computed in float32 and cast back before the weight, exactly as HF Llama does: the PyTorch
+path (``reference``) matches HF bit for bit in float32 and closely in bfloat16; the fused CPU op
+differs from it only in the order of the float32 sum of squares. With ``residual`` the layer
 first adds the residual stream (x + residual, in the activation dtype) and returns that sum too,
 so a decoder layer's residual add and the next norm are one pass (one fused op on CPU).
 """

@@ -61,12 +61,18 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] in place and return it; queries and keys side by side, so one pass rotates both."""
+    """Rotate x [T, heads, head_dim] in place and return it; queries and keys side by side, so one pass rotates both.
+
+    With cos / sin of a wider dtype than x (mixed precision), the result is a new tensor of that
+    dtype, as PyTorch's type promotion gives, and x is left as it was.
+    """
     cos, sin = cos_sin
-    if x.stride(1) == x.shape[2] and x.stride(2) == 1 and cos.dtype == x.dtype and fused.usable(x):
+    same_shape = cos.shape[-1] == x.shape[-1] and x.stride(1) == x.shape[2] and x.stride(2) == 1
+    if same_shape and cos.dtype == x.dtype and fused.usable(x):
         fused.extension().rotary_(x, cos.squeeze(1), sin.squeeze(1))
         return x
-    return x.copy_(_rotate(x, cos, sin))
+    rotated = _rotate(x, cos, sin)
+    return x.copy_(rotated) if rotated.dtype == x.dtype else rotated
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@
 //
 // Numerics follow the PyTorch reference in ``layers/`` (which follows HF transformers): every
 // value PyTorch would store in the activation dtype is rounded to it at the same point here
-// (``round_as``), and reductions run in float32. Only the order of float32 additions differs.
-// Attention keeps scores, softmax and the weighted sum in float32 (the reference rounds q.k and
-// the probabilities to bf16 on the way).
+// (``round_as``), and reductions run in float32. What differs: the order of float32 additions,
+// SiLU's exp (a Cephes polynomial, ~1 ulp, where PyTorch uses Sleef), and attention, which keeps
+// scores, softmax and the weighted sum in float32 (the reference rounds q.k and the
+// probabilities to bf16 on the way; bf16 dot products also flush denormals).
 //
 // Every op takes bf16 or float32 tensors (the ``Act`` template parameter) whose last dimension
 // is contiguous; rows may be strided.
@@ -278,7 +279,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
                                     double eps) {
   check_rows(x, "x");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type(),
+                  weight.scalar_type() == x.scalar_type() && weight.device().is_cpu(),
               "rms_norm: x [T, hidden] and a contiguous weight [hidden] of x's dtype");
   auto out = torch::empty({x.size(0), x.size(1)}, x.options());
   torch::Tensor sum;
@@ -303,7 +304,8 @@ void rotary_(torch::Tensor qk, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(qk.dim() == 3 && qk.stride(1) == qk.size(2) && qk.size(2) % 2 == 0, "qk must be [T, heads, d] with even d");
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == qk.size(0) && cos.size(1) == qk.size(2) &&
                   cos.stride(1) == 1 && sin.stride(1) == 1 && cos.stride(0) == sin.stride(0) &&
-                  cos.scalar_type() == qk.scalar_type() && sin.scalar_type() == qk.scalar_type(),
+                  cos.scalar_type() == qk.scalar_type() && sin.scalar_type() == qk.scalar_type() &&
+                  cos.device().is_cpu() && sin.device().is_cpu(),
               "cos and sin must be [T, d] rows of qk's dtype");
   by_dtype(qk, [&](auto* tag) {
     using Act = std::remove_pointer_t<decltype(tag)>;
@@ -332,15 +334,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(q.dim() == 3 && q.stride(1) == q.size(2), "q must be [B, heads, d] with contiguous heads");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type() && k_cache.size(3) == q.size(2),
-              "caches must be contiguous [blocks, block_size, kv_heads, d] of q's dtype");
+                  v_cache.scalar_type() == q.scalar_type() && k_cache.size(3) == q.size(2) &&
+                  k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "caches must be contiguous CPU [blocks, block_size, kv_heads, d] of q's dtype");
   const int64_t heads = q.size(1), kv_heads = k_cache.size(2), d = q.size(2);
-  TORCH_CHECK(heads % kv_heads == 0 && d <= 256 && d % 2 == 0,
-              "heads must be a multiple of kv_heads, head_dim even and at most 256");
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0 && d >= 2 && d <= 256 && d % 2 == 0,
+              "heads must be a multiple of kv_heads, head_dim even and 2-256");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong && tables.dim() == 2 &&
-                  tables.size(0) == q.size(0) && lens.numel() == q.size(0),
+                  tables.size(0) == q.size(0) && lens.numel() == q.size(0) && tables.device().is_cpu() &&
+                  lens.device().is_cpu(),
               "block_tables [B, max_blocks] and context_lens [B] must be int64");
   const int64_t block_size = k_cache.size(1), num_blocks = k_cache.size(0);
   const int64_t* lp = lens.data_ptr<int64_t>();

@@ -54,16 +54,17 @@ def extension() -> Any | None:
 
 
 def supports(weight: torch.Tensor) -> bool:
-    """Whether the kernel can serve this weight [out, in]: bf16 on the CPU, in a multiple of 32, built here."""
+    """Whether the kernel can serve this weight [out, in]: contiguous bf16 on the CPU, in a multiple of 32, built here."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
+        and weight.is_contiguous()  # used in place: a copy would hold the weight twice
         and weight.shape[1] % COLUMN_MULTIPLE == 0
         and extension() is not None
     )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias_f32: torch.Tensor | None) -> torch.Tensor:
-    """x [rows <= MAX_ROWS, in] bf16 @ weight^T (+ float32 bias), in bf16."""
+    """x [1 <= rows <= MAX_ROWS, in] bf16 @ weight^T (+ float32 bias), in bf16; no autograd."""
     return extension().skinny_linear(x, weight, bias_f32)

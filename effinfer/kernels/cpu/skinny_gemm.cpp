@@ -124,8 +124,9 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K && K % kCols == 0 && M >= 1 && M <= kMaxX && weight.is_contiguous(),
               "skinny_linear needs 1-64 rows, in_features a multiple of 32 and a contiguous weight");
-  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous()),
-              "bias must be float32 [out_features]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous() &&
+                        bias->device().is_cpu()),
+              "bias must be a float32 CPU tensor [out_features]");
   TORCH_CHECK(amx_ready(), "AMX tile state was refused");
   x = x.contiguous();
   const auto* xp = (const uint16_t*)x.data_ptr();
