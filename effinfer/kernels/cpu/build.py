@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# What every kernel here is compiled with and needs: AVX-512 with bf16 dot products, OpenMP.
+AVX512_BF16_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+]
+AVX512_BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+# And the kernels that multiply on AMX tiles (their module exports ``amx_ready``).
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -26,13 +43,33 @@ def cpu_flags() -> set[str]:
 
 
 def load(
-    name: str, source: Path, compile_flags: list[str], required_cpu_flags: tuple[str, ...], fallback: str
+    name: str,
+    source: Path,
+    compile_flags: list[str],
+    required_cpu_flags: tuple[str, ...],
+    fallback: str,
+    switch: str,
+    needs_amx: bool = False,
 ) -> Any | None:
-    """The compiled module ``name`` built from ``source``, or None with one message saying ``fallback``."""
+    """The compiled module ``name`` built from ``source``, or None with one message saying ``fallback``.
+
+    None also when the environment variable ``switch`` is "0", and, with ``needs_amx``, when the
+    operating system refuses the module AMX tile state.
+    """
+    if os.environ.get(switch, "1") == "0":
+        return None
     missing = [f for f in required_cpu_flags if f not in cpu_flags()]
     if missing:
         logger.info("CPU lacks %s: %s", ", ".join(missing), fallback)
         return None
+    module = _build(name, source, compile_flags, fallback)
+    if module is not None and needs_amx and not module.amx_ready():
+        logger.warning("%s: the kernel refused AMX tile state: %s", source.name, fallback)
+        return None
+    return module
+
+
+def _build(name: str, source: Path, compile_flags: list[str], fallback: str) -> Any | None:
     try:
         from torch.utils import cpp_extension
 

@@ -15,7 +15,6 @@ reference in ``layers/``, which the tests compare this against.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +23,19 @@ import torch
 from effinfer.kernels.cpu import build
 
 SOURCE = Path(__file__).with_name("fused_ops.cpp")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+REQUIRED_CPU_FLAGS = build.AVX512_BF16_CPU_FLAGS
 # No contraction of a product and a sum into one FMA: the rounding must be the reference's.
-COMPILE_FLAGS = [
-    "-O3",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mfma",
-]
+COMPILE_FLAGS = build.AVX512_BF16_FLAGS + ["-ffp-contract=off"]
 DTYPES = (torch.bfloat16, torch.float32)
 
 
 @functools.cache
 def extension() -> Any | None:
     """The compiled ops, or None where they cannot run (the layers then use PyTorch)."""
-    if os.environ.get("EFFINFER_CPU_FUSED", "1") == "0":
-        return None
     return build.load(
-        "effinfer_fused", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS, "decoder layers run on plain PyTorch ops"
-    )
+        "effinfer_fused", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS, "decoder layers run on plain PyTorch ops",
+        switch="EFFINFER_CPU_FUSED",
+    )  # fmt: skip
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -18,8 +18,6 @@ oneDNN's prepacked weights, ``dense_linear``).
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +25,9 @@ import torch
 
 from effinfer.kernels.cpu import build
 
-logger = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("skinny_gemm.cpp")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
-COMPILE_FLAGS = [
-    "-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-    "-mamx-tile", "-mamx-bf16",
-]  # fmt: skip
+REQUIRED_CPU_FLAGS = build.AVX512_BF16_CPU_FLAGS + build.AMX_CPU_FLAGS
+COMPILE_FLAGS = build.AVX512_BF16_FLAGS + build.AMX_FLAGS
 MAX_ROWS = 64  # rows of x the kernel takes (four AMX tiles of 16); more go to oneDNN
 COLUMN_MULTIPLE = 32  # in_features must fill whole AMX tiles
 
@@ -42,15 +35,10 @@ COLUMN_MULTIPLE = 32  # in_features must fill whole AMX tiles
 @functools.cache
 def extension() -> Any | None:
     """The compiled kernel, or None where it cannot run."""
-    if os.environ.get("EFFINFER_CPU_SKINNY", "1") == "0":
-        return None
-    module = build.load(
-        "effinfer_skinny", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS, "bf16 decode uses oneDNN"
-    )
-    if module is not None and not module.amx_ready():
-        logger.warning("the kernel refused AMX tile state: bf16 decode uses oneDNN")
-        return None
-    return module
+    return build.load(
+        "effinfer_skinny", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS, "bf16 decode uses oneDNN",
+        switch="EFFINFER_CPU_SKINNY", needs_amx=True,
+    )  # fmt: skip
 
 
 def supports(weight: torch.Tensor) -> bool:

@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kRows = 16;     // weight rows per tile (outputs per block)
 constexpr int64_t kCols = 32;     // input columns per tile (one AMX K-step of bf16)
 constexpr int64_t kMaxX = 64;     // rows of x per call (four groups of 16)
-int64_t prefetch_bytes = 256;     // software prefetch distance along each weight row (measured best)
+constexpr int64_t kPrefetchBytes = 256;  // software prefetch distance along each weight row (measured best)
 
 // x [M, K] bf16 -> per 16-row group g and 32-column chunk c a 1 KB tile at ((g * chunks + c) * 16
 // + p) * 32 + 2 * m + j holding x[16 g + m, 32 c + 2 p + j] (zero past the last row). One gather
@@ -64,7 +64,7 @@ void block(const uint16_t* w, int64_t K, const uint16_t* xtiles, int64_t n0, int
   for (int64_t c = 0; c < chunks; ++c) {
     // Near the end of the rows, fetch the start of the next block's rows instead (the block this
     // thread most likely does next; a prefetch past the weight's end is harmless).
-    const int64_t ahead = c * 64 + prefetch_bytes;
+    const int64_t ahead = c * 64 + kPrefetchBytes;
     const char* target = ahead < stride ? rows + ahead : rows + kRows * stride + (ahead - stride);
     for (int64_t r = 0; r < kRows; ++r) _mm_prefetch(target + r * stride, _MM_HINT_T0);
     _tile_loadd(0, rows + c * 64, stride);
@@ -114,8 +114,6 @@ void tail_rows(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64
 
 bool amx_ready() { return amx::ready(); }
 
-void set_prefetch_bytes(int64_t bytes) { prefetch_bytes = bytes; }
-
 // x: bf16 [M, K] (M <= 64, K a multiple of 32); weight: bf16 [N, K] row-major; bias: fp32 [N] or none.
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.scalar_type() == torch::kBFloat16 &&
@@ -158,5 +156,4 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ W^T for 1-64 rows of x (see skinny_gemm.cpp)");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
-  m.def("set_prefetch_bytes", &set_prefetch_bytes, "software prefetch distance along weight rows");
 }

@@ -21,8 +21,6 @@ dequantized bf16 weight. ``EFFINFER_CPU_WOQ=0`` disables the kernel.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,25 +31,11 @@ import torch.nn.functional as F
 from effinfer.kernels.cpu import build
 from effinfer.layers.quantized import QuantizedWeight
 
-logger = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("woq_kernels.cpp")
 BLOCK_N = 16  # output rows per packed block (the kernel's register width in fp32)
 CHUNK = 32  # groups are padded to multiples of this many input columns (one AMX K-step)
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-COMPILE_FLAGS = [
-    "-O3",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mavx512fp16",
-    "-mfma",
-    "-mamx-tile",
-    "-mamx-bf16",
-]
+REQUIRED_CPU_FLAGS = build.AVX512_BF16_CPU_FLAGS + ("avx512_fp16",) + build.AMX_CPU_FLAGS
+COMPILE_FLAGS = build.AVX512_BF16_FLAGS + ["-mavx512fp16"] + build.AMX_FLAGS
 # Rows of x from which the AMX path beats register-blocked AVX512-BF16, measured on Sapphire
 # Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2,
 # for NF4 / FP4 ("table") from 3 (2048->11264: AVX512 0.67 vs AMX 0.72 ms at 2 rows, 0.92 vs 0.72 at 3).
@@ -61,18 +45,11 @@ AMX_MIN_ROWS = {8: 1, 4: 2, "table": 3}
 @functools.cache
 def extension() -> Any | None:
     """The compiled kernel module, or None (with one warning) where it cannot run."""
-    if os.environ.get("EFFINFER_CPU_WOQ", "1") == "0":
-        return None
-    module = build.load(
+    return build.load(
         "effinfer_woq", SOURCE, COMPILE_FLAGS, REQUIRED_CPU_FLAGS,
         "quantized layers run dequantized (NF4 / FP4: decoded chunk by chunk)",
+        switch="EFFINFER_CPU_WOQ", needs_amx=True,
     )  # fmt: skip
-    if module is None:
-        return None
-    if not module.amx_ready():
-        logger.warning("the kernel refused AMX tile state: quantized layers run dequantized")
-        return None
-    return module
 
 
 @dataclass
