@@ -158,6 +158,7 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def stats(self) -> EngineStats:
+        """How busy the engine is now: batch, queue, KV blocks, preemptions and prefix-cache reuse."""
         blocks = self.block_manager
         return EngineStats(
             num_running=self.num_running,
