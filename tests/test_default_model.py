@@ -36,7 +36,7 @@ def test_transformers_gives_the_same_logits():
     ids = ours.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]
-        model = ours.engine.runner.model
+        model = ours.engine.model
         got = model.compute_logits(model.forward_dense(torch.tensor([ids])))[0]
     assert (got - expected).abs().max().item() < 1e-3
 

@@ -38,23 +38,22 @@ def test_greedy_reference_from_bos(llm, stories260k):
 
 def test_prefix_caching_and_preemption_do_not_change_greedy_output(stories260k, llm):
     reference = _tokens(llm.generate(STORY_PROMPTS * 2, GREEDY))
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert llm.engine.stats().num_used_blocks == 0
 
     no_cache = LLM(str(stories260k), enable_prefix_caching=False, show_progress=False)
     assert _tokens(no_cache.generate(STORY_PROMPTS * 2, GREEDY)) == reference
 
     # Repeated prompts must hit the prefix cache and still give the same tokens.
-    assert llm.engine.block_manager.prefix_cache_hits > 0
+    assert llm.engine.stats().prefix_cache_hits > 0
 
     model_config = llm.engine.model_config
     per_block = kv_bytes_per_block(model_config, 16, llm.engine.dtype)
     tiny = LLM(str(stories260k), kv_cache_memory=10 * per_block, show_progress=False)
-    assert tiny.engine.runner.num_blocks == 10
+    assert tiny.engine.stats().num_blocks == 10
     assert _tokens(tiny.generate(STORY_PROMPTS * 2, GREEDY)) == reference
-    assert tiny.engine.scheduler.num_preemptions > 0
-    manager = tiny.engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
-    assert all(b.ref_count == 0 for b in manager.blocks)
+    stats = tiny.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_used_blocks == 0 and stats.num_requests == 0
 
 
 def test_token_id_prompts_equal_text_prompts(llm):
@@ -176,3 +175,86 @@ def test_chat_uses_the_template(llm):
         0
     ]
     assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def _blocks_holding(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def test_stats_match_an_independent_count_of_the_requests(stories260k):
+    """Between steps, every running sequence holds the blocks of the tokens whose KV was computed:
+    all but the token just sampled. Waiting ones hold none; finished and aborted ones give theirs back."""
+    block_size = 16
+    llm = LLM(
+        str(stories260k),
+        max_num_seqs=3,
+        block_size=block_size,
+        enable_prefix_caching=False,
+        show_progress=False,
+    )
+    engine = llm.engine
+    lengths = {"a": (30, 1), "b": (5, 2), "c": (45, 1), "d": (17, 1)}  # request -> (max_tokens, n)
+    prompts = {"a": STORY_PROMPTS[0], "b": STORY_PROMPTS[1], "c": STORY_PROMPTS[2], "d": STORY_PROMPTS[3]}
+    for request_id, (max_tokens, n) in lengths.items():
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, n=n, ignore_eos=True)
+        engine.add_request(prompts[request_id], params, request_id)
+    num_seqs = sum(n for _, n in lengths.values())
+    assert engine.stats().num_waiting == num_seqs and engine.stats().num_used_blocks == 0
+
+    latest = {}  # request id -> its last RequestOutput
+    aborted = False
+    seen_waiting_and_running = False
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            latest[output.request_id] = output
+        if not aborted and len(latest["a"].outputs[0].token_ids) >= 10:
+            engine.abort_request("a")
+            del latest["a"]
+            aborted = True
+        running = [
+            (len(o.prompt_token_ids), len(c.token_ids))
+            for o in latest.values()
+            if not o.finished
+            for c in o.outputs
+            if not c.finished
+        ]
+        finished_seqs = sum(c.finished for o in latest.values() for c in o.outputs)
+        stats = engine.stats()
+        assert stats.num_running == len(running)
+        assert stats.num_waiting == num_seqs - len(running) - finished_seqs - aborted
+        assert stats.num_requests == len(lengths) - aborted - sum(o.finished for o in latest.values())
+        assert stats.num_used_blocks == sum(_blocks_holding(p + t - 1, block_size) for p, t in running)
+        seen_waiting_and_running |= stats.num_waiting > 0 and stats.num_running > 0
+    assert aborted and seen_waiting_and_running and engine.stats().num_preemptions == 0
+    assert engine.stats().num_used_blocks == 0 and engine.unfinished_request_ids() == []
+
+
+def test_stats_count_prefix_cache_hits(stories260k):
+    llm = LLM(str(stories260k), block_size=16, show_progress=False)
+    prompt = llm.tokenizer.encode(" ".join(STORY_PROMPTS))  # more than two blocks
+    before = llm.engine.stats()
+    llm.generate([prompt], GREEDY)
+    again = llm.generate([prompt], GREEDY)[0]
+    after = llm.engine.stats()
+    # Full blocks are reused except the one holding the last prompt token (its logits are needed).
+    reusable = (len(prompt) - 1) // 16
+    assert reusable >= 2
+    assert after.prefix_cache_hits - before.prefix_cache_hits == reusable
+    assert again.num_cached_tokens == 16 * reusable
+
+
+def test_engine_answers_which_requests_it_holds(llm):
+    engine = llm.engine
+    engine.add_request(STORY_PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True), "first")
+    engine.add_request(STORY_PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True), "second")
+    assert engine.has_request("first") and not engine.has_request("third")
+    assert engine.unfinished_request_ids() == ["first", "second"]
+    assert engine.running_request_ids() == []
+    engine.step()
+    assert sorted(engine.running_request_ids()) == ["first", "second"]
+    engine.abort_request("second")
+    assert engine.unfinished_request_ids() == ["first"] and engine.running_request_ids() == ["first"]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine.has_request("first") and engine.unfinished_request_ids() == []
+    assert engine.stats().num_used_blocks == 0

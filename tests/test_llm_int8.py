@@ -173,10 +173,10 @@ def test_llm_int8_stories260k_end_to_end(stories260k, stories_prompts, monkeypat
     """The pipeline's transform, loaded into ``LLM``: greedy tokens match the float model's."""
     from effinfer import LLM, SamplingParams
     from effinfer.compress.quant.pipeline import QuantizeOptions, apply_method
-    from effinfer.engine import engine as engine_module
+    from effinfer.loading import checkpoint as checkpoint_module
     from effinfer.loading.builder import finalize_model
 
-    real_load_model = engine_module.load_model
+    real_load_model = checkpoint_module.load_model
 
     def load_llm_int8(path, config, dtype, device, max_len, show_progress):
         model = real_load_model(path, config, dtype, device, max_len, show_progress, finalize=False)
@@ -187,7 +187,7 @@ def test_llm_int8_stories260k_end_to_end(stories260k, stories_prompts, monkeypat
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     float_llm = LLM(str(stories260k), dtype="float32", show_progress=False)
     expected = [o.outputs[0].token_ids for o in float_llm.generate(stories_prompts, greedy)]
-    monkeypatch.setattr(engine_module, "load_model", load_llm_int8)
+    monkeypatch.setattr(checkpoint_module, "load_model", load_llm_int8)
     llm = LLM(str(stories260k), dtype="float32", show_progress=False)
     model = llm.engine.runner.model
     linears = quantizable_linears(model)

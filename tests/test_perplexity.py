@@ -89,3 +89,25 @@ def test_paged_perplexity_equals_dense_scoring(stories260k, shared_data):
         assert paged.num_tokens == dense.num_tokens
         assert paged.perplexity == pytest.approx(dense.perplexity, rel=1e-5)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_paged_perplexity_leaves_nothing_in_the_prefix_cache(stories260k, shared_data):
+    """Scoring never computes the KV of a window's last token, so its blocks must not be reused later."""
+    from effinfer import SamplingParams
+    from effinfer.eval.perplexity import paged_perplexity
+
+    text = (shared_data / "text" / "tinystories_valid.txt").read_text()[:3000]
+    llm = LLM(str(stories260k), dtype="float32", block_size=16, show_progress=False)
+    window = llm.tokenizer.encode(text)[:128]  # a whole number of blocks
+    paged_perplexity(llm, token_ids=window, ctx=128, max_windows=1, show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    prompt = window + window[1:9]
+    after_scoring = llm.generate([prompt], params)[0]
+    assert after_scoring.num_cached_tokens == 0
+    fresh = LLM(str(stories260k), dtype="float32", enable_prefix_caching=False, show_progress=False)
+    expected = fresh.generate([prompt], params)[0].outputs[0]
+    assert after_scoring.outputs[0].token_ids == expected.token_ids
+    for got, want in zip(after_scoring.outputs[0].logprobs, expected.logprobs):
+        assert {t: p.logprob for t, p in got.items()} == pytest.approx(
+            {t: p.logprob for t, p in want.items()}
+        )

@@ -472,10 +472,10 @@ def test_64_concurrent_streams_finish_and_free_everything(server, llm):
     assert grown < 32 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over two rounds of 64 streams"
 
     engine = server.async_engine
-    assert engine.engine.requests == {} and engine.engine._last_output == {}
+    assert engine.engine.unfinished_request_ids() == []
     assert engine.num_open_requests == 0 and server.state.num_open_seqs == 0
-    blocks = engine.engine.block_manager
-    assert all(block.ref_count == 0 for block in blocks.blocks)
+    stats = engine.stats()
+    assert (stats.num_requests, stats.num_running, stats.num_waiting, stats.num_used_blocks) == (0, 0, 0, 0)
 
 
 def test_disconnected_stream_is_aborted_and_frees_blocks(server):

@@ -190,7 +190,7 @@ def server(stories260k):
     running = start_server(stories260k, max_num_seqs=16)
     yield running
     running.stop()
-    assert running.async_engine.stats.num_step_errors == 0
+    assert running.async_engine.stats().num_step_errors == 0
 
 
 @pytest.fixture(scope="module")
@@ -267,5 +267,5 @@ def test_server_is_healthy_and_idle_after_fuzzing(server, http):
     server.wait_idle()
     assert http.get("/health").status_code == 200
     assert http.post("/v1/completions", json=GOOD).status_code == 200
-    assert server.async_engine.stats.num_step_errors == 0
+    assert server.async_engine.stats().num_step_errors == 0
     assert server.state.num_open_seqs == 0

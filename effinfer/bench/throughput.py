@@ -152,8 +152,8 @@ class EffinferRunner:
         self.device = self.engine.device
         self.dtype = self.engine.dtype
         self.show_progress = show_progress
-        self.weight_bytes = weight_read_bytes(self.engine.runner.model)
-        self.num_parameters = parameter_count(self.engine.runner.model)
+        self.weight_bytes = weight_read_bytes(self.engine.model)
+        self.num_parameters = parameter_count(self.engine.model)
 
     def decode(self, prompt: list[int], num_tokens: int, desc: str = "decode") -> DecodeResult:
         engine = self.engine

@@ -20,11 +20,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from pathlib import Path
 
+from effinfer.config import EngineConfig, ModelConfig
 from effinfer.engine.engine import LLMEngine
+from effinfer.engine.stats import EngineStats
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import SamplingParams
+from effinfer.tokenizer import Tokenizer
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineError", "EngineStats", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +40,6 @@ class EngineError(RuntimeError):
 
 class EngineDeadError(EngineError):
     """The engine thread is not running (never started, shut down, or crashed)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot the engine thread publishes after every loop; safe to read from any thread."""
-
-    num_running: int  # sequences in the running batch
-    num_waiting: int  # sequences queued for prefill
-    num_requests: int  # requests the engine holds
-    num_free_blocks: int
-    num_blocks: int
-    num_steps: int
-    num_step_errors: int
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
 class RequestStream:
@@ -130,10 +118,34 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._num_steps = 0
         self._num_step_errors = 0
         self.dead_error: BaseException | None = None
-        self.stats = self._snapshot()
+        self._stats = self._snapshot()
+
+    # ---- what the engine serves (fixed at start-up, so safe to read from any thread) ----------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_path(self) -> Path:
+        return self.engine.model_path
+
+    def stats(self) -> EngineStats:
+        """The snapshot the engine thread published after its last loop; safe to read from any thread."""
+        return self._stats
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -156,10 +168,10 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             logger.warning("the engine thread did not stop within %.0f s", timeout)
         else:
-            for request_id in list(self.engine.requests):
+            for request_id in self.engine.unfinished_request_ids():
                 self.engine.abort_request(request_id)
             self._inbox.clear()
-            self.stats = self._snapshot()
+            self._stats = self._snapshot()
         self._thread = None
         self._fail(list(self._streams), EngineDeadError("the server is shutting down"))
 
@@ -258,7 +270,7 @@ class AsyncLLMEngine:
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
                     self._step()
-                self.stats = self._snapshot()
+                self._stats = self._snapshot()
         except BaseException as e:  # a bug in this loop: fail everyone rather than hang them
             logger.exception("the engine thread crashed")
             self.dead_error = e
@@ -282,34 +294,22 @@ class AsyncLLMEngine:
         except Exception as e:
             self._num_step_errors += 1
             # The requests in the failed batch are the running ones; waiting ones were not touched.
-            failed = sorted({seq.request_id for seq in self.engine.scheduler.running}) or list(
-                self.engine.requests
-            )
+            failed = sorted(self.engine.running_request_ids()) or self.engine.unfinished_request_ids()
             logger.exception("engine step failed; failing requests %s", failed)
             for request_id in failed:
                 self.engine.abort_request(request_id)
             self._post(self._fail, failed, EngineError(f"the engine failed while running the request: {e!r}"))
             return
-        self._num_steps += 1
         if outputs:
             self._post(self._deliver, outputs)
-        elif not self.engine.scheduler.running:
+        elif not self.engine.num_running:
             time.sleep(0.001)  # nothing could be scheduled: do not spin
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail(list(self._streams), error)
 
     def _snapshot(self) -> EngineStats:
-        engine, blocks = self.engine, self.engine.block_manager
-        return EngineStats(
-            num_running=engine.num_running,
-            num_waiting=engine.num_waiting,
-            num_requests=len(engine.requests),
-            num_free_blocks=blocks.num_free_blocks,
-            num_blocks=blocks.num_blocks,
-            num_steps=self._num_steps,
-            num_step_errors=self._num_step_errors,
-        )
+        return dataclasses.replace(self.engine.stats(), num_step_errors=self._num_step_errors)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -72,16 +72,21 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= seq.num_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
+
+        ``use_prefix_cache=False`` neither reuses nor publishes blocks: for a sequence whose KV is
+        written a chunk at a time outside the step loop, and may be left incomplete.
+        """
         assert not seq.block_table
+        caching = self.enable_prefix_caching and use_prefix_cache
         prefix_hash = None
-        cache_missed = not self.enable_prefix_caching
+        cache_missed = not caching
         seq.num_cached_tokens = 0
         for i in range(seq.num_blocks):
             token_ids = tuple(seq.block_tokens(i))
             full = len(token_ids) == self.block_size
-            h = block_hash(prefix_hash, token_ids) if full and self.enable_prefix_caching else None
+            h = block_hash(prefix_hash, token_ids) if full and caching else None
             # At least one token must be computed so the step has logits to sample from.
             reusable = full and (i + 1) * self.block_size < len(seq)
             block = None
@@ -119,7 +124,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table.clear()
-        seq.num_cached_tokens = 0
+        # num_cached_tokens stays: the request's last output reports it; allocate() sets it afresh.
 
     def can_append(self, seq: Sequence) -> bool:
         """The next step computes the KV of the last token; it needs a new block if that token opens one."""

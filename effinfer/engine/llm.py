@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from effinfer.config import EngineConfig
-from effinfer.engine.engine import LLMEngine, resolve_model_path
+from effinfer.engine.engine import LLMEngine
+from effinfer.loading.checkpoint import resolve_model_path
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import SamplingParams
 
@@ -91,7 +92,7 @@ class LLM:
                         if output.finished:
                             return
         finally:
-            if request_id in self.engine.requests:
+            if self.engine.has_request(request_id):
                 self.engine.abort_request(request_id)
 
 

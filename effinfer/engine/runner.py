@@ -139,3 +139,19 @@ class ModelRunner:
         if last_token_index is not None:
             hidden = hidden.index_select(0, last_token_index)
         return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def run_chunk(self, seq: Sequence, start: int, stop: int) -> torch.Tensor:
+        """Logits [stop - start, vocab] in float32 of tokens ``start:stop`` of ``seq``, whose KV before
+        ``start`` is already in the cache (a prefill chunk: each row attends to all tokens up to it)."""
+        positions = list(range(start, stop))
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor([self._slot(seq, p) for p in positions]),
+            block_tables=self._block_tables([seq]),
+            context_lens=[stop],
+            query_lens=[stop - start],
+            block_size=self.block_size,
+        )
+        hidden = self.model(self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta)
+        return self.model.compute_logits(hidden).float()

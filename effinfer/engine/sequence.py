@@ -44,21 +44,16 @@ class Sequence:
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache this admission
+        self.num_cached_tokens = 0  # tokens whose KV came from the prefix cache at the last admission
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self.logprobs: list[dict[int, float]] = []
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)  # where the logits are sampled
             # Completions of one request must differ, yet stay reproducible from the seed.
             self.generator.manual_seed(params.seed + index)
-        self.detokenizer = None  # set by the engine
-        self.text = ""
-        self.stop_checked_upto = 0  # characters of text already searched for stop strings
-        self.arrival_step = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

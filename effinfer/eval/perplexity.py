@@ -69,7 +69,7 @@ def perplexity(
         raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
     if len(token_ids) < 2:
         raise ValueError("the text must have at least two tokens")
-    model = engine.runner.model
+    model = engine.model
     ids = torch.tensor(token_ids, device=engine.device)
     starts = list(range(0, len(token_ids) - 1, stride))
     if max_windows is not None:
@@ -110,48 +110,22 @@ def paged_perplexity(
     time (1: exactly like decoding) and every token attends to its context as read back from the
     cache. Non-overlapping windows of ``ctx`` tokens; the engine must be idle.
     """
-    from effinfer.engine.sequence import Sequence
-    from effinfer.layers.attention import AttentionMetadata
-    from effinfer.sampling_params import SamplingParams
-
     token_ids = _token_ids(llm, text, path, token_ids)
     engine = llm.engine
     if engine.has_unfinished_requests():
         raise RuntimeError("paged_perplexity needs an idle engine")
     ctx = min(ctx or engine.max_model_len, engine.max_model_len)
-    runner, blocks = engine.runner, engine.block_manager
     starts = list(range(0, len(token_ids) - 1, ctx))[:max_windows]
     total_nll, total_tokens = 0.0, 0
-    with torch.inference_mode():
-        for begin in tqdm(starts, desc="paged perplexity", unit="window", disable=not show_progress):
-            window = token_ids[begin : begin + ctx]
-            if len(window) < 2:
-                break
-            seq = Sequence(
-                "ppl", 0, window, SamplingParams(max_tokens=1), runner.block_size, 1, engine.device
-            )
-            if not blocks.can_allocate(seq):
-                raise RuntimeError(f"the KV cache cannot hold a {len(window)}-token window")
-            blocks.allocate(seq)
-            try:
-                block_table = runner._tensor([seq.block_table])
-                for start in range(0, len(window) - 1, chunk):
-                    stop = min(start + chunk, len(window) - 1)
-                    positions = list(range(start, stop))
-                    meta = AttentionMetadata(
-                        is_prefill=True,
-                        slot_mapping=runner._tensor([runner._slot(seq, p) for p in positions]),
-                        block_tables=block_table,
-                        context_lens=[stop],
-                        query_lens=[stop - start],
-                        block_size=runner.block_size,
-                    )
-                    hidden = runner.model(runner._tensor(window[start:stop]), runner._tensor(positions), meta)
-                    logits = runner.model.compute_logits(hidden).float()
-                    targets = torch.tensor(window[start + 1 : stop + 1], device=logits.device)
-                    total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
-                    total_tokens += stop - start
-            finally:
-                blocks.free(seq)
+    for begin in tqdm(starts, desc="paged perplexity", unit="window", disable=not show_progress):
+        window = token_ids[begin : begin + ctx]
+        if len(window) < 2:
+            break
+        scored = 0
+        for logits in engine.teacher_forced_logits(window, chunk):
+            targets = torch.tensor(window[scored + 1 : scored + 1 + len(logits)], device=logits.device)
+            total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            scored += len(logits)
+        total_tokens += scored
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, total_tokens, len(starts), ctx, ctx)

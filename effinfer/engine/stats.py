@@ -1,0 +1,29 @@
+"""What an engine reports about its load: the public answer to "how busy is it?"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine between two steps."""
+
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # sequences queued for prefill (new or preempted)
+    num_requests: int  # requests the engine holds (a request with n > 1 has n sequences)
+    num_blocks: int  # KV-cache blocks in all
+    num_free_blocks: int
+    num_preemptions: int  # sequences preempted since start
+    prefix_cache_queries: int  # full prompt blocks looked up in the prefix cache since start
+    prefix_cache_hits: int  # ... and found there
+    num_steps: int  # steps that ran a batch
+    num_step_errors: int = 0  # steps that raised (counted by whoever drives the engine and recovers)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
