@@ -21,10 +21,11 @@ import argparse
 import shlex
 import sys
 
-from effinfer.bench import quant, serve
+from effinfer.bench import quant, report, serve
 from effinfer.bench.models import PRESETS, make_random_model
 from effinfer.bench.serve import BenchServeError
-from effinfer.bench.suite import BenchError
+from effinfer.bench.suite import BenchError, BenchSettings, run_suite
+from effinfer.bench.workload import parse_range
 from effinfer.config import ConfigError
 
 __all__ = ["register", "add_arguments", "run", "main", "make_random_model", "BenchError", "BenchServeError"]
@@ -36,8 +37,6 @@ DESCRIPTION = (
 
 
 def _length_range(text: str) -> tuple[int, int]:
-    from effinfer.bench.workload import parse_range
-
     try:
         return parse_range(text)
     except ValueError as e:
@@ -155,11 +154,6 @@ def build_parser(prog: str = "effinfer bench") -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the suite for a parsed ``bench`` command line; raises BenchError or ConfigError."""
-    return _bench(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``effinfer bench ARGV...`` on its own (the ``effinfer`` command goes through ``effinfer.cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -178,10 +172,8 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from effinfer.bench import report
-    from effinfer.bench.suite import BenchSettings, run_suite
-
+def run(args: argparse.Namespace) -> int:
+    """Runs the suite for a parsed ``bench`` command line; raises BenchError or ConfigError."""
     if not args.model:
         raise BenchError("--model is required (or use `effinfer bench make-model` to create one)")
     if args.compare == "hf":
