@@ -1,48 +1,47 @@
 """The ``effinfer`` command line: generate, chat, serve, eval, quantize, convert, bench, train.
 
-Every command takes the engine settings (``--dtype``, ``--kv-cache-memory``, ...) and, where it
-samples, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong path, a bad
-value, a prompt that is too long) print one line and exit with status 2, never a traceback.
+Every command registers itself the same way: its module has ``register(subparsers)``, which adds its
+parser and sets ``func``; ``main`` builds the parser from ``COMMANDS`` and calls ``args.func(args)``.
+Commands that load a model take the engine flags of ``EngineArgs`` (``--dtype``, ``--kv-cache-memory``,
+...) and, where they sample, flags that mirror ``SamplingParams``. Errors the user can fix (a wrong
+path, a bad value, a prompt that is too long) print one line and exit with status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
-# A plain, documented template for models that ship none: one "role: content" line per message.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+from effinfer import (
+    LLM,
+    ConfigError,
+    InvalidSamplingParams,
+    PromptError,
+    SamplingParams,
+    bench,
+    convert,
+    train,
 )
+from effinfer.bench import BenchError, BenchServeError
+from effinfer.compress.quant import pipeline as quantize
+from effinfer.config import EngineArgs
+from effinfer.eval import perplexity
+from effinfer.serve import cli as serve
+from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--model", help="HF model directory or .gguf file (default: the built-in default model)"
-    )
-    group.add_argument("--dtype", default="auto", help="auto (from config.json), float32, bfloat16, float16")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    group.add_argument("--kv-cache-memory", type=_bytes, help="KV-cache budget in bytes (e.g. 512M, 2G)")
-    group.add_argument(
-        "--kv-cache-memory-fraction", type=float, default=0.5, help="share of free memory for KV"
-    )
-    group.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in a batch")
-    group.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    group.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
-    group.add_argument(
-        "--quantization", choices=("int8", "int4", "fp8", "nf4", "llm_int8"),
-        help="quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
-    )  # fmt: skip
-    group.add_argument(
-        "--kv-cache-dtype", default="auto", choices=("auto", "int8"),
-        help="KV-cache storage: auto (the model dtype) or int8 (per token and head scales)",
-    )  # fmt: skip
+# What a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ConfigError,
+    PromptError,
+    InvalidSamplingParams,
+    TokenizerError,
+    FileNotFoundError,
+    BenchError,
+    BenchServeError,
+)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -64,36 +63,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 25
     group.add_argument("--logprobs", type=int, help="print the top-N log-probabilities of each token")
 
 
-def _bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+def _load(args: argparse.Namespace) -> LLM:
+    return LLM(args.model, **EngineArgs.cli_kwargs(args))
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.threads,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
-    )
-
-
-def sampling_params(args: argparse.Namespace):
-    from effinfer import SamplingParams
-
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         n=args.n,
         temperature=args.temperature,
@@ -114,10 +88,8 @@ def sampling_params(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from effinfer import LLM
-
     params = sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = _load(args)
     prompt = args.prompt
     if args.n == 1:
         # Stream the one completion as it is produced.
@@ -143,10 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from effinfer import LLM
-
     params = sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = _load(args)
     tokenizer = llm.get_tokenizer()
     if tokenizer.chat_template is None:
         print(
@@ -182,95 +152,84 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from effinfer import LLM
-    from effinfer.eval import perplexity
-
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"data file {args.data!r} does not exist")
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = _load(args)
     result = perplexity(llm, path=args.data, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows)
     print(result)
     return 0
 
 
-def cmd_bench(argv: list[str]) -> int:
-    from effinfer.bench import main as bench_main
-
-    return bench_main(argv)
+# ---- registration ------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effinfer", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    generate = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
+def register_generate(subparsers) -> None:
+    generate = subparsers.add_parser("generate", help="complete a prompt, streaming to the terminal")
     generate.add_argument("prompt")
-    add_engine_arguments(generate)
+    EngineArgs.add_cli_args(generate)
     add_sampling_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+
+def register_chat(subparsers) -> None:
+    chat = subparsers.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--system", help="system prompt")
-    add_engine_arguments(chat)
+    EngineArgs.add_cli_args(chat)
     add_sampling_arguments(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model")
+
+def register_eval(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate a model")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     ppl = eval_sub.add_parser("ppl", help="sliding-window perplexity of a text file")
     ppl.add_argument("--data", required=True, help="UTF-8 text file")
     ppl.add_argument("--ctx", type=int, help="window length in tokens (default: the model's context)")
     ppl.add_argument("--stride", type=int, help="tokens the window advances (default: ctx)")
     ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
-    add_engine_arguments(ppl)
+    EngineArgs.add_cli_args(ppl)
     ppl.set_defaults(func=cmd_eval_ppl)
 
-    from effinfer import convert
-    from effinfer.compress.quant import pipeline as quantize
-    from effinfer.serve.cli import register_serve_commands
 
-    convert.register(sub)
-    quantize.register(sub)
-    register_serve_commands(sub)
+# Each adds its subcommand to the ``effinfer`` parser and sets ``func`` on it; order is --help's order.
+COMMANDS = (
+    register_generate,
+    register_chat,
+    serve.register,
+    register_eval,
+    quantize.register,
+    convert.register,
+    bench.register,
+    train.register,
+)
 
-    bench_help = "decode speed and throughput, optionally against HF transformers"
-    sub.add_parser("bench", help=bench_help, add_help=False)
-    sub.add_parser("train", help="train a small Llama model (also under torchrun)", add_help=False)
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A parser whose usage errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrors(prog="effinfer", description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["bench", "quant"]:
-        from effinfer.bench.quant import main as bench_quant_main
-
-        return _guarded(bench_quant_main, argv[2:])
-    if argv[:2] == ["bench", "serve"]:
-        from effinfer.serve.bench_serve import main as bench_serve_main
-
-        return _guarded(bench_serve_main, argv[2:])
-    if argv and argv[0] == "bench":
-        return _guarded(cmd_bench, argv[1:])
-    if argv and argv[0] == "train":
-        from effinfer.train import main as train_main
-
-        return _guarded(train_main, argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["effinfer", *argv])  # recorded next to benchmark results
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    return _guarded(args.func, args)
-
-
-def _guarded(func, arg) -> int:
-    from effinfer import ConfigError, InvalidSamplingParams, PromptError
-    from effinfer.tokenizer import TokenizerError
-
     try:
-        return func(arg)
-    except (ConfigError, PromptError, InvalidSamplingParams, TokenizerError, FileNotFoundError) as e:
+        return args.func(args)
+    except USER_ERRORS as e:
         print(f"effinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

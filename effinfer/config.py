@@ -7,10 +7,14 @@ message that names it.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -223,3 +227,111 @@ class EngineConfig:
                 dtype = torch.bfloat16
             return dtype
         return parse_dtype(self.dtype)
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as ``512M``, ``2G`` or ``1048576`` in bytes (binary units); for ``--kv-cache-memory``."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+
+
+@dataclass(frozen=True)
+class _EngineFlag:
+    """One ``EngineConfig`` field as a command-line flag; its default is the field's."""
+
+    field: str
+    flag: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    disables: bool = False  # a switch that turns a field that defaults to True off
+
+
+class EngineArgs:
+    """The engine settings as command-line flags, shared by every command that loads a model.
+
+    Each flag maps to one ``EngineConfig`` field and takes its default from the dataclass, so a
+    default is written once; ``effinfer generate``, ``effinfer serve`` and ``LLM(**kwargs)`` agree.
+
+        EngineArgs.add_cli_args(parser)
+        config = EngineArgs.from_cli_args(parser.parse_args())
+    """
+
+    FLAGS = (
+        _EngineFlag("dtype", "--dtype", "auto (from config.json), float32, bfloat16, float16"),
+        _EngineFlag("device", "--device", "auto, cpu, cuda, cuda:N"),
+        _EngineFlag(
+            "kv_cache_memory",
+            "--kv-cache-memory",
+            "KV-cache budget in bytes (e.g. 512M, 2G); "
+            "default: --kv-cache-memory-fraction of the free memory",
+            type=parse_bytes,
+        ),  # fmt: skip
+        _EngineFlag(
+            "kv_cache_memory_fraction", "--kv-cache-memory-fraction", "share of free memory for KV", float
+        ),
+        _EngineFlag("max_num_seqs", "--max-num-seqs", "most sequences in a batch", int),
+        _EngineFlag("max_model_len", "--max-model-len", "context length limit (default: the model's)", int),
+        _EngineFlag("block_size", "--block-size", "tokens per KV block", int),
+        _EngineFlag("enable_prefix_caching", "--no-prefix-caching", "disable prefix caching", disables=True),
+        _EngineFlag("num_threads", "--threads", "CPU threads (default: the cores available)", int),
+        _EngineFlag(
+            "quantization",
+            "--quantization",
+            "quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
+            choices=tuple(q for q in ONLINE_QUANTIZATION if q is not None),
+        ),  # fmt: skip
+        _EngineFlag(
+            "kv_cache_dtype",
+            "--kv-cache-dtype",
+            "KV-cache storage: auto (the model dtype) or int8 (per token and head scales)",
+            choices=KV_CACHE_DTYPES,
+        ),  # fmt: skip
+    )
+
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        """``EngineConfig``'s field defaults, by field name."""
+        return {
+            f.name: f.default
+            for f in dataclasses.fields(EngineConfig)
+            if f.default is not dataclasses.MISSING
+        }
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Adds ``--model`` and one flag per engine setting, in an "engine" group."""
+        group = parser.add_argument_group("engine")
+        group.add_argument(
+            "--model", help="HF model directory or .gguf file (default: the built-in default model)"
+        )
+        defaults = cls.defaults()
+        for spec in cls.FLAGS:
+            default = defaults[spec.field]
+            if spec.disables:
+                group.add_argument(
+                    spec.flag, dest=spec.field, action="store_false", default=default, help=spec.help
+                )
+                continue
+            shown = "" if default is None else f" (default: {default})"
+            metavar = None if spec.choices else spec.flag.removeprefix("--").replace("-", "_").upper()
+            group.add_argument(
+                spec.flag, dest=spec.field, type=spec.type, choices=spec.choices, default=default,
+                metavar=metavar, help=spec.help + shown,
+            )  # fmt: skip
+
+    @classmethod
+    def cli_kwargs(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The ``EngineConfig`` fields the flags set, as keyword arguments (for ``LLM(model, **kwargs)``)."""
+        return {spec.field: getattr(args, spec.field) for spec in cls.FLAGS}
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """The ``EngineConfig`` that the flags ``add_cli_args`` added describe."""
+        return EngineConfig(**cls.cli_kwargs(args))

@@ -34,6 +34,12 @@ _NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 
+# A plain, documented template for models that ship none: one "role: content" line per message.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 # Names a message's reasoning may be passed under; templates read `reasoning_content` (gpt-oss: `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 

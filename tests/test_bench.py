@@ -196,13 +196,12 @@ def test_bench_without_peer_has_no_ratios(tiny_model, tmp_path):
 def test_bench_quant_runs_and_reports(tmp_path, capsys):
     """`effinfer bench quant`: every scheme decodes, ratios are against bf16, the layer table renders."""
     from effinfer.bench.quant import layer_table
-    from effinfer.bench.quant import main as bench_quant_main
     from effinfer.default_model import default_model_path
 
     out = tmp_path / "bq.json"
-    argv = ["--model", str(default_model_path()), "--schemes", "int8,int4", "--rounds", "1",
+    argv = ["quant", "--model", str(default_model_path()), "--schemes", "int8,int4", "--rounds", "1",
             "--decode-tokens", "4", "--no-progress", "--json", str(out)]  # fmt: skip
-    assert bench_quant_main(argv) == 0
+    assert main(argv) == 0
     text = capsys.readouterr().out
     assert "| effinfer | bf16 |" in text and "| effinfer | int4 |" in text
     import json

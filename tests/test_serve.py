@@ -6,7 +6,6 @@ dropped streams and full queues free what they held.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -22,10 +21,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from effinfer import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from effinfer.cli import FALLBACK_CHAT_TEMPLATE  # noqa: E402
+from effinfer.config import EngineArgs  # noqa: E402
 from effinfer.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from effinfer.serve.app import build_app  # noqa: E402
 from effinfer.serve.metrics import parse_metrics  # noqa: E402
+from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "stories260k"
@@ -569,12 +569,23 @@ def test_engine_failure_fails_its_requests_and_the_server_goes_on(server):
 
 
 def test_serve_command_line():
-    from effinfer.serve.cli import cmd_serve, register_serve_commands
+    from effinfer.cli import build_parser
+    from effinfer.serve.cli import cmd_serve
 
-    parser = argparse.ArgumentParser()
-    register_serve_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["serve", "--model", "m", "--port", "9001", "--api-key", "k", "--max-queue", "-1"]
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m",
+            "--port",
+            "9001",
+            "--api-key",
+            "k",
+            "--max-queue",
+            "-1",
+            "--max-num-seqs",
+            "3",
+        ]
     )
     assert (args.func, args.port, args.api_key, args.max_queue, args.host) == (
         cmd_serve,
@@ -583,19 +594,22 @@ def test_serve_command_line():
         -1,
         "127.0.0.1",
     )
-    assert args.max_num_seqs == 64  # the engine arguments come along
+    # The engine flags come along, with EngineConfig's defaults for the ones not given.
+    assert EngineArgs.from_cli_args(args) == EngineConfig(max_num_seqs=3)
 
 
 def test_bench_serve_reports_percentiles(server, tmp_path):
-    from effinfer.serve import bench_serve
+    from effinfer.bench import serve as bench_serve
+    from effinfer.cli import main as cli_main
 
     markdown, result_json = tmp_path / "bench.md", tmp_path / "bench.json"
     argv = [
-        "--url", server.url, "--api-key", API_KEY, "--rate", "50", "--num-prompts", "12", "--max-tokens", "16",
+        "bench", "serve", "--url", server.url, "--api-key", API_KEY, "--rate", "50", "--num-prompts", "12",
+        "--max-tokens", "16",
         "--min-tokens", "16", "--extra-body", '{"top_k": 5}', "--markdown", str(markdown), "--json", str(result_json),
         "--label", "effinfer",
     ]  # fmt: skip
-    assert bench_serve.main(argv) == 0
+    assert cli_main(argv) == 0
     report = json.loads(result_json.read_text())
     assert report["completed"] == 12 and report["failed"] == 0
     assert report["output_tokens"] == 12 * 16

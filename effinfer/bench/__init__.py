@@ -5,11 +5,14 @@
                    [--output-len-range 16:64] [--concurrent 16] [--seed 0]
                    [--markdown FILE] [--json FILE] [--plot FILE.png]
     effinfer bench make-model --preset tinyllama-1.1b --out DIR
+    effinfer bench quant --model DIR ...      (``quant.py``)
+    effinfer bench serve --url URL ...        (``serve.py``)
 
 The first form runs the suite in ``suite.py`` (batch-1 decode with weight bandwidth, offline
 throughput, C concurrent requests) and prints a table; ``--compare hf`` runs the same workloads
 through transformers and adds effinfer/HF ratios. The second writes a random-weight model of a
-known shape (``models.py``) to benchmark without downloading one. ``effinfer.cli`` calls ``main``.
+known shape (``models.py``) to benchmark without downloading one. ``quant`` and ``serve`` are
+their own actions, each registered by its module. ``effinfer.cli`` calls ``register``.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ import argparse
 import shlex
 import sys
 
+from effinfer.bench import quant, report, serve
 from effinfer.bench.models import PRESETS, make_random_model
+from effinfer.bench.serve import BenchServeError
+from effinfer.bench.suite import BenchError, BenchSettings, run_suite
+from effinfer.bench.workload import parse_range
+from effinfer.config import ConfigError
 
-__all__ = ["add_arguments", "run", "main", "make_random_model"]
+__all__ = ["register", "add_arguments", "run", "main", "make_random_model", "BenchError", "BenchServeError"]
+
+DESCRIPTION = (
+    "Measure batch-1 decode, offline throughput and concurrent throughput, "
+    "optionally against transformers on the same workloads."
+)
 
 
 def _length_range(text: str) -> tuple[int, int]:
-    from effinfer.bench.workload import parse_range
-
     try:
         return parse_range(text)
     except ValueError as e:
@@ -111,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", metavar="FILE.png", help="bar chart of tokens/s (needs matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
 
-    actions = parser.add_subparsers(dest="bench_action", metavar="[make-model]")
+    actions = parser.add_subparsers(dest="bench_action", metavar="{make-model,quant,serve}")
     make = actions.add_parser(
         "make-model",
         help="write a random-weight HF Llama model of a known shape",
@@ -121,38 +132,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--out", required=True, help="directory to write (created if missing)")
     make.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     make.add_argument("--seed", type=int, metavar="N", default=0)
+    make.set_defaults(func=_make_model)
+    quant.register(actions)
+    serve.register(actions)
+    parser.set_defaults(func=run)
+
+
+def register(subparsers) -> None:
+    """Adds ``bench`` (and its actions) to the ``effinfer`` subcommands."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="decode speed and throughput, optionally against HF transformers",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
 
 
 def build_parser(prog: str = "effinfer bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Measure batch-1 decode, offline throughput and concurrent throughput, "
-        "optionally against transformers on the same workloads.",
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs a parsed ``bench`` command line; returns the exit status."""
-    from effinfer.bench.suite import BenchError
-    from effinfer.config import ConfigError
-
-    try:
-        if getattr(args, "bench_action", None) == "make-model":
-            return _make_model(args)
-        return _bench(args)
-    except (BenchError, ConfigError) as e:
-        print(f"effinfer bench: error: {e}", file=sys.stderr)
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``effinfer bench ARGV...``."""
+    """``effinfer bench ARGV...`` on its own (the ``effinfer`` command goes through ``effinfer.cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["effinfer", "bench", *argv])
-    return run(args)
+    try:
+        return args.func(args)
+    except (BenchError, BenchServeError, ConfigError) as e:
+        print(f"effinfer bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -161,10 +172,8 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from effinfer.bench import report
-    from effinfer.bench.suite import BenchError, BenchSettings, run_suite
-
+def run(args: argparse.Namespace) -> int:
+    """Runs the suite for a parsed ``bench`` command line; raises BenchError or ConfigError."""
     if not args.model:
         raise BenchError("--model is required (or use `effinfer bench make-model` to create one)")
     if args.compare == "hf":

@@ -18,7 +18,6 @@ import argparse
 import ctypes
 import gc
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -358,11 +357,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="effinfer bench quant", description=__doc__.splitlines()[0])
+def register(subparsers) -> None:
+    """Adds ``quant`` to the ``effinfer bench`` actions."""
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = subparsers.add_parser("quant", help="decode speed and weight memory per quantization scheme",
+                                   description=description)  # fmt: skip
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command_line = shlex.join(["effinfer", "bench", "quant", *argv])
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.llama_cpp:
         try:
             import llama_cpp  # noqa: F401

@@ -22,14 +22,9 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | os.PathLike | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        **engine_args,
-    ) -> None:
-        config = EngineConfig(dtype=dtype, device=device, **engine_args)
+    def __init__(self, model: str | os.PathLike | None = None, **engine_args) -> None:
+        """``engine_args`` are ``EngineConfig``'s fields (dtype, device, max_num_seqs, ...), with its defaults."""
+        config = EngineConfig(**engine_args)
         self.engine = LLMEngine(resolve_model_path(model), config)
         self.tokenizer = self.engine.tokenizer
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from effinfer.engine.async_engine import AsyncLLMEngine
+from effinfer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from effinfer.serve.errors import APIError, error_response, from_validation_error
 from effinfer.serve.generation import (
     ServerState,
@@ -36,11 +37,10 @@ from effinfer.serve.generation import (
 from effinfer.serve.metrics import ServerMetrics
 from effinfer.serve.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from effinfer.serve.sse import ClientDisconnected
-from effinfer.tokenizer import Tokenizer, TokenizerError
+from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE, Tokenizer, TokenizerError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 << 20
 ENDPOINTS = (
     "/health",
     "/metrics",
@@ -56,8 +56,6 @@ def chat_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     """``tokenizer``, or a copy with the fallback chat template if the model ships none."""
     if tokenizer.chat_template is not None or tokenizer.chat_templates:
         return tokenizer
-    from effinfer.cli import FALLBACK_CHAT_TEMPLATE
-
     logger.warning(
         "the model has no chat template; /v1/chat/completions uses the plain fallback "
         "(one 'role: content' line per message, then 'assistant:')"
@@ -71,7 +69,7 @@ def build_app(
     engine: AsyncLLMEngine,
     model_name: str,
     api_key: str | None = None,
-    max_queue: int | None = 256,
+    max_queue: int | None = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``.
@@ -81,7 +79,7 @@ def build_app(
     stops it on shutdown.
     """
     metrics = ServerMetrics()
-    state = ServerState(engine, model_name, chat_tokenizer(engine.engine.tokenizer), metrics, max_queue)
+    state = ServerState(engine, model_name, chat_tokenizer(engine.tokenizer), metrics, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,7 +115,7 @@ def build_app(
             "object": "model",
             "created": state.created,
             "owned_by": "effinfer",
-            "root": str(engine.engine.model_path),
+            "root": str(engine.model_path),
             "max_model_len": state.max_model_len,
         }
         return Response(dumps({"object": "list", "data": [card]}), media_type="application/json")

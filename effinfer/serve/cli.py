@@ -3,22 +3,24 @@
     effinfer serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-queue 256]
                    [--served-model-name NAME] [engine args: --dtype, --kv-cache-memory, --max-num-seqs, ...]
 
-``effinfer.cli`` calls ``register_serve_commands(subparsers)`` to add the subcommand; ``effinfer bench
-serve`` lives in ``bench_serve.py``.
+``effinfer.cli`` calls ``register(subparsers)`` to add the subcommand; the engine flags and their
+defaults come from ``EngineArgs``. ``effinfer bench serve`` (``effinfer/bench/serve.py``) load-tests it.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from effinfer.config import EngineArgs
+from effinfer.engine.async_engine import AsyncLLMEngine
+from effinfer.engine.engine import LLMEngine, resolve_model_path
+from effinfer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
-def register_serve_commands(subparsers) -> None:
+
+def register(subparsers) -> None:
     """Adds ``serve`` to the ``effinfer`` subcommands."""
-    from effinfer.cli import add_engine_arguments
-
     serve = subparsers.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (completions, chat, metrics)",
@@ -36,38 +38,34 @@ def register_serve_commands(subparsers) -> None:
     net.add_argument(
         "--max-queue",
         type=int,
-        default=256,
+        default=DEFAULT_MAX_QUEUE,
         help="sequences that may wait beyond --max-num-seqs before requests get 503 + Retry-After "
-        "(default 256; -1: no limit)",
+        f"(default {DEFAULT_MAX_QUEUE}; -1: no limit)",
     )
     net.add_argument("--served-model-name", help="the model name clients send (default: the --model path)")
     net.add_argument(
-        "--max-body-bytes", type=int, default=16 << 20, help="largest request body (default 16 MiB)"
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES >> 20} MiB)",
     )
     net.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    add_engine_arguments(serve)
+    EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        # The server's dependencies are an extra; import them only when a server is asked for.
         import uvicorn
 
         from effinfer.serve.app import build_app
     except ImportError as e:
         print(f"effinfer serve: error: {e.name} is missing; pip install 'effinfer[serve]'", file=sys.stderr)
         return 2
-    from effinfer.cli import engine_kwargs
-    from effinfer.config import EngineConfig
-    from effinfer.engine.async_engine import AsyncLLMEngine
-    from effinfer.engine.engine import LLMEngine, resolve_model_path
 
-    if (
-        not logging.getLogger().handlers
-    ):  # effinfer.cli sets this up; the fallback-template notice is a warning
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     path = resolve_model_path(args.model)
-    engine = LLMEngine(path, EngineConfig(**engine_kwargs(args)))
+    engine = LLMEngine(path, EngineArgs.from_cli_args(args))
     name = args.served_model_name or args.model or path.name
     max_queue = None if args.max_queue < 0 else args.max_queue
     app = build_app(

@@ -4,7 +4,9 @@ A request becomes one engine request per prompt (each with ``n`` completions). I
 only if the server has room (else 503 with ``Retry-After``), its prompts are tokenized off the
 event loop, and it is added to the engine before any byte is sent, so every validation error is a
 plain 400. Then the outputs are either collected into one JSON body or sent as server-sent events
-(``data: {...}`` chunks, ``data: [DONE]``), in the shapes the OpenAI API uses.
+(``data: {...}`` chunks, ``data: [DONE]``), in the shapes the OpenAI API uses. Both endpoints
+share that loop (``_respond``); what differs is only the shape of a choice, which each endpoint's
+formatter (``formatters.py``) gives.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from effinfer.engine.engine import PromptError
 from effinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from effinfer.sampling_params import InvalidSamplingParams, SamplingParams
 from effinfer.serve.errors import APIError, error_body, from_sampling_error
+from effinfer.serve.formatters import ChatFormatter, CompletionFormatter, Formatter
 from effinfer.serve.metrics import ServerMetrics
 from effinfer.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from effinfer.serve.sse import EventStreamResponse, cancel_on_disconnect
 from effinfer.tokenizer import Tokenizer, TokenizerError
 
 RETRY_AFTER_SECONDS = 1
-# JSON has no -inf; as vLLM, a log-probability of an impossible token is reported as this.
-MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -46,17 +47,17 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.engine.model_config.vocab_size
+        return self.engine.model_config.vocab_size
 
     @property
     def capacity(self) -> int | None:
         if self.max_queue is None:
             return None
-        return self.engine.engine.config.max_num_seqs + self.max_queue
+        return self.engine.config.max_num_seqs + self.max_queue
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -304,131 +305,96 @@ async def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[in
     return ids
 
 
-def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    try:
-        return req.sampling_params(max_tokens, logprobs)
-    except InvalidSamplingParams as e:
-        raise from_sampling_error(e) from None
-
-
-# ---- logprobs ---------------------------------------------------------------------------------
-
-
-def _lp(value: float) -> float:
-    return max(value, MIN_LOGPROB)
-
-
-def _ranked(alternatives: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
-    return sorted(alternatives.items(), key=lambda item: -item[1].logprob)
-
-
-def completion_logprobs(
-    token_ids: list[int], logprobs: list[dict[int, Logprob]], text_offset: int
-) -> tuple[dict, int]:
-    """The completions API's ``{tokens, token_logprobs, top_logprobs, text_offset}``, and the next offset."""
-    result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token_id, alternatives in zip(token_ids, logprobs):
-        chosen = alternatives[token_id]
-        token = chosen.decoded_token or ""
-        result["tokens"].append(token)
-        result["token_logprobs"].append(_lp(chosen.logprob))
-        top: dict[str, float] = {}
-        for _, lp in _ranked(alternatives):
-            top.setdefault(lp.decoded_token or "", _lp(lp.logprob))
-        result["top_logprobs"].append(top)
-        result["text_offset"].append(text_offset)
-        text_offset += len(token)
-    return result, text_offset
-
-
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_n: int) -> list[dict]:
-    """The chat API's ``logprobs.content`` entries."""
-
-    def entry(lp: Logprob) -> dict:
-        token = lp.decoded_token or ""
-        return {"token": token, "logprob": _lp(lp.logprob), "bytes": list(token.encode("utf-8", "replace"))}
-
-    content = []
-    for token_id, alternatives in zip(token_ids, logprobs):
-        item = entry(alternatives[token_id])
-        item["top_logprobs"] = [entry(lp) for _, lp in _ranked(alternatives)[:top_n]]
-        content.append(item)
-    return content
-
-
-def _delta_logprobs(completion: CompletionOutput) -> tuple[list[int], list[dict[int, Logprob]]]:
-    count = len(completion.delta_token_ids)
-    if not count or completion.logprobs is None:
-        return [], []
-    return completion.delta_token_ids, completion.logprobs[len(completion.logprobs) - count :]
-
-
-# ---- /v1/completions --------------------------------------------------------------------------
+# ---- the two endpoints ------------------------------------------------------------------------
 
 
 async def create_completion(state: ServerState, request: Request, body: dict) -> Response:
     arrival = time.monotonic()
     req = parse_request(CompletionRequest, body)
-    state.check_model(req.model)
-    _reject_unsupported(req.unsupported())
-    params = _sampling_params(req, req.max_tokens, req.logprobs)
-    _check_stop_token_ids(state, params.stop_token_ids)
+    params = _checked_params(state, req, req.max_tokens, req.logprobs)
     prompts = await completion_prompts(state, req.prompt)
     gen = _Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params, arrival)
+    return await _respond(state, request, req, gen, CompletionFormatter(params.logprobs))
+
+
+async def create_chat_completion(state: ServerState, request: Request, body: dict) -> Response:
+    arrival = time.monotonic()
+    req = parse_request(ChatCompletionRequest, body)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _checked_params(state, req, max_tokens, req.num_logprobs)
+    prompt = await chat_prompt(state, req)
+    gen = _Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, arrival)
+    return await _respond(state, request, req, gen, ChatFormatter(params.logprobs))
+
+
+def _checked_params(
+    state: ServerState,
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    state.check_model(req.model)
+    problem = req.unsupported()
+    if problem is not None:
+        raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
+    try:
+        params = req.sampling_params(max_tokens, logprobs)
+    except InvalidSamplingParams as e:
+        raise from_sampling_error(e) from None
+    _check_stop_token_ids(state, params.stop_token_ids)
+    return params
+
+
+# ---- one loop for both: collect, or stream --------------------------------------------------------
+
+
+async def _respond(
+    state: ServerState,
+    request: Request,
+    req: CompletionRequest | ChatCompletionRequest,
+    gen: _Generation,
+    formatter: Formatter,
+) -> Response:
+    """Submits ``gen`` (errors so far are plain 4xx/503), then streams it or answers with one body."""
     await gen.start()
     if req.stream:
-        return EventStreamResponse(_completion_events(state, gen, req), on_close=gen.close)
+        return EventStreamResponse(
+            _events(state, gen, formatter, req.include_usage_in_stream), on_close=gen.close
+        )
     finals = await gen.collect(request)
+    n = gen.params.n
     choices = []
     for i in sorted(finals):
         for completion in finals[i].outputs:
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs, _ = completion_logprobs(completion.token_ids, completion.logprobs or [], 0)
-            choices.append(
-                {
-                    "index": i * params.n + completion.index,
-                    "text": completion.text,
-                    "logprobs": logprobs,
-                    "finish_reason": completion.finish_reason,
-                    "stop_reason": completion.stop_reason,
-                }
-            )
-    return _json(
-        {
-            "id": gen.request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "choices": choices,
-            "usage": gen.usage(finals),
-        }
-    )
+            choice = formatter.choice(i * n + completion.index, completion)
+            choice["finish_reason"] = completion.finish_reason
+            choice["stop_reason"] = completion.stop_reason
+            choices.append(choice)
+    body = _envelope(state, gen, formatter.object, int(time.time()), choices)
+    body["usage"] = gen.usage(finals)
+    return Response(dumps(body), media_type="application/json")
 
 
-async def _completion_events(
-    state: ServerState, gen: _Generation, req: CompletionRequest
+async def _events(
+    state: ServerState, gen: _Generation, formatter: Formatter, include_usage: bool
 ) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per update with the choices that changed, then usage if asked, then [DONE]."""
     n = gen.params.n
     want_logprobs = gen.params.logprobs is not None
-    offsets: dict[int, int] = {}
     finished: set[int] = set()
     finals: dict[int, RequestOutput] = {}
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        data = {
-            "id": gen.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-        }
-        if req.include_usage_in_stream:
+        data = _envelope(state, gen, formatter.chunk_object, created, choices)
+        if include_usage:
             data["usage"] = usage
         return f"data: {dumps(data)}\n\n"
 
     try:
+        opening = formatter.opening(n)
+        if opening:
+            yield chunk(opening)
         async for i, output in gen.outputs():
             finals[i] = output
             choices = []
@@ -439,16 +405,8 @@ async def _completion_events(
                 token_ids, logprobs = _delta_logprobs(completion)
                 if not (completion.delta_text or completion.finished or (want_logprobs and token_ids)):
                     continue
-                choice = {
-                    "index": index,
-                    "text": completion.delta_text,
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                if want_logprobs:
-                    choice["logprobs"], offsets[index] = completion_logprobs(
-                        token_ids, logprobs, offsets.get(index, 0)
-                    )
+                choice = formatter.delta(index, completion, token_ids, logprobs)
+                choice["finish_reason"] = None
                 if completion.finished:
                     finished.add(index)
                     choice["finish_reason"] = completion.finish_reason
@@ -456,7 +414,7 @@ async def _completion_events(
                 choices.append(choice)
             if choices:
                 yield chunk(choices)
-        if req.include_usage_in_stream:
+        if include_usage:
             yield chunk([], gen.usage(finals))
     except EngineError as e:
         gen.close(error=True)
@@ -466,119 +424,18 @@ async def _completion_events(
     yield "data: [DONE]\n\n"
 
 
-# ---- /v1/chat/completions ---------------------------------------------------------------------
+def _envelope(state: ServerState, gen: _Generation, kind: str, created: int, choices: list[dict]) -> dict:
+    return {
+        "id": gen.request_id,
+        "object": kind,
+        "created": created,
+        "model": state.model_name,
+        "choices": choices,
+    }
 
 
-async def create_chat_completion(state: ServerState, request: Request, body: dict) -> Response:
-    arrival = time.monotonic()
-    req = parse_request(ChatCompletionRequest, body)
-    state.check_model(req.model)
-    _reject_unsupported(req.unsupported())
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _sampling_params(req, max_tokens, req.num_logprobs)
-    _check_stop_token_ids(state, params.stop_token_ids)
-    prompt = await chat_prompt(state, req)
-    gen = _Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, arrival)
-    await gen.start()
-    if req.stream:
-        return EventStreamResponse(_chat_events(state, gen, req), on_close=gen.close)
-    finals = await gen.collect(request)
-    choices = []
-    for completion in finals[0].outputs:
-        logprobs = None
-        if params.logprobs is not None:
-            content = chat_logprobs(completion.token_ids, completion.logprobs or [], params.logprobs)
-            logprobs = {"content": content}
-        choices.append(
-            {
-                "index": completion.index,
-                "message": {"role": "assistant", "content": completion.text},
-                "logprobs": logprobs,
-                "finish_reason": completion.finish_reason,
-                "stop_reason": completion.stop_reason,
-            }
-        )
-    return _json(
-        {
-            "id": gen.request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "choices": choices,
-            "usage": gen.usage(finals),
-        }
-    )
-
-
-async def _chat_events(
-    state: ServerState, gen: _Generation, req: ChatCompletionRequest
-) -> AsyncIterator[str]:
-    top_n = gen.params.logprobs
-    finished: set[int] = set()
-    finals: dict[int, RequestOutput] = {}
-    created = int(time.time())
-
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        data = {
-            "id": gen.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-        }
-        if req.include_usage_in_stream:
-            data["usage"] = usage
-        return f"data: {dumps(data)}\n\n"
-
-    try:
-        yield chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                for i in range(gen.params.n)
-            ]
-        )
-        async for _, output in gen.outputs():
-            finals[0] = output
-            choices = []
-            for completion in output.outputs:
-                if completion.index in finished:
-                    continue
-                token_ids, logprobs = _delta_logprobs(completion)
-                if not (completion.delta_text or completion.finished or (top_n is not None and token_ids)):
-                    continue
-                delta = {"content": completion.delta_text} if completion.delta_text else {}
-                choice = {"index": completion.index, "delta": delta, "logprobs": None, "finish_reason": None}
-                if top_n is not None:
-                    choice["logprobs"] = {"content": chat_logprobs(token_ids, logprobs, top_n)}
-                if completion.finished:
-                    finished.add(completion.index)
-                    choice["finish_reason"] = completion.finish_reason
-                    choice["stop_reason"] = completion.stop_reason
-                choices.append(choice)
-            if choices:
-                yield chunk(choices)
-        if req.include_usage_in_stream:
-            yield chunk([], gen.usage(finals))
-    except EngineError as e:
-        gen.close(error=True)
-        yield f"data: {json.dumps(error_body(500, str(e), code='engine_error'))}\n\n"
-    finally:
-        gen.close()
-    yield "data: [DONE]\n\n"
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-
-
-def _reject_unsupported(problem: tuple[str, str] | None) -> None:
-    if problem is not None:
-        raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
-
-
-def _json(obj: dict, status: int = 200) -> Response:
-    return Response(dumps(obj), status_code=status, media_type="application/json")
+def _delta_logprobs(completion: CompletionOutput) -> tuple[list[int], list[dict[int, Logprob]]]:
+    count = len(completion.delta_token_ids)
+    if not count or completion.logprobs is None:
+        return [], []
+    return completion.delta_token_ids, completion.logprobs[len(completion.logprobs) - count :]

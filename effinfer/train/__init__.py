@@ -17,12 +17,13 @@ The modules: ``data`` (corpus, tokenizer, packing), ``model`` (init, optimizer, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from effinfer.train.config import TrainConfig
 from effinfer.train.trainer import Trainer
 
-__all__ = ["main", "build_parser", "TrainConfig", "Trainer"]
+__all__ = ["main", "register", "build_parser", "TrainConfig", "Trainer"]
 
 
 def _comma_list(values: list[str] | None) -> list[str]:
@@ -30,8 +31,24 @@ def _comma_list(values: list[str] | None) -> list[str]:
 
 
 def build_parser(prog: str = "effinfer train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    add_arguments(parser)
+    return parser
+
+
+def register(subparsers) -> None:
+    """Adds ``train`` to the ``effinfer`` subcommands."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a small Llama model (also under torchrun)",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data=[], out=".")  # the defaults, in one place
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     data.add_argument(
@@ -87,12 +104,15 @@ def build_parser(prog: str = "effinfer train") -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from OUT/training/checkpoint.pt")
     run.add_argument("--save-dtype", choices=["bfloat16", "float32"], default=d.save_dtype)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    options = vars(args)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {key: value for key, value in vars(args).items() if key in fields}
     options["include"] = _comma_list(args.include)
     options["exclude"] = _comma_list(args.exclude)
     try:

@@ -22,8 +22,6 @@ import json
 import math
 import platform
 import random
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -110,21 +108,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="effinfer bench serve",
+def register(subparsers) -> None:
+    """Adds ``serve`` to the ``effinfer bench`` actions."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="load-test an OpenAI-compatible server",
         description="Load-test an OpenAI-compatible server with Poisson arrivals; report throughput and "
         "TTFT / TPOT / ITL percentiles.",
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command_line = shlex.join(["effinfer", "bench", "serve", *argv])
-    try:
-        report = asyncio.run(run(args))
-    except BenchServeError as e:
-        print(f"effinfer bench serve: error: {e}", file=sys.stderr)
-        return 2
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed ``effinfer bench serve`` command line; raises BenchServeError for a bad setting or server."""
+    report = asyncio.run(run(args))
     print(render_text(report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
