@@ -183,27 +183,6 @@ class AsyncLLMEngine:
     def num_open_requests(self) -> int:
         return len(self._streams)
 
-    # ---- what the server may ask about the engine (read-only) -------------------------------
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_config(self):
-        return self.engine.model_config
-
-    @property
-    def config(self):
-        return self.engine.config
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def model_path(self):
-        return self.engine.model_path
-
     # ---- requests ---------------------------------------------------------------------------
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str

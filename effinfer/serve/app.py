@@ -105,7 +105,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        text = metrics.render(engine.stats, engine.num_open_requests, engine.is_running)
+        text = metrics.render(engine.stats(), engine.num_open_requests, engine.is_running)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
