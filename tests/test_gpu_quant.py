@@ -32,7 +32,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
 
 requires_kernel = pytest.mark.skipif(
-    not (HAS_CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 with triton"
+    not (HAS_CUDA or INTERPRET),
+    reason="needs CUDA, or TRITON_INTERPRET=1 with triton (test_triton_interpreter.py runs it so)",
 )
 # quant_linear sends only CUDA layers to Triton, and fp8 needs fp8 tensor cores: the tests going
 # through either need the GPU (the kernels and the fp8 wrapper are also checked directly without).
