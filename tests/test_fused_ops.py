@@ -13,9 +13,11 @@ from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import _rotate
 
-from .conftest import make_hf_model
+from .conftest import cpu_kernel_missing, make_hf_model
 
-requires_fused = pytest.mark.skipif(fused.extension() is None, reason="fused CPU ops unavailable here")
+requires_fused = pytest.mark.skipif(
+    cpu_kernel_missing(fused.extension), reason="fused CPU ops unavailable here"
+)
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -4,9 +4,10 @@ Every path of the Triton W4A16 / W8A16 kernel (the one-row CUDA-core kernel, spl
 tiles, prefill tiles, both int4 unpackings, dequantize-then-cuBLAS) is held to ``quant_linear.reference`` (dequantize, then an
 fp32 matmul) over bit widths, group sizes, per-channel scales, widths the group does not
 divide, GPTQ act-order, zero points, bias and row counts; fp8 is held to its fake-quantized
-reference. On CUDA everything runs; without CUDA the kernel tests run only under Triton's
+reference. On CUDA everything runs; without CUDA the kernel tests run under Triton's
 interpreter (``TRITON_INTERPRET=1`` with triton installed, fp16 because the interpreter's bf16
-dot is broken), and are skipped otherwise. The fp8 weight format's own tests run anywhere.
+dot is broken; tests/test_triton_interpreter.py runs them so in CI), and are skipped otherwise.
+The fp8 weight format's tests, and the fp8 wrapper on CPU through torch's ``_scaled_mm``, run anywhere.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
 
 requires_kernel = pytest.mark.skipif(
-    not (HAS_CUDA or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 with triton"
+    not (HAS_CUDA or INTERPRET),
+    reason="needs CUDA, or TRITON_INTERPRET=1 with triton (test_triton_interpreter.py runs it so)",
 )
+# quant_linear sends only CUDA layers to Triton, and fp8 needs fp8 tensor cores: the tests going
+# through either need the GPU (the kernels and the fp8 wrapper are also checked directly without).
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
@@ -82,6 +86,13 @@ LAYOUTS = [
 ]
 ROWS = [1, 3, 16, 100]
 PATHS = ["apply", "gemv", "fused-reshape", "fused-gather", "dequant"]
+# The interpreter runs every program in Python, and the GEMV is one program per row: more rows
+# repeat the same code (apply sends it one row) at up to 100x the cost, so there it gets two.
+INTERPRETER_GEMV_ROWS = [1, 3]
+
+
+def rows_for(path: str) -> list[int]:
+    return INTERPRETER_GEMV_ROWS if path == "gemv" and not HAS_CUDA else ROWS
 
 
 def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -96,7 +107,7 @@ def run_path(woq, state, x: torch.Tensor, path: str) -> torch.Tensor:
 
 def assert_rows_match(woq, state, path: str, weight, bias: torch.Tensor | None) -> None:
     """``path`` on every row count in ROWS equals the fp32 dequantize-then-matmul reference."""
-    for m in ROWS:
+    for m in rows_for(path):
         x = torch.randn(m, weight.in_features).to(DEVICE, DTYPE)
         poison_allocator()
         y = run_path(woq, state, x, path)
@@ -119,29 +130,32 @@ def test_woq_matches_reference(bits, layout, path):
 
 
 @pytest.mark.gpu
-@requires_cuda
+@requires_kernel
 @pytest.mark.parametrize("path", PATHS)
 def test_woq_random_shapes(path, monkeypatch):
-    """Random sizes, groups, bit widths and act-order, with 3-D activations."""
+    """Random sizes, groups, bit widths and act-order, with 3-D activations (fewer, smaller interpreted)."""
     woq = _woq()
     # cuBLAS may add split-K partial sums in bf16 (torch's default): 1.3e-2 relative on an H200 for
     # 581x870 at two rows, the dequantize path's own error being 2.7e-3. Hold our part to the
     # one-rounding tolerance by asking cuBLAS for fp32 reductions.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    if HAS_CUDA:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     gen = torch.Generator().manual_seed(7)
-    for trial in range(12):
-        n = int(torch.randint(16, 700, (1,), generator=gen))
-        k = int(torch.randint(16, 1200, (1,), generator=gen))
+    trials, max_n, max_k = (12, 700, 1200) if HAS_CUDA else (4, 200, 400)
+    row_counts = (1, 5, 16, 64, 130) if HAS_CUDA else rows_for(path)
+    for trial in range(trials):
+        n = int(torch.randint(16, max_n, (1,), generator=gen))
+        k = int(torch.randint(16, max_k, (1,), generator=gen))
         group = [None, 32, 64, 128][trial % 4]
         bits = [4, 8][trial % 2]
         act_order = group is not None and trial % 3 == 0
         qw = quantized(n, k, bits, group, symmetric=trial % 2 == 0, act_order=act_order, seed=trial)
         bias = torch.randn(n) if trial % 2 else None
         state = woq.prepare(
-            to_device(qw, "cuda"), bias.cuda().bfloat16() if bias is not None else None, DTYPE
+            to_device(qw, DEVICE), bias.to(DEVICE, DTYPE) if bias is not None else None, DTYPE
         )
-        for m in (1, 5, 16, 64, 130):
-            x = torch.randn(2, m, k).to("cuda", DTYPE)
+        for m in row_counts:
+            x = torch.randn(2, m, k).to(DEVICE, DTYPE)
             poison_allocator()
             y = run_path(woq, state, x, path)
             assert_close(y, quant_linear.reference(x.float().cpu(), qw, bias), DTYPE)
@@ -149,15 +163,20 @@ def test_woq_random_shapes(path, monkeypatch):
 
 @pytest.mark.gpu
 @requires_kernel
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_woq_other_dtypes(dtype):
     woq = _woq()
     qw = quantized(96, 272, 4, 64, symmetric=False, act_order=True, seed=3)
     bias = torch.randn(96)
     state = woq.prepare(to_device(qw, DEVICE), bias.to(DEVICE, dtype), dtype)
-    for m in ROWS:
-        x = torch.randn(m, 272).to(DEVICE, dtype)
-        for path in PATHS:
+    paths = PATHS
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        # The interpreter's tl.dot reads bf16 operands as raw bits (errors of 1e9 with triton
+        # 3.9): interpreted, bf16 runs the paths without a dot product only.
+        paths = ["gemv", "dequant"]
+    for path in paths:
+        for m in rows_for(path):
+            x = torch.randn(m, 272).to(DEVICE, dtype)
             assert_close(
                 run_path(woq, state, x, path), quant_linear.reference(x.float().cpu(), qw, bias), dtype
             )
@@ -286,13 +305,50 @@ def test_fp8_matches_reference(shape):
             assert_close(y, fp8_reference(x.float().cpu(), fw, bias, activations), torch.bfloat16)
 
 
-@pytest.mark.gpu
-@requires_cuda
+def _cpu_scaled_mm_runs() -> bool:
+    try:
+        one = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(
+            one, one.t(), scale_a=torch.ones(()), scale_b=torch.ones(()), out_dtype=torch.float32
+        )
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+requires_cpu_scaled_mm = pytest.mark.skipif(
+    not _cpu_scaled_mm_runs(), reason="this torch has no CPU torch._scaled_mm"
+)
+
+
+@requires_cpu_scaled_mm
+@pytest.mark.parametrize("mode", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("shape", FP8_SHAPES[:3], ids=str)
+def test_fp8_wrapper_on_cpu_matches_reference(shape, mode):
+    """kernels/triton/fp8.py's scales, bias and reshapes, on CPU tensors through torch's own _scaled_mm."""
+    from effinfer.kernels.triton import fp8
+
+    n, k = shape
+    fw = quantize_fp8(torch.randn(n, k))
+    bias = torch.randn(n)
+    activations = "token" if mode == "rowwise" else "tensor"
+    for dtype in (torch.bfloat16, torch.float16):
+        state = fp8.prepare(fw, bias.to(dtype), dtype, mode=mode)
+        assert state is not None and state.mode == mode
+        for m in ROWS:
+            x = torch.randn(2, m, k).to(dtype)
+            y = fp8.apply(state, x)
+            assert y.dtype == dtype and y.shape == (2, m, n)
+            assert_close(y, fp8_reference(x.float(), fw, bias, activations), torch.bfloat16)
+
+
 def test_fp8_refuses_odd_shapes():
     from effinfer.kernels.triton import fp8
 
     fw = quantize_fp8(torch.randn(40, 72))
-    assert fp8.prepare(Fp8Weight(fw.weight.cuda(), fw.scale.cuda()), None, torch.bfloat16) is None
+    assert fp8.prepare(fw, None, torch.bfloat16, mode="rowwise") is None
+    if HAS_CUDA:
+        assert fp8.prepare(Fp8Weight(fw.weight.cuda(), fw.scale.cuda()), None, torch.bfloat16) is None
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -8,12 +8,13 @@ import torch
 from effinfer.kernels import dense_linear
 from effinfer.kernels.cpu import skinny
 from effinfer.layers.linear import Linear
+from tests.conftest import cpu_kernel_missing
 
 requires_prepack = pytest.mark.skipif(
     not dense_linear.can_prepack(torch.empty(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 on this CPU"
 )
 requires_skinny = pytest.mark.skipif(
-    not skinny.supports(torch.empty(1, 32, dtype=torch.bfloat16)), reason="no AMX skinny-GEMM kernel here"
+    cpu_kernel_missing(skinny.extension), reason="no AMX skinny-GEMM kernel here"
 )
 
 

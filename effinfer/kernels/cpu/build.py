@@ -2,6 +2,9 @@
 
 A kernel that cannot be built or run here (no compiler, a CPU without the instructions it needs,
 or switched off by its environment variable) is None, and its callers run the PyTorch reference.
+``EFFINFER_REQUIRE_KERNELS=1`` (set by CI) makes a kernel that fails to build or load on a CPU
+that has its instructions raise ``KernelBuildError`` instead: there the fallback would hide a bug
+and turn the kernel's tests into skips. A CPU without the instructions still gets None.
 """
 
 from __future__ import annotations
@@ -13,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+REQUIRE_SWITCH = "EFFINFER_REQUIRE_KERNELS"
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel failed to build or load on a CPU that has its instructions, with EFFINFER_REQUIRE_KERNELS=1."""
+
+
+# Builds that failed under the switch, by (name, source, flags): the error is raised again at
+# once instead of compiling again on every call (the callers cache only successes).
+_failures: dict[tuple, KernelBuildError] = {}
 
 # What every kernel here is compiled with and needs: AVX-512 with bf16 dot products, OpenMP.
 AVX512_BF16_FLAGS = [
@@ -54,7 +68,8 @@ def load(
     """The compiled module ``name`` built from ``source``, or None with one message saying ``fallback``.
 
     None also when the environment variable ``switch`` is "0", and, with ``needs_amx``, when the
-    operating system refuses the module AMX tile state.
+    operating system refuses the module AMX tile state. With ``EFFINFER_REQUIRE_KERNELS=1``, a
+    build or AMX failure on a CPU with ``required_cpu_flags`` raises ``KernelBuildError``.
     """
     if os.environ.get(switch, "1") == "0":
         return None
@@ -62,35 +77,43 @@ def load(
     if missing:
         logger.info("CPU lacks %s: %s", ", ".join(missing), fallback)
         return None
-    module = _build(name, source, compile_flags, fallback)
-    if module is not None and needs_amx and not module.amx_ready():
-        logger.warning("%s: the kernel refused AMX tile state: %s", source.name, fallback)
-        return None
-    return module
-
-
-def _build(name: str, source: Path, compile_flags: list[str], fallback: str) -> Any | None:
+    required = os.environ.get(REQUIRE_SWITCH) == "1"
+    key = (name, str(source), tuple(compile_flags))
+    if required and key in _failures:
+        raise _failures[key]
     try:
-        from torch.utils import cpp_extension
-
-        # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
-        text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-        digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
-        if not _is_built(f"{name}_{digest}"):
-            logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
-        return cpp_extension.load(
-            name=f"{name}_{digest}",
-            sources=[str(source)],
-            extra_cflags=compile_flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a compile error: degrade, never crash
+        module = _build(name, source, compile_flags)
+        refused = needs_amx and not module.amx_ready()
+        problem = f"{source.name}: the kernel refused AMX tile state" if refused else None
+    except Exception as exc:  # no compiler, no ninja, a compile error, a library that will not load
         detail = str(exc).strip().splitlines()
-        logger.warning(
-            "could not build %s (%s): %s", source.name, " / ".join(detail[:1] + detail[-3:]), fallback
+        problem = f"could not build {source.name} ({' / '.join(detail[:1] + detail[-3:])})"
+    if problem is None:
+        return module
+    if required:
+        _failures[key] = KernelBuildError(
+            f"{problem}, on a CPU that has {', '.join(required_cpu_flags)} ({REQUIRE_SWITCH}=1)"
         )
-        return None
+        raise _failures[key]
+    logger.warning("%s: %s", problem, fallback)
+    return None
+
+
+def _build(name: str, source: Path, compile_flags: list[str]) -> Any:
+    from torch.utils import cpp_extension
+
+    # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
+    if not _is_built(f"{name}_{digest}"):
+        logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
+    return cpp_extension.load(
+        name=f"{name}_{digest}",
+        sources=[str(source)],
+        extra_cflags=compile_flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _is_built(name: str) -> bool:
