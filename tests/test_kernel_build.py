@@ -122,3 +122,19 @@ def test_kernel_tests_fail_instead_of_skipping_under_the_switch(tmp_path, requir
     else:
         assert run.returncode == 0, output
         assert "fused CPU ops unavailable here" in output and " passed" not in output, output
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    # torch waits forever on the lock of a build whose process was killed; CI would hang, not fail.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "effinfer_stale_test" / "lock"
+    fresh = tmp_path / "effinfer_fresh_test" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = stale.stat().st_mtime - build.STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    build._remove_stale_lock("effinfer_stale_test")
+    build._remove_stale_lock("effinfer_fresh_test")
+    assert not stale.exists()
+    assert fresh.exists()

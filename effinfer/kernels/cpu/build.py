@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,7 @@ def _build(name: str, source: Path, compile_flags: list[str]) -> Any:
     digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
     if not _is_built(f"{name}_{digest}"):
         logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
+        _remove_stale_lock(f"{name}_{digest}")
     return cpp_extension.load(
         name=f"{name}_{digest}",
         sources=[str(source)],
@@ -114,6 +116,23 @@ def _build(name: str, source: Path, compile_flags: list[str]) -> Any:
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+# torch waits forever on the lock file a build leaves behind when its process is killed, so a lock
+# far older than a build (~20 s, a few minutes on a loaded machine) belongs to nobody.
+STALE_LOCK_SECONDS = 900
+
+
+def _remove_stale_lock(name: str) -> None:
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing a stale build lock left by a killed build: %s", lock)
+            lock.unlink()
+    except (OSError, AttributeError):  # no lock (the usual case), or torch's private helper moved
+        pass
 
 
 def _is_built(name: str) -> bool:
