@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from effinfer.quant.registry import SCHEMES
+
 # A plain, documented template for models that ship none: one "role: content" line per message.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -36,8 +38,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
     group.add_argument(
-        "--quantization", choices=("int8", "int4", "fp8", "nf4", "llm_int8"),
-        help="quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
+        "--quantization", choices=list(SCHEMES),
+        help="quantize a float checkpoint's weights while loading: "
+             + "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
+             + " (see `effinfer quantize` for GPTQ/AWQ)",
     )  # fmt: skip
     group.add_argument(
         "--kv-cache-dtype", default="auto", choices=("auto", "int8"),

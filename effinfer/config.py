@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from effinfer.quant.registry import SCHEMES
+
 
 class ConfigError(ValueError):
     """The model directory or an engine setting cannot be used; the message says why."""
@@ -163,7 +165,7 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 # Schemes ``EngineConfig.quantization`` applies at load time (``loading/online_quant.py``).
-ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8", "nf4", "llm_int8")
+ONLINE_QUANTIZATION = (None, *SCHEMES)
 # How the paged KV cache stores keys and values (``layers/attention.py``).
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -185,7 +187,7 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     show_progress: bool = True
-    # Quantize a float checkpoint's decoder weights while loading (RTN): None, "int8", "int4", "fp8".
+    # Quantize a float checkpoint's decoder weights while loading: None or a name in quant/registry.SCHEMES.
     quantization: str | None = None
     # KV-cache storage: "auto" (the model dtype) or "int8" (one scale per token and KV head; ~2x the blocks).
     kv_cache_dtype: str = "auto"

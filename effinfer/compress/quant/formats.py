@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from effinfer.layers.linear import Linear
+from effinfer.loading import bnb
 from effinfer.loading import quant_formats as qf
 
 FORMATS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -61,8 +62,6 @@ def save_quantized(
     elif format == "awq":
         quant_config, pack = _awq_config(quantized)
     elif format == "bitsandbytes":  # NF4 / FP4 (compress/quant/nf4.py), transformers' layout
-        from effinfer.loading import bnb
-
         quant_config, pack = bnb.writer_config(quantized)
     else:
         quant_config, pack = _compressed_tensors_config(quantized, [n for n, qw, *_ in layers if qw is None])

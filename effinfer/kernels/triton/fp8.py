@@ -13,7 +13,7 @@ scale for the whole call and applies the weight scales to the output. ``_scaled_
 compute capability 8.9+ and K and N multiples of 16; elsewhere ``prepare`` returns None and the
 layer runs the dequantized weight (as it always does on CPU: there, fp8 is weight-only).
 
-Switch on: ``LLM(model, quantization="fp8")``; dispatched from ``kernels/quant_linear.prepare``.
+Switch on: ``LLM(model, quantization="fp8")``; registered for ``Fp8Weight`` on CUDA below.
 No Triton is needed, despite the folder: it sits with the other GPU kernels.
 """
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from effinfer.compress.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
+from effinfer.quant.registry import Kernel, register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +103,6 @@ def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     if state.bias is not None:
         y = y + state.bias
     return y.reshape(*x.shape[:-1], state.out_features)
+
+
+register_kernel(Kernel("fp8", Fp8Weight, "cuda", (None,), lambda w, b, a, dt: prepare(w, b, dt), apply))
