@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from effinfer.compress.quant.fp8 import quantize_fp8
-from effinfer.compress.quant.fp8 import reference as fp8_reference
 from effinfer.kernels import codebook_linear
 from effinfer.kernels.triton import fp8, woq
 from effinfer.quant.codebook import quantize_codebook
+from effinfer.quant.fp8 import quantize_fp8
+from effinfer.quant.fp8 import reference as fp8_reference
 from effinfer.quant.integer import quantize_rtn
 
 SHAPES = [  # (name, out_features N, in_features K)

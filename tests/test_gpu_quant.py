@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from effinfer.compress.quant.fp8 import Fp8Weight, quantize_fp8
-from effinfer.compress.quant.fp8 import reference as fp8_reference
+from effinfer.quant.fp8 import Fp8Weight, quantize_fp8
+from effinfer.quant.fp8 import reference as fp8_reference
 from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 from tests.quant_helpers import CODEBOOK_KERNEL_CASES, quantized
 

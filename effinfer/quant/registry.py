@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from effinfer.compress.quant.fp8 import Fp8Weight, quantize_fp8
 from effinfer.quant.base import CompressedWeight
 from effinfer.quant.codebook import CodebookWeight, quantize_codebook
+from effinfer.quant.fp8 import Fp8Weight, quantize_fp8
 from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 from effinfer.quant.llm_int8 import LLMInt8Weight, quantize_llm_int8
 

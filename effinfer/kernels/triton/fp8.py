@@ -1,7 +1,7 @@
 """FP8 (e4m3) matrix multiply on fp8 tensor cores through ``torch._scaled_mm`` (cuBLASLt / CUTLASS).
 
 Paper: Micikevicius et al. 2022, "FP8 Formats for Deep Learning". Idea: the weight is e4m3 with
-one float32 scale per output channel (``compress/quant/fp8.py``); each call quantizes the
+one float32 scale per output channel (``quant/fp8.py``); each call quantizes the
 activations to e4m3 with one scale per token (row) and multiplies fp8 by fp8 with fp32
 accumulation, rescaling the result by ``x_scale[m] * w_scale[n]``:
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.compress.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
+from effinfer.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
 from effinfer.quant.registry import Kernel, register_kernel
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def prepare(weight: Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype) ->
 
 def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, state.in_features)
-    # The reference's own activation codes (compress/quant/fp8.py): the two differ only in rounding.
+    # The reference's own activation codes (quant/fp8.py): the two differ only in rounding.
     qx, x_scale = quantize_activations_fp8(x2, per_token=state.mode == "rowwise")
     if state.mode == "rowwise":
         y = _scaled_mm(qx, state.weight_t, x_scale, state.weight_scale, torch.bfloat16)
