@@ -208,3 +208,20 @@ def test_quantize_on_load(name, tmp_path):
             assert torch.equal(linear.quantized.dequantize()[start : start + rows], expected)
             start += rows
     assert (model.lm_head.quantized is not None) == (entry.quantize_lm_head is not None)
+
+
+def test_offline_methods_come_from_their_registry(tmp_path, capsys):
+    from effinfer.cli import build_parser, main
+    from effinfer.compress.quant.pipeline import METHODS, QuantizeOptions
+    from effinfer.config import ConfigError
+
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    assert list(next(a.choices for a in quantize._actions if a.dest == "method")) == list(METHODS)
+    for name, method in METHODS.items():
+        bits = 8 if name in ("smoothquant", "w8a8-naive", "llm_int8") else 4
+        assert QuantizeOptions(method=name, bits=bits).format == method.formats[0]
+    with pytest.raises(ConfigError, match="--method nf4 writes bitsandbytes, not --format gptq"):
+        QuantizeOptions(method="nf4", format="gptq")
+    assert main(["quantize", "--method", "nf4", "--format", "gptq", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "not --format gptq" in err and "Traceback" not in err

@@ -97,8 +97,13 @@ class QuantizeOptions:
         if self.symmetric is None:
             # int8 is accurate enough symmetric; int4 gains from a zero point (AWQ's format needs one).
             self.symmetric = self.bits == 8 and self.method != "awq"
+        layouts = METHODS[self.method].formats
         if self.format is None:
-            self.format = METHODS[self.method].default_format
+            self.format = layouts[0]
+        elif self.format not in layouts:
+            raise ConfigError(
+                f"--method {self.method} writes {' or '.join(layouts)}, not --format {self.format}"
+            )
         if self.method != "gptq":
             self.act_order = False
         if self.num_samples < 1 or self.seq_len < 2:
@@ -107,38 +112,40 @@ class QuantizeOptions:
 
 @dataclass(frozen=True)
 class Method:
-    """One offline quantization method: how it transforms a model and what it writes by default."""
+    """One offline quantization method: how it transforms a model and the checkpoint layouts it can write."""
 
     name: str
     run: Callable[
         [torch.nn.Module, QuantizeOptions, torch.Tensor | None, bool], None
     ]  # model, options, calib, progress
-    default_format: str  # checkpoint layout unless --format says otherwise
+    formats: tuple[str, ...]  # layouts that can store its weights; the first unless --format says otherwise
     needs_calibration: bool
     description: str
 
 
+_INTEGER_LAYOUTS = ("gptq", "awq", "compressed-tensors")
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", lambda model, o, calib, progress: quantize_model_rtn(
-        model, o.bits, o.group_size, o.symmetric, show_progress=progress), "gptq", False, "round to nearest"),
+        model, o.bits, o.group_size, o.symmetric, show_progress=progress), _INTEGER_LAYOUTS, False, "round to nearest"),
     Method("gptq", lambda model, o, calib, progress: quantize_model_gptq(
         model, calib, o.bits, o.group_size, symmetric=o.symmetric, act_order=o.act_order, damp=o.damp,
-        show_progress=progress), "gptq", True, "GPTQ (Hessian-aware rounding)"),
+        show_progress=progress), _INTEGER_LAYOUTS, True, "GPTQ (Hessian-aware rounding)"),
     Method("awq", lambda model, o, calib, progress: quantize_model_awq(
         model, calib, o.bits, o.group_size, symmetric=o.symmetric, clip=o.awq_clip, show_progress=progress),
-        "awq", True, "AWQ (activation-aware scaling), 4-bit"),
+        ("awq", "gptq", "compressed-tensors"), True, "AWQ (activation-aware scaling), 4-bit"),
     Method("smoothquant", lambda model, o, calib, progress: quantize_model_smoothquant(
-        model, calib, alpha=o.alpha, show_progress=progress), "compressed-tensors", True, "SmoothQuant W8A8"),
+        model, calib, alpha=o.alpha, show_progress=progress), ("compressed-tensors",), True, "SmoothQuant W8A8"),
     Method("w8a8-naive", lambda model, o, calib, progress: quantize_model_naive_w8a8(model),
-           "compressed-tensors", False, "W8A8 without smoothing (per tensor)"),
+           ("compressed-tensors",), False, "W8A8 without smoothing (per tensor)"),
     Method("llm_int8", lambda model, o, calib, progress: quantize_model_llm_int8(model, threshold=o.threshold),
-           "bitsandbytes", False, "LLM.int8() with float outlier columns"),
+           ("bitsandbytes",), False, "LLM.int8() with float outlier columns"),
     Method("nf4", lambda model, o, calib, progress: quantize_model_nf4(
         model, quant_type="nf4", blocksize=o.group_size, double_quant=o.double_quant),
-        "bitsandbytes", False, "bitsandbytes NF4"),
+        ("bitsandbytes",), False, "bitsandbytes NF4"),
     Method("fp4", lambda model, o, calib, progress: quantize_model_nf4(
         model, quant_type="fp4", blocksize=o.group_size, double_quant=o.double_quant),
-        "bitsandbytes", False, "bitsandbytes FP4"),
+        ("bitsandbytes",), False, "bitsandbytes FP4"),
 )}  # fmt: skip
 
 
