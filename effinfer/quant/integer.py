@@ -13,7 +13,7 @@ one uint8 per code, which is the simplest thing to read, test and convert.
 
 Round-to-nearest (``quantize_rtn``) is the arithmetic that makes these codes from a float
 weight; GPTQ and AWQ (``compress/quant/``) choose the codes more carefully but store the same.
-Switch on: ``--quantization int8 | int4`` (RTN while loading) or ``effinfer quantize``.
+Switch on: ``--quantization int8 | int4 | w8a8`` (RTN while loading) or ``effinfer quantize``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from effinfer.quant.base import CompressedWeight
 
 @dataclass
 class QuantizedWeight(CompressedWeight):
+    kind = "int"
+
     qweight: torch.Tensor  # uint8 [out, in], codes in [0, 2**bits - 1]
     scales: torch.Tensor  # float32 [out, num_groups]
     zeros: torch.Tensor  # int32 [out, num_groups], in [0, 2**bits - 1]; 2**(bits-1) when symmetric
-    kind = "int"
-
     bits: int
     group_size: int  # input columns per group; ``in_features`` for one scale per output row
     g_idx: torch.Tensor | None = None  # int32 [in]: group of each input column (GPTQ act-order)
