@@ -170,9 +170,9 @@ def test_fusing_shards_of_different_types_is_refused():
         layer.load_quantized_shard(schemes[second].quantize(float_weight()[16:]), 1)
 
 
-def test_lists_derive_from_the_registry():
+def test_lists_derive_from_the_registry(capsys):
     from effinfer.bench import quant as bench_quant
-    from effinfer.cli import build_parser
+    from effinfer.cli import build_parser, main
     from effinfer.config import ConfigError, EngineConfig
 
     parser = build_parser()
@@ -184,6 +184,9 @@ def test_lists_derive_from_the_registry():
         assert EngineConfig(quantization=name).quantization == name
     with pytest.raises(ConfigError, match="unknown quantization 'int3'; choose from"):
         EngineConfig(quantization="int3")
+    assert main(["bench", "quant", "--model", "unused", "--schemes", "bf16,int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and f"choose from {', '.join(bench_quant.SCHEMES)}" in err
 
 
 @pytest.mark.parametrize("name", SCHEMES)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from effinfer.bench.report import machine_info
+from effinfer.config import ConfigError, ModelConfig
 from effinfer.quant import registry
 
 # The float baseline, then every scheme ``--quantization`` offers (quant/registry.py).
@@ -211,12 +212,11 @@ def layer_table(
 
 def run(args: argparse.Namespace) -> QuantBenchReport:
     from effinfer.bench.workload import random_prompt
-    from effinfer.config import ModelConfig
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown or not schemes:
-        raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
+        raise ConfigError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
     if schemes[0] != "bf16":
         schemes = ["bf16", *[s for s in schemes if s != "bf16"]]  # the baseline every ratio divides by
     threads = args.threads or torch.get_num_threads()
