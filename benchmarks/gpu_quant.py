@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from effinfer.compress.quant.fp8 import quantize_fp8
-from effinfer.compress.quant.fp8 import reference as fp8_reference
-from effinfer.compress.quant.nf4 import quantize_codebook
-from effinfer.compress.quant.rtn import quantize_rtn
-from effinfer.kernels import codebook_linear, quant_linear
+from effinfer.kernels import codebook_linear
 from effinfer.kernels.triton import fp8, woq
+from effinfer.quant.codebook import quantize_codebook
+from effinfer.quant.fp8 import quantize_fp8
+from effinfer.quant.fp8 import reference as fp8_reference
+from effinfer.quant.integer import quantize_rtn
 
 SHAPES = [  # (name, out_features N, in_features K)
     ("tinyllama.qkv", 2560, 2048),
@@ -164,7 +164,7 @@ def bench_shape(name: str, n: int, k: int, rows, methods: set[str]) -> list[dict
             if kind == "dense":
                 expected = F.linear(x.float(), obj)
             elif kind == "woq":
-                expected = quant_linear.reference(x.float(), obj, None)
+                expected = obj.reference_linear(x.float(), None)
             else:
                 expected = fp8_reference(x.float(), obj[0], None, obj[1]).float()
             try:

@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from effinfer.compress.quant.llm_int8 import outlier_share, quantize_model_llm_int8  # noqa: E402
-from effinfer.compress.quant.rtn import quantizable_linears  # noqa: E402
 from effinfer.compress.quant.smoothquant import quantize_model_naive_w8a8  # noqa: E402
 from effinfer.config import ModelConfig  # noqa: E402
 from effinfer.default_model import default_model_path, heldout_text_path  # noqa: E402
 from effinfer.eval.perplexity import perplexity  # noqa: E402
+from effinfer.layers.linear import quantizable_linears  # noqa: E402
 from effinfer.loading.builder import finalize_model  # noqa: E402
 from effinfer.loading.safetensors import load_model  # noqa: E402
 from effinfer.tokenizer import Tokenizer  # noqa: E402

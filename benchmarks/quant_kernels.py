@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from effinfer.compress.quant.rtn import quantize_rtn
 from effinfer.kernels import dense_linear
 from effinfer.kernels.cpu import woq
+from effinfer.quant.integer import quantize_rtn
 
 # TinyLlama-1.1B: (name, out_features, in_features)
 TINYLLAMA_SHAPES = [

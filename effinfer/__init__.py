@@ -3,6 +3,11 @@
 from effinfer import LLM, SamplingParams
 llm = LLM("path/to/hf-model")
 print(llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text)
+
+Packages sit on floors, and a module never imports a higher floor (``lint-imports``, contract in
+pyproject.toml; docs/quantization-schemes.md): quant < config < machine | sampling_params |
+outputs | tokenizer | default_model < kernels < layers < models < loading < compress | convert <
+engine < eval < serve | train < bench < cli.
 """
 
 import os

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from effinfer.quant.registry import SCHEMES
+
 
 class ConfigError(ValueError):
     """The model directory or an engine setting cannot be used; the message says why."""
@@ -167,7 +169,7 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 # Schemes ``EngineConfig.quantization`` applies at load time (``loading/online_quant.py``).
-ONLINE_QUANTIZATION = (None, "int8", "int4", "fp8", "nf4", "llm_int8")
+ONLINE_QUANTIZATION = (None, *SCHEMES)
 # How the paged KV cache stores keys and values (``layers/attention.py``).
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -189,7 +191,7 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     show_progress: bool = True
-    # Quantize a float checkpoint's decoder weights while loading (RTN): None, "int8", "int4", "fp8".
+    # Quantize a float checkpoint's decoder weights while loading: None or a name in quant/registry.SCHEMES.
     quantization: str | None = None
     # KV-cache storage: "auto" (the model dtype) or "int8" (one scale per token and KV head; ~2x the blocks).
     kv_cache_dtype: str = "auto"
@@ -284,7 +286,9 @@ class EngineArgs:
         _EngineFlag(
             "quantization",
             "--quantization",
-            "quantize a float checkpoint's weights while loading (RTN; see `effinfer quantize` for GPTQ/AWQ)",
+            "quantize a float checkpoint's weights while loading: "
+            + "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
+            + " (see `effinfer quantize` for GPTQ/AWQ)",
             choices=tuple(q for q in ONLINE_QUANTIZATION if q is not None),
         ),  # fmt: skip
         _EngineFlag(

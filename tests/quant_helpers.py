@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from effinfer.compress.quant.rtn import quantize_rtn
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 
 
 def quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, act_order: bool, seed: int):

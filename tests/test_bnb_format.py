@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from effinfer.quant.llm_int8 import LLMInt8Weight
 from tests.conftest import copy_tokenizer, make_hf_model
 
 PROMPT = [1, 17, 42, 99, 7]
@@ -90,7 +91,7 @@ def test_real_bitsandbytes_nf4_checkpoint_loads_and_matches_dequantized(source, 
     llm = LLM(str(path), dtype="float32", show_progress=False)
     layer = llm.engine.runner.model.model.layers[1]
     q_rows = layer.self_attn.qkv_proj.shard_sizes[0]
-    assert layer.self_attn.qkv_proj.quantized.scheme == "nf4"
+    assert layer.self_attn.qkv_proj.quantized.quant_type == "nf4"
     assert layer.self_attn.qkv_proj.quantized.double_quant
     assert torch.equal(
         layer.self_attn.qkv_proj.quantized.dequantize()[:q_rows],
@@ -110,7 +111,7 @@ def test_real_bitsandbytes_int8_checkpoint_loads(source, tmp_path):
 
     llm = LLM(str(path), dtype="float32", show_progress=False)
     down = llm.engine.runner.model.model.layers[0].mlp.down_proj.quantized
-    assert down.scheme == "llm_int8"
+    assert isinstance(down, LLMInt8Weight)
     assert torch.equal(down.weight, tensors["model.layers.0.mlp.down_proj.weight"])
     assert torch.equal(down.absmax, tensors["model.layers.0.mlp.down_proj.SCB"])
     del llm

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from effinfer.compress.calibration import ROWS_PER_CHUNK, calibration_batches, run_layerwise
 from effinfer.compress.quant.awq import fold_scales, pseudo_quantize, quantize_model_awq, scaling_pairs
 from effinfer.compress.quant.gptq import gptq_quantize_weight, quantize_model_gptq
-from effinfer.compress.quant.rtn import group_qparams, quantize_codes, quantize_model_rtn, quantize_rtn
+from effinfer.compress.quant.rtn import quantize_model_rtn
 from effinfer.config import ModelConfig
 from effinfer.layers.linear import Linear
 from effinfer.loading.safetensors import load_model
+from effinfer.quant.integer import group_qparams, quantize_codes, quantize_rtn
 from effinfer.tokenizer import Tokenizer
 
 from .conftest import make_hf_model

@@ -1,7 +1,7 @@
 """GPU quantized kernels (kernels/triton/woq.py, kernels/triton/fp8.py) against their references.
 
 Every path of the Triton W4A16 / W8A16 kernel (the one-row CUDA-core kernel, split-K decode
-tiles, prefill tiles, both int4 unpackings, dequantize-then-cuBLAS) is held to ``quant_linear.reference`` (dequantize, then an
+tiles, prefill tiles, both int4 unpackings, dequantize-then-cuBLAS) is held to ``reference_linear`` (dequantize, then an
 fp32 matmul) over bit widths, group sizes, per-channel scales, widths the group does not
 divide, GPTQ act-order, zero points, bias and row counts; fp8 is held to its fake-quantized
 reference. On CUDA everything runs; without CUDA the kernel tests run under Triton's
@@ -18,11 +18,9 @@ import os
 import pytest
 import torch
 
-from effinfer.compress.quant.fp8 import Fp8Weight, quantize_fp8
-from effinfer.compress.quant.fp8 import reference as fp8_reference
-from effinfer.compress.quant.rtn import quantize_rtn
-from effinfer.kernels import quant_linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.fp8 import Fp8Weight, quantize_fp8
+from effinfer.quant.fp8 import reference as fp8_reference
+from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 from tests.quant_helpers import CODEBOOK_KERNEL_CASES, quantized
 
 HAS_CUDA = torch.cuda.is_available()
@@ -111,7 +109,7 @@ def assert_rows_match(woq, state, path: str, weight, bias: torch.Tensor | None) 
         x = torch.randn(m, weight.in_features).to(DEVICE, DTYPE)
         poison_allocator()
         y = run_path(woq, state, x, path)
-        assert_close(y, quant_linear.reference(x.float().cpu(), weight, bias), DTYPE)
+        assert_close(y, weight.reference_linear(x.float().cpu(), bias), DTYPE)
 
 
 @pytest.mark.parametrize("bits", [4, 8, 3])
@@ -158,7 +156,7 @@ def test_woq_random_shapes(path, monkeypatch):
             x = torch.randn(2, m, k).to(DEVICE, DTYPE)
             poison_allocator()
             y = run_path(woq, state, x, path)
-            assert_close(y, quant_linear.reference(x.float().cpu(), qw, bias), DTYPE)
+            assert_close(y, qw.reference_linear(x.float().cpu(), bias), DTYPE)
 
 
 @pytest.mark.gpu
@@ -177,9 +175,7 @@ def test_woq_other_dtypes(dtype):
     for path in paths:
         for m in rows_for(path):
             x = torch.randn(m, 272).to(DEVICE, dtype)
-            assert_close(
-                run_path(woq, state, x, path), quant_linear.reference(x.float().cpu(), qw, bias), dtype
-            )
+            assert_close(run_path(woq, state, x, path), qw.reference_linear(x.float().cpu(), bias), dtype)
 
 
 @pytest.mark.gpu
@@ -194,7 +190,7 @@ def test_woq_forced_split_k_configs():
             cfg = woq.KernelConfig(block_m, block_n, block_k, split)
             x = torch.randn(7, 640).to(DEVICE, DTYPE)
             y = woq.fused_matmul(state, x, cfg, unpack="reshape")
-            assert_close(y, quant_linear.reference(x.float().cpu(), qw, None), DTYPE)
+            assert_close(y, qw.reference_linear(x.float().cpu(), None), DTYPE)
 
 
 @pytest.mark.gpu
@@ -215,7 +211,7 @@ def test_woq_packing_layout():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lookup", ["gather", "select"])
 def test_codebook_matches_reference(case, path, lookup, monkeypatch):
-    from effinfer.compress.quant.nf4 import quantize_codebook
+    from effinfer.quant.codebook import quantize_codebook
 
     woq = _woq()
     monkeypatch.setattr(woq, "LEVEL_LOOKUP", dict.fromkeys(woq.LEVEL_LOOKUP, lookup))
@@ -385,7 +381,7 @@ def test_quantized_model_logits_match_reference(tmp_path, scheme):
     ids = torch.randint(3, 512, (2, 40), device="cuda")
     if scheme != "fp8":
         with torch.no_grad():
-            # Before finalize every Linear runs quant_linear.reference (fp32 dequantize-then-matmul).
+            # Before finalize every Linear runs its weight's reference_linear (fp32 dequantize-then-matmul).
             expected = model.compute_logits(model.forward_dense(ids)).float()
     linears = [m for m in model.modules() if getattr(m, "quantized", None) is not None]
     layer_errors: list[float] = []

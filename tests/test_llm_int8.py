@@ -1,7 +1,7 @@
 """LLM.int8(): row-wise int8 weights, per-token int8 activations, float outlier columns.
 
 The kernel is held to its fp32 reference, and both ends of the threshold to independent
-definitions: threshold inf is plain per-token W8A8 (``quant_linear.reference`` with
+definitions: threshold inf is plain per-token W8A8 (``reference_linear`` with
 ``act_quant="int8"``), threshold 0 is the float product with the dequantized weight.
 """
 
@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from effinfer.compress.quant import llm_int8 as llm_int8_quant
-from effinfer.compress.quant.llm_int8 import LLMInt8Weight, quantize_llm_int8
-from effinfer.compress.quant.rtn import quantizable_linears, quantize_rtn
-from effinfer.kernels import llm_int8, quant_linear
-from effinfer.layers.linear import Linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.kernels import llm_int8
+from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.quant.integer import QuantizedWeight, quantize_rtn
+from effinfer.quant.llm_int8 import LLMInt8Weight, quantize_llm_int8
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -73,7 +72,7 @@ def test_kernel_matches_reference(dtype, rows):
     x = _activations(rows, dtype=dtype)
     y = llm_int8.apply(state, x)
     assert y.dtype == dtype and y.shape == (rows, 96)
-    _close(y, llm_int8.reference(x, qw, bias), dtype)
+    _close(y, qw.reference_linear(x, bias), dtype)
     y3 = llm_int8.apply(state, x.reshape(1, rows, 128))
     assert y3.shape == (1, rows, 96)
     torch.testing.assert_close(y3[0], y)
@@ -83,8 +82,8 @@ def test_kernel_matches_reference(dtype, rows):
 def test_infinite_threshold_is_plain_per_token_w8a8(rows):
     _, bias, qw = _layer(threshold=float("inf"))
     x = _activations(rows)
-    expected = quant_linear.reference(x, _as_w8a8_weight(qw), bias, "int8")
-    _close(llm_int8.reference(x, qw, bias), expected, torch.float32)
+    expected = _as_w8a8_weight(qw).reference_linear(x, bias, "int8")
+    _close(qw.reference_linear(x, bias), expected, torch.float32)
     state = llm_int8.prepare(qw, bias, torch.float32)
     _close(llm_int8.apply(state, x), expected, torch.float32)
     assert state.outlier_columns == 0 and state.total_columns == 128
@@ -94,7 +93,7 @@ def test_zero_threshold_is_the_float_product_with_the_dequantized_weight():
     _, bias, qw = _layer(threshold=0.0)
     x = _activations(6)
     expected = F.linear(x, qw.dequantize(torch.float32), bias)
-    torch.testing.assert_close(llm_int8.reference(x, qw, bias), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qw.reference_linear(x, bias), expected, rtol=1e-5, atol=1e-5)
     state = llm_int8.prepare(qw, bias, torch.float32)
     torch.testing.assert_close(llm_int8.apply(state, x), expected, rtol=1e-5, atol=1e-5)
     assert state.outlier_columns == 128
@@ -107,7 +106,7 @@ def test_decomposition_removes_what_an_outlier_column_costs():
 
     def error(threshold):
         qw.threshold = threshold
-        return ((llm_int8.reference(x, qw, bias) - exact).norm() / exact.norm()).item()
+        return ((qw.reference_linear(x, bias) - exact).norm() / exact.norm()).item()
 
     # One column 30x the others flattens every token's int8 scale; taking it out fixes that.
     assert error(6.0) < 0.25 * error(float("inf")), (error(6.0), error(float("inf")))
@@ -139,7 +138,7 @@ def test_linear_runs_llm_int8_and_reports_the_outlier_share():
     assert linear._kernel_state.backend == "llm_int8"
     assert linear.weight_nbytes() == 96 * 128 + 96 * 4 + 96 * 4
     x = _activations(5)
-    _close(linear(x), llm_int8.reference(x, quantized, bias), torch.float32)
+    _close(linear(x), quantized.reference_linear(x, bias), torch.float32)
     assert llm_int8_quant.outlier_share(model) == (2, 128)  # columns 7 and 90
     llm_int8_quant.reset_outlier_counts(model)
     assert llm_int8_quant.outlier_share(model) == (0, 0)

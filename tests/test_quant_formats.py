@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from effinfer.compress.quant.formats import save_quantized
-from effinfer.compress.quant.rtn import quantizable_linears, quantize_rtn
 from effinfer.config import ConfigError, ModelConfig
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.layers.linear import quantizable_linears
 from effinfer.loading import quant_formats as qf
 from effinfer.loading.safetensors import load_model
+from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 from tests.conftest import make_hf_model
 
 CPU = torch.device("cpu")

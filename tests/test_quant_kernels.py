@@ -1,4 +1,4 @@
-"""CPU weight-only int8 / int4 kernels (kernels/cpu/woq.py) against ``quant_linear.reference``.
+"""CPU weight-only int8 / int4 kernels (kernels/cpu/woq.py) against ``reference_linear``.
 
 Every path (register-blocked AVX512-BF16 for few rows, AMX tiles for more) is forced in turn and
 held to the dequantize-then-fp32-matmul reference, over bit widths, group layouts (per channel,
@@ -13,10 +13,9 @@ import logging
 import pytest
 import torch
 
-from effinfer.kernels import quant_linear
 from effinfer.kernels.cpu import build, woq
 from effinfer.layers.linear import Linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.integer import QuantizedWeight
 from tests.conftest import cpu_kernel_missing
 from tests.quant_helpers import quantized
 
@@ -40,7 +39,7 @@ PATHS = {"avx512": (10**9, [1, 2, 3, 4, 7]), "amx": (1, [1, 5, 17, 33, 70])}
 
 
 def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias) -> None:
-    expected = quant_linear.reference(x.float(), qw, bias)
+    expected = qw.reference_linear(x.float(), bias)
     # bf16 output is rounded once (2**-9 relative); float32 goes through a two-term bf16 split of x.
     tol = 8e-3 if x.dtype == torch.bfloat16 else 1e-4
     err = (y.float() - expected).abs().max()

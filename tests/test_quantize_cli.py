@@ -11,9 +11,8 @@ import torch
 
 from effinfer import LLM, SamplingParams
 from effinfer.cli import main as cli_main
-from effinfer.compress.quant.rtn import quantize_rtn
-from effinfer.kernels import quant_linear
 from effinfer.layers.linear import Linear
+from effinfer.quant.integer import quantize_rtn
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 PROMPTS = ["Once upon a time", "The dog"]
@@ -67,9 +66,7 @@ def test_online_quantized_layer_matches_reference(stories260k):
     layer = llm.engine.runner.model.model.layers[0].mlp.down_proj  # 172 wide: a short last group
     assert layer.quantized.bits == 4 and layer.quantized.group_size == 128
     x = torch.randn(5, layer.in_features)
-    torch.testing.assert_close(
-        layer(x), quant_linear.reference(x, layer.quantized, None), rtol=1e-4, atol=1e-4
-    )
+    torch.testing.assert_close(layer(x), layer.quantized.reference_linear(x, None), rtol=1e-4, atol=1e-4)
 
 
 def test_eval_ppl_accepts_the_quantized_model(rtn_int8_dir, shared_data, capsys):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from effinfer.compress.quant import smoothquant
-from effinfer.compress.quant.rtn import quantizable_linears, quantize_rtn
 from effinfer.config import ModelConfig
-from effinfer.kernels import quant_linear, w8a8
+from effinfer.kernels import w8a8
+from effinfer.layers.linear import quantizable_linears
 from effinfer.loading.safetensors import load_model
+from effinfer.quant.activations import fake_quantize_activations, quantize_activations_int8
+from effinfer.quant.integer import quantize_rtn
 
 
 def _bf16_ulp_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -35,7 +37,7 @@ def test_w8a8_kernel_matches_fake_quant_reference(act_quant, dtype, rows):
     x[:, 7] *= 30  # an outlier channel
     y = w8a8.apply(state, x)
     assert y.dtype == dtype and y.shape == (rows, 96)
-    _bf16_ulp_close(y, quant_linear.reference(x, qw, bias, act_quant), dtype)
+    _bf16_ulp_close(y, qw.reference_linear(x, bias, act_quant), dtype)
     # Leading dimensions are kept.
     y3 = w8a8.apply(state, x.reshape(1, rows, 128))
     assert y3.shape == (1, rows, 96)
@@ -45,9 +47,9 @@ def test_w8a8_kernel_matches_fake_quant_reference(act_quant, dtype, rows):
 def test_activation_codes_equal_fake_quantization():
     x = torch.randn(6, 50) * 3
     for mode in ("int8", "int8-tensor"):
-        codes, scale = w8a8.quantize_activations(x, mode)
+        codes, scale = quantize_activations_int8(x, mode)
         assert codes.dtype == torch.int8 and codes.abs().max() <= 127
-        assert torch.equal(codes.float() * scale, quant_linear.fake_quantize_activations(x, mode))
+        assert torch.equal(codes.float() * scale, fake_quantize_activations(x, mode))
 
 
 def test_w8a8_falls_back_to_reference_for_grouped_weights():
@@ -56,7 +58,7 @@ def test_w8a8_falls_back_to_reference_for_grouped_weights():
     state = w8a8.prepare(qw, None, "int8", torch.float32)
     assert state.backend == "reference"
     x = torch.randn(3, 64)
-    torch.testing.assert_close(w8a8.apply(state, x), quant_linear.reference(x, qw, None, "int8"))
+    torch.testing.assert_close(w8a8.apply(state, x), qw.reference_linear(x, None, "int8"))
 
 
 @pytest.fixture(scope="module")
@@ -178,4 +180,4 @@ def test_w8a8_int_mm_on_cuda_matches_reference(act_quant, rows):
     state = w8a8.prepare(qw, bias, act_quant, torch.bfloat16)
     assert state.backend == "int_mm"
     x = torch.randn(rows, 512, device="cuda").to(torch.bfloat16)
-    _bf16_ulp_close(w8a8.apply(state, x), quant_linear.reference(x, qw, bias, act_quant), torch.bfloat16)
+    _bf16_ulp_close(w8a8.apply(state, x), qw.reference_linear(x, bias, act_quant), torch.bfloat16)

@@ -28,8 +28,11 @@ from pathlib import Path
 import torch
 
 from effinfer.bench.report import machine_info
+from effinfer.config import ConfigError, ModelConfig
+from effinfer.quant import registry
 
-SCHEMES = {"bf16": None, "int8": "int8", "int4": "int4", "nf4": "nf4", "llm_int8": "llm_int8"}
+# The float baseline, then every scheme ``--quantization`` offers (quant/registry.py).
+SCHEMES = {"bf16": None, **{name: name for name in registry.SCHEMES}}
 LAYER_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 # (in, out) of TinyLlama-1.1B's fused q/k/v, o, fused gate/up and down projections
 LAYER_SHAPES = ((2048, 2560), (2048, 2048), (2048, 11264), (5632, 2048))
@@ -208,12 +211,11 @@ def layer_table(
 
 def run(args: argparse.Namespace) -> QuantBenchReport:
     from effinfer.bench.workload import random_prompt
-    from effinfer.config import ModelConfig
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown or not schemes:
-        raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
+        raise ConfigError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
     if schemes[0] != "bf16":
         schemes = ["bf16", *[s for s in schemes if s != "bf16"]]  # the baseline every ratio divides by
     threads = args.threads or torch.get_num_threads()
@@ -338,9 +340,7 @@ def write_plot(report: QuantBenchReport, path: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="float HF model directory")
-    parser.add_argument(
-        "--schemes", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4, nf4, llm_int8"
-    )
+    parser.add_argument("--schemes", default="bf16,int8,int4", help=f"comma-separated: {', '.join(SCHEMES)}")
     parser.add_argument("--dtype", default="auto", help="activation dtype (default bfloat16)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: usable cores)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens timed per round")

@@ -1,4 +1,4 @@
-"""Matrix multiply with NF4 / FP4 weights (``compress/quant/nf4.CodebookWeight``), decoded chunk by chunk.
+"""Matrix multiply with NF4 / FP4 weights (``quant/codebook.CodebookWeight``), decoded chunk by chunk.
 
 Paper: QLoRA (Dettmers et al. 2023). Idea: codes stay packed two per byte; for each chunk of
 output rows a 256-entry table turns every byte into its two levels at once, the levels are
@@ -8,10 +8,10 @@ over the flattened weight and may cross rows) and hold about a million values, s
 cost per chunk is small next to its decode and matmul.
 
 This is the fallback. When the blocks tile the rows (``in_features`` a multiple of the block
-size, as in every common model), ``row_blocks`` presents the weight as per-row groups and the
+size, as in every common model), ``quant.codebook.row_blocks`` presents the weight as per-row groups and the
 weight-only kernels run it with a level table: ``kernels/cpu/woq.py`` (AVX512 / AMX) on CPU,
-``kernels/triton/woq.py`` on GPU. Switch on: ``quant_linear.prepare`` uses those kernels where
-they apply and this module elsewhere, for any weight with ``scheme`` ``"nf4"`` or ``"fp4"``.
+``kernels/triton/woq.py`` on GPU. Switch on: registered for every ``CodebookWeight`` on any
+device after those kernels, so ``quant_linear.prepare`` uses it where they do not apply.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.codebook import CodebookWeight
+from effinfer.quant.registry import Kernel, register_kernel
 
 CHUNK_VALUES = 1 << 20  # weight values decoded per step: ~4 MB of fp32 temporaries
 
@@ -40,22 +41,7 @@ class CodebookLinear:
     dtype: torch.dtype
 
 
-def row_blocks(weight) -> QuantizedWeight | None:
-    """A CodebookWeight's codes and absmax as per-row groups (``group_size`` = block size, zeros 0).
-
-    Only the layout is borrowed: the codes stay indices into ``weight.code``, so the result is
-    for kernels that look the levels up, not for ``QuantizedWeight.dequantize``. None when a
-    block would cross a row.
-    """
-    out_features, in_features = weight.codes.shape
-    if in_features % weight.blocksize:
-        return None
-    scales = weight.absmax.float().reshape(out_features, in_features // weight.blocksize)
-    zeros = torch.zeros(scales.shape, dtype=torch.int32, device=scales.device)
-    return QuantizedWeight(weight.codes, scales, zeros, 4, weight.blocksize)
-
-
-def prepare(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> CodebookLinear:
+def prepare(weight: CodebookWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> CodebookLinear:
     """Pack ``weight`` (a CodebookWeight) for ``apply``; activations of ``dtype`` (bf16, fp16 or fp32)."""
     codes = weight.codes.reshape(-1)
     if codes.numel() % 2:
@@ -98,3 +84,11 @@ def apply(data: CodebookLinear, x: torch.Tensor) -> torch.Tensor:
         bias = full_bias[start:stop] if full_bias is not None else None
         out[..., start:stop] = F.linear(x, decode_rows(data, start, stop).to(x.dtype), bias)
     return out
+
+
+# Below the weight-only kernels' table path: this runs where they do not apply.
+register_kernel(
+    Kernel(
+        "codebook", CodebookWeight, None, (None,), lambda w, b, a, dt: prepare(w, b, dt), apply, priority=-1
+    )
+)

@@ -1,7 +1,7 @@
 """LLM.int8() matrix multiply: int8 x int8 for most input columns, floating point for the outliers.
 
 Paper: Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale"
-(weights from ``compress/quant/llm_int8.py``). Per call, with x [M, K] and the int8 weight W [N, K]:
+(weights from ``quant/llm_int8.py``). Per call, with x [M, K] and the int8 weight W [N, K]:
 
     O = { j : max_m |x[m, j]| > threshold }                  the outlier input columns
     y = x[:, O] @ dequant(W)[:, O]^T                          in float32 (the paper's fp16 part)
@@ -12,8 +12,8 @@ where ``qx`` are x's other columns quantized per token (s_x[m] = max_k |x[m, k]|
 non-outlier columns) and s_w[n] = absmax[n] / 127. The integer product is ``kernels/w8a8.py``
 (oneDNN on CPU, ``torch._int_mm`` on CUDA, a dequantized fallback elsewhere) run on x with its
 outlier columns zeroed, which gives exactly the per-token scales above. The outlier weight columns
-are dequantized from the int8 codes on the fly, as bitsandbytes does. ``reference`` is the same
-arithmetic in plain fp32 and is what the tests hold ``apply`` to.
+are dequantized from the int8 codes on the fly, as bitsandbytes does. The reference is the same
+arithmetic in plain fp32 (``LLMInt8Weight.reference_linear``) and is what the tests hold ``apply`` to.
 
 Each state counts the columns it saw and how many were outliers (``outlier_columns`` /
 ``total_columns``); ``compress.quant.llm_int8.outlier_share(model)`` sums them.
@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from effinfer.kernels import w8a8
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.integer import QuantizedWeight
+from effinfer.quant.llm_int8 import LLMInt8Weight
+from effinfer.quant.registry import Kernel, register_kernel
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LLMInt8State:
     total_columns: int = 0
 
 
-def _as_quantized_weight(weight) -> QuantizedWeight:
+def _as_quantized_weight(weight: LLMInt8Weight) -> QuantizedWeight:
     """The same codes in ``QuantizedWeight``'s layout (symmetric int8, one group per row), for w8a8."""
     codes = weight.weight
     scales = (weight.absmax.float() / 127)[:, None].contiguous()
@@ -52,8 +53,7 @@ def _as_quantized_weight(weight) -> QuantizedWeight:
     return QuantizedWeight(qweight, scales, zeros, 8, weight.in_features)
 
 
-def prepare(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> LLMInt8State:
-    """``weight``: a ``compress.quant.llm_int8.LLMInt8Weight`` (int8 ``weight``, float ``absmax``, ``threshold``)."""
+def prepare(weight: LLMInt8Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> LLMInt8State:
     int8 = w8a8.prepare(_as_quantized_weight(weight), None, "int8", dtype)
     bias = bias.detach() if bias is not None else None
     return LLMInt8State(
@@ -89,16 +89,6 @@ def apply(state: LLMInt8State, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*lead, state.out_features)
 
 
-def reference(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """The definition ``apply`` must match, in plain fp32: decompose, fake-quantize per token, matmul."""
-    lead, in_features = x.shape[:-1], x.shape[-1]
-    xf = x.reshape(-1, in_features).float()
-    is_outlier = xf.abs().amax(dim=0) > weight.threshold  # [K]; never true for threshold inf
-    regular = torch.where(is_outlier, torch.zeros_like(xf), xf)
-    scale = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-    regular_q = torch.clamp(torch.round(regular / scale), -127, 127) * scale
-    w = weight.dequantize(torch.float32)
-    y = F.linear(regular_q, w) + F.linear(torch.where(is_outlier, xf, torch.zeros_like(xf)), w)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, weight.out_features)
+register_kernel(
+    Kernel("llm_int8", LLMInt8Weight, None, (None,), lambda w, b, a, dt: prepare(w, b, dt), apply)
+)

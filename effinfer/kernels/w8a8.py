@@ -17,8 +17,9 @@ Backends, picked once in ``prepare``:
 - ``reference``: the weight dequantized once, activations fake-quantized; for weights that are
   not symmetric per-channel int8 (which an int8 GEMM cannot run) and devices without a kernel.
 
-Every backend must equal ``kernels.quant_linear.reference`` (tests/test_smoothquant.py): both
-quantize the activations with the same arithmetic, so they differ only by float rounding.
+Every backend must equal ``QuantizedWeight.reference_linear(x, bias, act_quant)``
+(tests/test_smoothquant.py): both quantize the activations with ``quant/activations.py``, so they
+differ only by float rounding.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.activations import ACT_QUANT_MODES, fake_quantize_activations, quantize_activations_int8
+from effinfer.quant.integer import QuantizedWeight
+from effinfer.quant.registry import Kernel, register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +53,6 @@ class W8A8State:
     weight_zero_point: torch.Tensor | None = None  # onednn: int64 zeros (the weight is symmetric)
 
 
-def quantize_activations(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes of ``x`` [M, K] and their float32 scale ([M, 1] per token, [1, 1] per tensor).
-
-    The arithmetic is that of ``quant_linear.fake_quantize_activations``, so codes * scale equals
-    the reference's fake-quantized activations exactly.
-    """
-    xf = x.float()
-    if mode == "int8":
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-    elif mode == "int8-tensor":
-        scale = (xf.abs().amax().clamp(min=1e-8) / 127).reshape(1, 1)
-    else:
-        raise ValueError(f"unknown activation quantization {mode!r}")
-    return torch.clamp(torch.round(xf / scale), -127, 127).to(torch.int8), scale
-
-
 def int8_weight(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 [out, in], float32 scale [out]) for a symmetric per-channel 8-bit weight, else None."""
     if weight.bits != 8 or weight.num_groups != 1 or weight.g_idx is not None or not weight.symmetric:
@@ -81,7 +68,7 @@ def _onednn_available() -> bool:
 def prepare(
     weight: QuantizedWeight, bias: torch.Tensor | None, act_quant: str, dtype: torch.dtype
 ) -> W8A8State:
-    if act_quant not in ("int8", "int8-tensor"):
+    if act_quant not in ACT_QUANT_MODES:
         raise ValueError(f"unknown activation quantization {act_quant!r}")
     device = weight.qweight.device
     out_features = weight.out_features
@@ -106,15 +93,13 @@ def apply(state: W8A8State, x: torch.Tensor) -> torch.Tensor:
     lead, in_features = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, in_features)
     if state.backend == "reference":
-        from effinfer.kernels.quant_linear import fake_quantize_activations
-
         xq = fake_quantize_activations(x2, state.act_quant)
         b = state.bias.float() if state.bias is not None else None
         return F.linear(xq, state.weight, b).to(x.dtype).reshape(*lead, state.out_features)
     rows = x2.shape[0]
     if rows == 0:
         return x.new_empty(*lead, state.out_features)
-    qx, x_scale = quantize_activations(x2, state.act_quant)
+    qx, x_scale = quantize_activations_int8(x2, state.act_quant)
     if state.backend == "onednn":
         # x_scale 1: the op only takes one activation scale; the per-token ones are applied below.
         acc = torch.ops.onednn.qlinear_pointwise(
@@ -131,3 +116,9 @@ def apply(state: W8A8State, x: torch.Tensor) -> torch.Tensor:
     if state.bias is not None:
         y = y + state.bias.float()
     return y.to(x.dtype).reshape(*lead, state.out_features)
+
+
+# Any device: where no int8 GEMM runs, ``prepare`` keeps the reference arithmetic itself.
+register_kernel(
+    Kernel("w8a8", QuantizedWeight, None, ACT_QUANT_MODES, lambda w, b, a, dt: prepare(w, b, a, dt), apply)
+)

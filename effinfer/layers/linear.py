@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from effinfer.kernels import dense_linear, quant_linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.base import CompressedWeight
 
 
 class Linear(nn.Module):
@@ -27,10 +27,10 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         self._kernel_state = None
         # Set when the weight is quantized (``set_quantized``); the float ``weight`` is then empty.
-        self.quantized: QuantizedWeight | None = None
-        # How activations are quantized at run time: None (weight-only) or "int8" (W8A8, per token).
+        self.quantized: CompressedWeight | None = None
+        # How activations are quantized at run time: None (weight-only) or "int8" / "int8-tensor" (W8A8).
         self.act_quant: str | None = None
-        self._quantized_shards: dict[int, QuantizedWeight] = {}
+        self._quantized_shards: dict[int, CompressedWeight] = {}
 
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         param = self.weight if param_name == "weight" else self.bias
@@ -51,7 +51,7 @@ class Linear(nn.Module):
         start = sum(self.shard_sizes[:shard])
         return param[start : start + self.shard_sizes[shard]]
 
-    def set_quantized(self, weight: QuantizedWeight, act_quant: str | None = None) -> None:
+    def set_quantized(self, weight: CompressedWeight, act_quant: str | None = None) -> None:
         """Replace the float weight by a quantized one of the same shape (quantizers and loaders call this)."""
         if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
             raise ValueError(
@@ -68,7 +68,7 @@ class Linear(nn.Module):
         )
 
     def load_quantized_shard(
-        self, weight: QuantizedWeight, shard: int = 0, act_quant: str | None = None
+        self, weight: CompressedWeight, shard: int = 0, act_quant: str | None = None
     ) -> None:
         """One checkpoint tensor of a fused layer; the layer becomes quantized once every shard arrived."""
         if weight.out_features != self.shard_sizes[shard] or weight.in_features != self.in_features:
@@ -80,6 +80,10 @@ class Linear(nn.Module):
         if len(self._quantized_shards) == len(self.shard_sizes):
             parts = [self._quantized_shards[i] for i in range(len(self.shard_sizes))]
             self._quantized_shards = {}
+            if len({type(p) for p in parts}) != 1:
+                raise ValueError(
+                    f"cannot fuse shards of different weight types: {[type(p).__name__ for p in parts]}"
+                )
             self.set_quantized(parts[0] if len(parts) == 1 else type(parts[0]).cat_rows(parts), act_quant)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -116,8 +120,16 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_state is None:
             if self.quantized is not None:
-                return quant_linear.reference(x, self.quantized, self.bias, self.act_quant)
+                return self.quantized.reference_linear(x, self.bias, self.act_quant)
             return nn.functional.linear(x, self.weight, self.bias)
         if isinstance(self._kernel_state, quant_linear.QuantState):
             return quant_linear.apply(self._kernel_state, x)
         return dense_linear.apply(self._kernel_state, x)
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, Linear]]:
+    """The decoder's Linear layers, in execution order: what every weight quantizer transforms.
+
+    Embeddings and lm_head stay in floating point, as in GPTQ, AWQ and llama.cpp's defaults.
+    """
+    return [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, Linear)]

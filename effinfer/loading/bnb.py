@@ -17,10 +17,11 @@ import json
 
 import torch
 
-from effinfer.compress.quant.nf4 import QUANT_TYPES, CodebookWeight, NestedAbsmax
 from effinfer.config import ConfigError
 from effinfer.loading import quant_formats as qf
-from effinfer.loading.quantized import CheckpointFormat
+from effinfer.loading.quant_formats import CheckpointFormat
+from effinfer.quant.codebook import QUANT_TYPES, CodebookWeight, NestedAbsmax
+from effinfer.quant.llm_int8 import LLMInt8Weight
 
 _STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 
@@ -68,8 +69,6 @@ def decode_4bit(tensors: dict[str, torch.Tensor]) -> CodebookWeight:
 
 def decode_8bit(tensors: dict[str, torch.Tensor], threshold: float):
     """One Linear's 8-bit tensors: int8 ``weight`` and ``SCB`` (row absmax); W = weight * SCB / 127."""
-    from effinfer.compress.quant.llm_int8 import LLMInt8Weight
-
     return LLMInt8Weight(tensors["weight"].to(torch.int8), tensors["SCB"].float(), threshold)
 
 
@@ -153,7 +152,7 @@ def pack_4bit(weight: CodebookWeight, dtype: str = "bfloat16") -> dict[str, torc
 def writer_config(quantized: list) -> tuple[dict, object]:
     """(quantization_config, pack(name, weight, act) -> tensors) for ``compress/quant/formats.save_quantized``."""
     weights = [qw for _, qw, _ in quantized]
-    if weights and all(getattr(qw, "scheme", None) == "llm_int8" for qw in weights):
+    if weights and all(isinstance(qw, LLMInt8Weight) for qw in weights):
         return _writer_config_8bit(weights)
     if not all(isinstance(qw, CodebookWeight) for qw in weights):
         raise ValueError(

@@ -41,6 +41,7 @@ from effinfer.loading.gguf_quants import (
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
+from effinfer.quant.integer import QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -380,8 +381,6 @@ def _fusion_group(name: str) -> str:
 
 def _unpermute_quantized(weight, num_heads: int):
     """``unpermute_rotary_rows`` for a QuantizedWeight: codes, scales and zeros move with their rows."""
-    from effinfer.layers.quantized import QuantizedWeight
-
     return QuantizedWeight(
         unpermute_rotary_rows(weight.qweight, num_heads),
         unpermute_rotary_rows(weight.scales, num_heads),

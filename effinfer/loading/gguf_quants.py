@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from effinfer.quant.integer import QuantizedWeight
+
 QK_K = 256  # values in one k-quant super-block
 
 
@@ -256,8 +258,6 @@ DIRECT_TYPES = (QType.Q8_0, QType.Q4_0)
 
 def to_quantized_weight(data: np.ndarray | torch.Tensor, qtype: QType | int, shape: tuple[int, ...]):
     """Q8_0 / Q4_0 bytes of a [rows, cols] matrix -> ``QuantizedWeight`` (group 32, symmetric)."""
-    from effinfer.layers.quantized import QuantizedWeight
-
     qtype = QType(qtype)
     rows, cols = shape
     _, block_bytes, _ = BLOCK_FORMATS[qtype]

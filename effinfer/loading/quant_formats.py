@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.integer import QuantizedWeight
 
 # AWQ GEMM: nibble ``i`` of a word holds output column ``8 * word + AWQ_ORDER[i]``.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -384,3 +384,26 @@ def compressed_tensors_input_args(act_quant: str) -> dict:
         "observer": None,
         "observer_kwargs": {},
     }
+
+
+class CheckpointFormat:
+    """How one quantization method names and decodes the tensors of a quantized Linear."""
+
+    suffixes: tuple[str, ...] = ()
+    marker = ""  # a layer is quantized when ``<layer>.<marker>`` is in the checkpoint
+
+    def check(self, names: set[str]) -> None:
+        """Fail early for checkpoint contents this reader cannot handle."""
+
+    def quantized_layers(self, names: set[str]) -> dict[str, set[str]]:
+        """{layer: the keys of its tensors in the checkpoint} for every quantized Linear."""
+        layers = {n[: -len(self.marker) - 1] for n in names if n.endswith("." + self.marker)}
+        return {layer: {s for s in self.suffixes if f"{layer}.{s}" in names} for layer in layers}
+
+    def split(self, name: str, layers: dict[str, set[str]]) -> tuple[str, str] | None:
+        """(layer, key) when ``name`` is one of a quantized layer's tensors, else None."""
+        layer, _, key = name.rpartition(".")
+        return (layer, key) if key in layers.get(layer, ()) else None
+
+    def decode(self, layer: str, tensors: dict[str, torch.Tensor]) -> QuantizedShard:
+        raise NotImplementedError

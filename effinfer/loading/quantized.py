@@ -21,7 +21,9 @@ from torch import nn
 from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear
 from effinfer.loading import quant_formats as qf
+from effinfer.loading.bnb import BitsAndBytesFormat
 from effinfer.loading.builder import WeightsError
+from effinfer.loading.quant_formats import CheckpointFormat
 
 SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
 _CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
@@ -42,29 +44,6 @@ def read_quantization_config(path: Path) -> dict | None:
         raise ConfigError(f"{config_path}: quantization_config must be an object")
     checkpoint_format(quant)  # an unsupported method fails here, before the model is built
     return quant
-
-
-class CheckpointFormat:
-    """How one quantization method names and decodes the tensors of a quantized Linear."""
-
-    suffixes: tuple[str, ...] = ()
-    marker = ""  # a layer is quantized when ``<layer>.<marker>`` is in the checkpoint
-
-    def check(self, names: set[str]) -> None:
-        """Fail early for checkpoint contents this reader cannot handle."""
-
-    def quantized_layers(self, names: set[str]) -> dict[str, set[str]]:
-        """{layer: the keys of its tensors in the checkpoint} for every quantized Linear."""
-        layers = {n[: -len(self.marker) - 1] for n in names if n.endswith("." + self.marker)}
-        return {layer: {s for s in self.suffixes if f"{layer}.{s}" in names} for layer in layers}
-
-    def split(self, name: str, layers: dict[str, set[str]]) -> tuple[str, str] | None:
-        """(layer, key) when ``name`` is one of a quantized layer's tensors, else None."""
-        layer, _, key = name.rpartition(".")
-        return (layer, key) if key in layers.get(layer, ()) else None
-
-    def decode(self, layer: str, tensors: dict[str, torch.Tensor]) -> qf.QuantizedShard:
-        raise NotImplementedError
 
 
 class _GPTQ(CheckpointFormat):
@@ -175,8 +154,6 @@ def checkpoint_format(quant: dict) -> CheckpointFormat:
     if method == "compressed-tensors":
         return _CompressedTensors(quant)
     if method == "bitsandbytes":
-        from effinfer.loading.bnb import BitsAndBytesFormat
-
         return BitsAndBytesFormat(quant)
     raise ConfigError(
         f"quantization method {method or '(none given)'!r} is not supported; "

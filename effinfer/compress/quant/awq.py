@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from effinfer.compress.calibration import LayerCalibration, run_layerwise
-from effinfer.compress.quant.rtn import group_qparams, quantize_codes, quantize_rtn
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
+from effinfer.quant.integer import group_qparams, quantize_codes, quantize_rtn
 
 CLIP_TOKENS = 512  # tokens the clipping search looks at (a subsample, as in AWQ)
 CLIP_MAX_SHRINK = 0.5  # try group ranges from 100 % down to (1 - this) of the original

@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from effinfer.layers.linear import Linear
+from effinfer.loading import bnb
 from effinfer.loading import quant_formats as qf
+from effinfer.quant.integer import QuantizedWeight
 
 FORMATS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
 TOKENIZER_FILES = (
@@ -56,13 +58,14 @@ def save_quantized(
     if not quantized:
         raise ValueError("the model has no quantized Linear layers to save")
 
+    other = sorted({type(qw).__name__ for _, qw, _ in quantized if not isinstance(qw, QuantizedWeight)})
+    if format != "bitsandbytes" and other:
+        raise ValueError(f"the {format} layout stores integer codes; this model holds {', '.join(other)}")
     if format == "gptq":
         quant_config, pack = _gptq_config(quantized, method_info)
     elif format == "awq":
         quant_config, pack = _awq_config(quantized)
-    elif format == "bitsandbytes":  # NF4 / FP4 (compress/quant/nf4.py), transformers' layout
-        from effinfer.loading import bnb
-
+    elif format == "bitsandbytes":  # NF4 / FP4 and LLM.int8(), transformers' layout
         quant_config, pack = bnb.writer_config(quantized)
     else:
         quant_config, pack = _compressed_tensors_config(quantized, [n for n, qw, *_ in layers if qw is None])

@@ -21,9 +21,8 @@ import logging
 import torch
 
 from effinfer.compress.calibration import LayerCalibration, run_layerwise
-from effinfer.compress.quant.rtn import group_qparams, quantize_codes
 from effinfer.layers.linear import Linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.integer import QuantizedWeight, group_qparams, quantize_codes
 
 logger = logging.getLogger(__name__)
 

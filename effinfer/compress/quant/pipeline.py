@@ -19,28 +19,27 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from effinfer.compress.calibration import calibration_batches
+from effinfer.compress.quant.awq import quantize_model_awq
+from effinfer.compress.quant.formats import save_quantized
+from effinfer.compress.quant.gptq import quantize_model_gptq
+from effinfer.compress.quant.llm_int8 import quantize_model_llm_int8
+from effinfer.compress.quant.nf4 import quantize_model_nf4
+from effinfer.compress.quant.rtn import quantize_model_rtn
+from effinfer.compress.quant.smoothquant import quantize_model_naive_w8a8, quantize_model_smoothquant
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.default_model import default_model_path, heldout_text_path
+from effinfer.loading.safetensors import check_model_dir, load_model
+from effinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8-naive", "llm_int8", "nf4", "fp4")
-NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
-# The layout each method writes unless --format says otherwise.
-DEFAULT_FORMAT = {
-    "rtn": "gptq",
-    "gptq": "gptq",
-    "awq": "awq",
-    "smoothquant": "compressed-tensors",
-    "w8a8-naive": "compressed-tensors",
-    "llm_int8": "bitsandbytes",
-    "nf4": "bitsandbytes",
-    "fp4": "bitsandbytes",
-}
 # bitsandbytes' 4-bit block size (absmax constants per 64 weights), the default for nf4 / fp4.
 BNB_4BIT_BLOCKSIZE = 64
 
@@ -98,18 +97,60 @@ class QuantizeOptions:
         if self.symmetric is None:
             # int8 is accurate enough symmetric; int4 gains from a zero point (AWQ's format needs one).
             self.symmetric = self.bits == 8 and self.method != "awq"
+        layouts = METHODS[self.method].formats
         if self.format is None:
-            self.format = DEFAULT_FORMAT[self.method]
+            self.format = layouts[0]
+        elif self.format not in layouts:
+            raise ConfigError(
+                f"--method {self.method} writes {' or '.join(layouts)}, not --format {self.format}"
+            )
         if self.method != "gptq":
             self.act_order = False
         if self.num_samples < 1 or self.seq_len < 2:
             raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
 
 
+@dataclass(frozen=True)
+class Method:
+    """One offline quantization method: how it transforms a model and the checkpoint layouts it can write."""
+
+    name: str
+    run: Callable[
+        [torch.nn.Module, QuantizeOptions, torch.Tensor | None, bool], None
+    ]  # model, options, calib, progress
+    formats: tuple[str, ...]  # layouts that can store its weights; the first unless --format says otherwise
+    needs_calibration: bool
+    description: str
+
+
+_INTEGER_LAYOUTS = ("gptq", "awq", "compressed-tensors")
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rtn", lambda model, o, calib, progress: quantize_model_rtn(
+        model, o.bits, o.group_size, o.symmetric, show_progress=progress), _INTEGER_LAYOUTS, False, "round to nearest"),
+    Method("gptq", lambda model, o, calib, progress: quantize_model_gptq(
+        model, calib, o.bits, o.group_size, symmetric=o.symmetric, act_order=o.act_order, damp=o.damp,
+        show_progress=progress), _INTEGER_LAYOUTS, True, "GPTQ (Hessian-aware rounding)"),
+    Method("awq", lambda model, o, calib, progress: quantize_model_awq(
+        model, calib, o.bits, o.group_size, symmetric=o.symmetric, clip=o.awq_clip, show_progress=progress),
+        ("awq", "gptq", "compressed-tensors"), True, "AWQ (activation-aware scaling), 4-bit"),
+    Method("smoothquant", lambda model, o, calib, progress: quantize_model_smoothquant(
+        model, calib, alpha=o.alpha, show_progress=progress), ("compressed-tensors",), True, "SmoothQuant W8A8"),
+    Method("w8a8-naive", lambda model, o, calib, progress: quantize_model_naive_w8a8(model),
+           ("compressed-tensors",), False, "W8A8 without smoothing (per tensor)"),
+    Method("llm_int8", lambda model, o, calib, progress: quantize_model_llm_int8(model, threshold=o.threshold),
+           ("bitsandbytes",), False, "LLM.int8() with float outlier columns"),
+    Method("nf4", lambda model, o, calib, progress: quantize_model_nf4(
+        model, quant_type="nf4", blocksize=o.group_size, double_quant=o.double_quant),
+        ("bitsandbytes",), False, "bitsandbytes NF4"),
+    Method("fp4", lambda model, o, calib, progress: quantize_model_nf4(
+        model, quant_type="fp4", blocksize=o.group_size, double_quant=o.double_quant),
+        ("bitsandbytes",), False, "bitsandbytes FP4"),
+)}  # fmt: skip
+
+
 def load_float_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     """The model with plain float weights and its config: what a compression pass works on."""
-    from effinfer.loading.safetensors import check_model_dir, load_model
-
     model_dir = check_model_dir(model_dir)
     config = ModelConfig.from_dir(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
@@ -122,10 +163,6 @@ def load_float_model(model_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
-    from effinfer.compress.calibration import calibration_batches
-    from effinfer.default_model import heldout_text_path
-    from effinfer.tokenizer import Tokenizer
-
     path = Path(options.calib) if options.calib else heldout_text_path("calibration")
     if not path.is_file():
         raise ConfigError(f"calibration file {str(path)!r} does not exist")
@@ -138,37 +175,7 @@ def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
 
 def apply_method(model, options: QuantizeOptions, calib: torch.Tensor | None, show_progress: bool = True):
     """Transform ``model``'s decoder Linears in place with the chosen method."""
-    m, bits, group, sym = options.method, options.bits, options.group_size, options.symmetric
-    if m == "rtn":
-        from effinfer.compress.quant.rtn import quantize_model_rtn
-
-        quantize_model_rtn(model, bits, group, sym, show_progress=show_progress)
-    elif m == "gptq":
-        from effinfer.compress.quant.gptq import quantize_model_gptq
-
-        quantize_model_gptq(model, calib, bits, group, symmetric=sym, act_order=options.act_order,
-                            damp=options.damp, show_progress=show_progress)  # fmt: skip
-    elif m == "awq":
-        from effinfer.compress.quant.awq import quantize_model_awq
-
-        quantize_model_awq(model, calib, bits, group, symmetric=sym, clip=options.awq_clip,
-                           show_progress=show_progress)  # fmt: skip
-    elif m == "smoothquant":
-        from effinfer.compress.quant.smoothquant import quantize_model_smoothquant
-
-        quantize_model_smoothquant(model, calib, alpha=options.alpha, show_progress=show_progress)
-    elif m == "w8a8-naive":
-        from effinfer.compress.quant.smoothquant import quantize_model_naive_w8a8
-
-        quantize_model_naive_w8a8(model)
-    elif m == "llm_int8":
-        from effinfer.compress.quant.llm_int8 import quantize_model_llm_int8
-
-        quantize_model_llm_int8(model, threshold=options.threshold)
-    elif m in ("nf4", "fp4"):
-        from effinfer.compress.quant.nf4 import quantize_model_nf4
-
-        quantize_model_nf4(model, quant_type=m, blocksize=group, double_quant=options.double_quant)
+    METHODS[options.method].run(model, options, calib, show_progress)
 
 
 def quantize(
@@ -176,16 +183,13 @@ def quantize(
     show_progress: bool = True,
 ) -> Path:  # fmt: skip
     """Quantize the model in ``model_dir`` (None: the built-in default model) and write it to ``out_dir``."""
-    from effinfer.compress.quant.formats import save_quantized
-    from effinfer.default_model import default_model_path
-
     model_dir = Path(model_dir) if model_dir else default_model_path()
     out_dir = Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError("--out must differ from --model: the float checkpoint would be overwritten")
     start = time.perf_counter()
     model, _ = load_float_model(model_dir)
-    calib = calibration_ids(model_dir, options) if options.method in NEEDS_CALIBRATION else None
+    calib = calibration_ids(model_dir, options) if METHODS[options.method].needs_calibration else None
     with torch.no_grad():
         apply_method(model, options, calib, show_progress)
     info = {
@@ -214,7 +218,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", help="HF model directory (default: the built-in default model)")
     parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", required=True, choices=list(METHODS),
+                        help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))  # fmt: skip
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
     parser.add_argument(
         "--group-size", type=int, default=None,

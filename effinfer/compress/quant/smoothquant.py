@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effinfer.compress.quant.rtn import group_qparams, quantizable_linears, quantize_codes, quantize_rtn
-from effinfer.layers.linear import Linear
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.quant.integer import QuantizedWeight, group_qparams, quantize_codes, quantize_rtn
 
 # Floors that keep a dead channel (all-zero activation or weight column) from giving s = 0 or inf.
 _MIN_ABSMAX = 1e-5

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from effinfer.kernels.cpu import build
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.codebook import CodebookWeight, row_blocks
+from effinfer.quant.integer import QuantizedWeight
+from effinfer.quant.registry import Kernel, register_kernel
 
 SOURCE = Path(__file__).with_name("woq_kernels.cpp")
 BLOCK_N = 16  # output rows per packed block (the kernel's register width in fp32)
@@ -135,10 +137,8 @@ def prepare(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dty
     return pack(weight, bias)
 
 
-def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> WoqData | None:
+def prepare_codebook(weight: CodebookWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> WoqData | None:
     """Pack an NF4 / FP4 ``CodebookWeight`` whose blocks tile its rows; None otherwise (chunked decode then)."""
-    from effinfer.kernels.codebook_linear import row_blocks
-
     grouped = row_blocks(weight)
     if grouped is None or grouped.qweight.device.type != "cpu" or extension() is None:
         return None
@@ -187,3 +187,11 @@ def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
             y += data.bias
         y = y.to(x.dtype)
     return y.reshape(*lead, data.out_features)
+
+
+register_kernel(
+    Kernel("cpu-woq", QuantizedWeight, "cpu", (None,), lambda w, b, a, dt: prepare(w, b, dt), apply)
+)
+register_kernel(
+    Kernel("cpu-woq", CodebookWeight, "cpu", (None,), lambda w, b, a, dt: prepare_codebook(w, b, dt), apply)
+)

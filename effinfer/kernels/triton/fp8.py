@@ -1,7 +1,7 @@
 """FP8 (e4m3) matrix multiply on fp8 tensor cores through ``torch._scaled_mm`` (cuBLASLt / CUTLASS).
 
 Paper: Micikevicius et al. 2022, "FP8 Formats for Deep Learning". Idea: the weight is e4m3 with
-one float32 scale per output channel (``compress/quant/fp8.py``); each call quantizes the
+one float32 scale per output channel (``quant/fp8.py``); each call quantizes the
 activations to e4m3 with one scale per token (row) and multiplies fp8 by fp8 with fp32
 accumulation, rescaling the result by ``x_scale[m] * w_scale[n]``:
 
@@ -13,7 +13,7 @@ scale for the whole call and applies the weight scales to the output. ``_scaled_
 compute capability 8.9+ and K and N multiples of 16; elsewhere ``prepare`` returns None and the
 layer runs the dequantized weight (as it always does on CPU: there, fp8 is weight-only).
 
-Switch on: ``LLM(model, quantization="fp8")``; dispatched from ``kernels/quant_linear.prepare``.
+Switch on: ``LLM(model, quantization="fp8")``; registered for ``Fp8Weight`` on CUDA below.
 No Triton is needed, despite the folder: it sits with the other GPU kernels.
 """
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.compress.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
+from effinfer.quant.fp8 import FP8_DTYPE, Fp8Weight, quantize_activations_fp8
+from effinfer.quant.registry import Kernel, register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def prepare(
 
 def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, state.in_features)
-    # The reference's own activation codes (compress/quant/fp8.py): the two differ only in rounding.
+    # The reference's own activation codes (quant/fp8.py): the two differ only in rounding.
     qx, x_scale = quantize_activations_fp8(x2, per_token=state.mode == "rowwise")
     if state.mode == "rowwise":
         y = _scaled_mm(qx, state.weight_t, x_scale, state.weight_scale, torch.bfloat16)
@@ -112,3 +113,6 @@ def apply(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
     if state.bias is not None:
         y = y + state.bias
     return y.reshape(*x.shape[:-1], state.out_features)
+
+
+register_kernel(Kernel("fp8", Fp8Weight, "cuda", (None,), lambda w, b, a, dt: prepare(w, b, dt), apply))

@@ -39,7 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from effinfer.layers.quantized import QuantizedWeight
+from effinfer.quant.codebook import CodebookWeight, row_blocks
+from effinfer.quant.integer import QuantizedWeight
+from effinfer.quant.registry import Kernel, register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -411,8 +413,6 @@ def prepare(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dty
 
 def prepare_codebook(weight, bias: torch.Tensor | None, dtype: torch.dtype) -> TritonWoqState | None:
     """Repack an NF4 / FP4 ``CodebookWeight`` whose blocks tile its rows; None otherwise (chunked decode then)."""
-    from effinfer.kernels.codebook_linear import row_blocks
-
     grouped = row_blocks(weight)
     state = prepare(grouped, bias, dtype) if grouped is not None else None
     if state is not None:
@@ -622,3 +622,13 @@ def apply(state: TritonWoqState, x: torch.Tensor) -> torch.Tensor:
     ):
         return gemv(state, x)
     return fused_matmul(state, x)
+
+
+register_kernel(
+    Kernel("triton-woq", QuantizedWeight, "cuda", (None,), lambda w, b, a, dt: prepare(w, b, dt), apply)
+)
+register_kernel(
+    Kernel(
+        "triton-woq", CodebookWeight, "cuda", (None,), lambda w, b, a, dt: prepare_codebook(w, b, dt), apply
+    )
+)

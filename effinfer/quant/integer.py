@@ -1,4 +1,4 @@
-"""The in-memory form of a quantized weight, shared by quantizers, checkpoint formats and kernels.
+"""Integer codes with group scales and zero points: RTN, GPTQ, AWQ and W8A8 weights (and GGUF Q8_0 / Q4_0).
 
 Every weight-only scheme here (RTN, GPTQ, AWQ, and the GPTQ / AWQ / compressed-tensors
 checkpoint layouts) stores the same thing: integer codes ``q`` in ``[0, 2**bits - 1]``, and per
@@ -10,17 +10,26 @@ Symmetric schemes are the special case ``zero = 2**(bits-1)``. ``g(k)`` is ``k /
 unless GPTQ's act-order assigned groups in another order (``g_idx``). Formats pack the codes
 into int32 words and kernels repack them for their hardware; this class keeps them unpacked,
 one uint8 per code, which is the simplest thing to read, test and convert.
+
+Round-to-nearest (``quantize_rtn``) is the arithmetic that makes these codes from a float
+weight; GPTQ and AWQ (``compress/quant/``) choose the codes more carefully but store the same.
+Switch on: ``--quantization int8 | int4 | w8a8`` (RTN while loading) or ``effinfer quantize``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from effinfer.quant.base import CompressedWeight
+
 
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(CompressedWeight):
+    kind = "int"
+
     qweight: torch.Tensor  # uint8 [out, in], codes in [0, 2**bits - 1]
     scales: torch.Tensor  # float32 [out, num_groups]
     zeros: torch.Tensor  # int32 [out, num_groups], in [0, 2**bits - 1]; 2**(bits-1) when symmetric
@@ -49,6 +58,10 @@ class QuantizedWeight:
     @property
     def in_features(self) -> int:
         return self.qweight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
 
     @property
     def num_groups(self) -> int:
@@ -104,8 +117,8 @@ class QuantizedWeight:
             self.bits, self.group_size, self.g_idx,
         )  # fmt: skip
 
-    @staticmethod
-    def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    @classmethod
+    def cat_rows(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
         """Stack weights along the output dimension (fusing q/k/v or gate/up); they must share groups."""
         first = parts[0]
         for p in parts[1:]:
@@ -121,3 +134,69 @@ class QuantizedWeight:
             first.group_size,
             first.g_idx,
         )
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        if self.g_idx is not None:
+            tensors["g_idx"] = self.g_idx
+        return tensors, {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> QuantizedWeight:
+        return cls(
+            tensors["qweight"], tensors["scales"], tensors["zeros"], int(metadata["bits"]),
+            int(metadata["group_size"]), tensors.get("g_idx"),
+        )  # fmt: skip
+
+
+def group_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``w`` [rows, cols] (one group per row).
+
+    Symmetric: ``scale = absmax / (2**(b-1) - 1)`` and ``zero = 2**(b-1)``, so +-absmax are
+    representable exactly. Asymmetric: the range [min, max] (stretched to include 0, so that
+    zero padding stays exact) is spread over all ``2**b`` levels.
+    """
+    w = w.float()
+    if symmetric:
+        half = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dim=1) / half
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        maxq = 2**bits - 1
+        low = w.amin(dim=1).clamp(max=0)
+        high = w.amax(dim=1).clamp(min=0)
+        scale = (high - low) / maxq
+        zero = torch.round(-low / torch.where(scale > 0, scale, 1)).clamp(0, maxq)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` [rows, cols] with per-row ``scale`` / ``zero`` (shape [rows] or [rows, 1])."""
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def quantize_rtn(
+    weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True
+) -> QuantizedWeight:
+    """Round-to-nearest codes of a float weight [out, in]. ``group_size=None``: one group per output row.
+
+    A width that is not a multiple of the group size (stories260K's 172-wide down projection)
+    gets a shorter last group rather than being refused.
+    """
+    out_features, in_features = weight.shape
+    group = group_size or in_features
+    if group <= 0:
+        raise ValueError(f"group size must be positive, got {group_size}")
+    num_groups = -(-in_features // group)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out_features, num_groups, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty(out_features, num_groups, dtype=torch.int32, device=weight.device)
+    for g in range(num_groups):
+        cols = slice(g * group, min((g + 1) * group, in_features))
+        scale, zero = group_qparams(weight[:, cols], bits, symmetric)
+        codes[:, cols] = quantize_codes(weight[:, cols], scale, zero, bits).to(torch.uint8)
+        scales[:, g], zeros[:, g] = scale, zero.to(torch.int32)
+    return QuantizedWeight(codes, scales, zeros, bits, group)

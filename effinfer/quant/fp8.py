@@ -14,8 +14,11 @@ Switch on: ``LLM(model, quantization="fp8")`` / ``--quantization fp8`` (``loadin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from effinfer.quant.base import CompressedWeight
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -27,13 +30,13 @@ INV_FP8_MAX = 1.0 / FP8_MAX
 
 
 @dataclass
-class Fp8Weight:
-    """W[n, k] ~= weight[n, k] * scale[n]; the duck type of ``layers/quantized.QuantizedWeight``."""
+class Fp8Weight(CompressedWeight):
+    """W[n, k] ~= weight[n, k] * scale[n]."""
 
     weight: torch.Tensor  # float8_e4m3fn [out, in]
     scale: torch.Tensor  # float32 [out]
     bits = 8
-    scheme = "fp8"  # what kernels/quant_linear.prepare dispatches on (no import of compress/ there)
+    kind = "fp8"
 
     def __post_init__(self) -> None:
         if self.weight.dtype != FP8_DTYPE or self.weight.dim() != 2:
@@ -51,6 +54,10 @@ class Fp8Weight:
     def in_features(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in]: the reference every fp8 kernel is tested against."""
         return (self.weight.float() * self.scale.float()[:, None]).to(dtype)
@@ -61,11 +68,21 @@ class Fp8Weight:
     def rows(self, start: int, stop: int) -> Fp8Weight:
         return Fp8Weight(self.weight[start:stop], self.scale[start:stop])
 
-    @staticmethod
-    def cat_rows(parts: list[Fp8Weight]) -> Fp8Weight:
+    @classmethod
+    def cat_rows(cls, parts: list[Fp8Weight]) -> Fp8Weight:
         if len({p.in_features for p in parts}) != 1:
             raise ValueError("cannot fuse fp8 weights of different widths")
         return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def to(self, device: torch.device | str) -> Fp8Weight:
+        return Fp8Weight(self.weight.to(device), self.scale.to(device))
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"weight": self.weight, "scale": self.scale}, {}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Fp8Weight:
+        return cls(tensors["weight"], tensors["scale"])
 
 
 def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
@@ -96,11 +113,3 @@ def reference(
         xf = (codes.float() * scale).reshape(x.shape)
     b = bias.float() if bias is not None else None
     return torch.nn.functional.linear(xf, weight.dequantize(torch.float32), b).to(x.dtype)
-
-
-def quantize_model_fp8(model: torch.nn.Module) -> None:
-    """Quantize every decoder Linear to fp8 in place (embeddings and lm_head stay in floating point)."""
-    from effinfer.compress.quant.rtn import quantizable_linears
-
-    for _, linear in quantizable_linears(model):
-        linear.set_quantized(quantize_fp8(linear.dequantized_weight()))
