@@ -1,0 +1,211 @@
+"""effinfer reads GPTQ and AWQ layers exactly as the tools that write them lay them out.
+
+Where AutoGPTQ (its v1 ``QuantLinear.pack``) and AutoAWQ (``WQLinear_GEMM.from_linear``) are
+installed, they pack the tensors here and their own CPU readers dequantize them too. Without them,
+words built by hand from the published layouts stand in (worked examples), so the reader is
+always checked against something other than effinfer's own writer. compressed-tensors (the
+llm-compressor format) is checked against its library in test_quant_formats.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from effinfer.kernels import quant_linear
+from effinfer.loading import quant_formats as qf
+
+FLOAT32_EPS = 2.0**-24  # unit roundoff
+
+
+def as_int32(word: int) -> int:
+    return word - 2**32 if word >= 2**31 else word
+
+
+def random_codes(out_f: int, in_f: int, bits: int, group: int, seed: int):
+    """Codes, zero points in [1, 2**bits) (AutoGPTQ v1 cannot store a zero of 0) and fp16-exact scales."""
+    g = torch.Generator().manual_seed(seed)
+    groups = in_f // group
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g)
+    zeros = torch.randint(1, 2**bits, (out_f, groups), generator=g)
+    scales = (torch.rand(out_f, groups, generator=g) * 0.05 + 0.005).half().float()
+    return codes, zeros, scales
+
+
+def spec_dequantize(codes, zeros, scales, group: int) -> torch.Tensor:
+    """W = (q - z) * s, the definition both tools document, each input column in group column // group."""
+    return (codes - zeros.repeat_interleave(group, 1)).float() * scales.repeat_interleave(group, 1)
+
+
+def assert_matmul_close(
+    ours: torch.Tensor, theirs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> None:
+    """Two float32 dot products over the same exact weights differ by at most 2·n·u·Σ|x||w| (Higham)."""
+    bound = 2 * x.shape[-1] * FLOAT32_EPS * (x.abs() @ weight.abs().t())
+    assert ((ours - theirs).abs() <= bound + 1e-30).all(), (ours - theirs).abs().max()
+
+
+# ---- AutoGPTQ ----------------------------------------------------------------------------------
+
+
+def autogptq_quant_linear():
+    """AutoGPTQ's "cuda-old" QuantLinear, loaded from its file so that the package's model zoo
+    (peft, datasets, ...) need not import; its pack() and CPU forward are plain torch/numpy."""
+    spec = importlib.util.find_spec("auto_gptq")
+    if spec is None or spec.origin is None:
+        pytest.skip("auto-gptq is not installed")
+    path = Path(spec.origin).parent / "nn_modules" / "qlinear" / "qlinear_cuda_old.py"
+    module_spec = importlib.util.spec_from_file_location("_autogptq_qlinear_cuda_old", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.QuantLinear
+
+
+@pytest.mark.parametrize("bits, group", [(2, 32), (3, 32), (4, 32), (4, -1), (8, 64)])
+def test_autogptq_packed_layer_reads_back(bits, group):
+    QuantLinear = autogptq_quant_linear()
+    out_f, in_f = 64, 128
+    group_cols = in_f if group == -1 else group
+    codes, zeros, scales = random_codes(out_f, in_f, bits, group_cols, seed=bits)
+    weight = spec_dequantize(codes, zeros, scales, group_cols)
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    linear.weight.data = weight.clone()
+    layer = QuantLinear(bits, group, in_f, out_f, bias=False, weight_dtype=torch.float32)
+    g_idx = torch.arange(in_f, dtype=torch.int32) // group_cols
+    layer.pack(linear, scales.clone(), zeros.float().clone(), g_idx)
+    tensors = {
+        "qweight": layer.qweight,
+        "qzeros": layer.qzeros,
+        "scales": layer.scales.half(),  # checkpoints store fp16; the scales are fp16-exact
+        "g_idx": layer.g_idx,
+    }
+    ours = qf.unpack_gptq(tensors, bits, group, "gptq")
+    assert torch.equal(ours.qweight.long(), codes)
+    assert torch.equal(ours.zeros.long(), zeros)
+    assert torch.equal(ours.dequantize(), weight)
+
+    # AutoGPTQ's own reader (its CPU forward unpacks and dequantizes in torch) on the same words.
+    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = layer(x)
+    assert_matmul_close(quant_linear.reference(x, ours, None), theirs, x, weight)
+
+
+# ---- AutoAWQ -----------------------------------------------------------------------------------
+
+
+def autoawq_modules():
+    """AutoAWQ's GEMM layer and its reader ``dequantize_gemm``, imported without ``awq/__init__``
+    (which loads the model zoo and needs ``datasets``); the stubs are removed afterwards."""
+    spec = importlib.util.find_spec("awq")
+    if spec is None or spec.origin is None:
+        pytest.skip("autoawq is not installed")
+    root = Path(spec.origin).parent
+    saved = {k: v for k, v in sys.modules.items() if k == "awq" or k.startswith("awq.")}
+    for name, sub in (("awq", ""), ("awq.modules", "modules"), ("awq.modules.linear", "modules/linear")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(root / sub)]
+        sys.modules[name] = stub
+    try:
+        gemm = importlib.import_module("awq.modules.linear.gemm")
+        packing = importlib.import_module("awq.utils.packing_utils")
+    finally:
+        for name in [k for k in sys.modules if k == "awq" or k.startswith("awq.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    return gemm.WQLinear_GEMM, packing.dequantize_gemm
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_autoawq_packed_layer_reads_back(group):
+    WQLinear_GEMM, dequantize_gemm = autoawq_modules()
+    out_f, in_f = 64, 128  # AutoAWQ sizes qweight as out // 32 * 4 words: out must be a multiple of 32
+    codes, zeros, scales = random_codes(out_f, in_f, 4, group, seed=group)
+    weight = spec_dequantize(codes, zeros, scales, group)
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    linear.weight.data = weight.clone()
+    # AutoAWQ takes scales and zeros as [groups, out].
+    layer = WQLinear_GEMM.from_linear(
+        linear, 4, group, scales=scales.t().contiguous(), zeros=zeros.t().contiguous()
+    )
+    tensors = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales}
+    ours = qf.unpack_awq(tensors, 4, group)
+    assert torch.equal(ours.qweight.long(), codes)
+    assert torch.equal(ours.zeros.long(), zeros)
+    assert torch.equal(ours.dequantize(), weight)
+    # AutoAWQ's reader computes (q - z) * s in fp16: the exact product rounded once, as ours cast to fp16.
+    theirs = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, 4, group)  # [in, out]
+    assert torch.equal(ours.dequantize().t().half(), theirs)
+
+
+# ---- worked examples from the published layouts (no library needed) ---------------------------
+
+
+def test_gptq_v1_worked_example():
+    """Two output columns, eight inputs, 4 bits, one group.
+
+    qweight is [in/8, out]: word n holds the codes of output column n, input i in bits 4i..4i+3.
+    qzeros is [groups, out/8]: output column n in bits 4n..4n+3, holding zero - 1 (AutoGPTQ v1).
+    """
+    qweight = torch.tensor([[as_int32(0x87654321), as_int32(0xFFFFFFFF)]], dtype=torch.int32)
+    qzeros = torch.tensor([[0x07]], dtype=torch.int32)  # column 0: zero 8; column 1: zero 0 + 1 = 1
+    scales = torch.tensor([[0.5, 2.0]], dtype=torch.float16)
+    tensors = {
+        "qweight": qweight,
+        "qzeros": qzeros,
+        "scales": scales,
+        "g_idx": torch.zeros(8, dtype=torch.int32),
+    }
+    weight = qf.unpack_gptq(tensors, 4, -1, "gptq").dequantize()
+    expected = torch.tensor(
+        [
+            [-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0],  # (1..8 - 8) * 0.5
+            [28.0] * 8,  # (15 - 1) * 2
+        ]
+    )
+    assert torch.equal(weight, expected)
+    # gptq_v2 stores the zero itself: the same weights from zeros 8 and 1.
+    v2 = dict(tensors, qzeros=torch.tensor([[0x18]], dtype=torch.int32))
+    assert torch.equal(qf.unpack_gptq(v2, 4, -1, "gptq_v2").dequantize(), expected)
+
+
+def test_gptq_v1_stored_all_ones_is_zero_point_zero():
+    # AutoGPTQ's reader adds one and masks to the width, so a stored 0xF means a zero point of 0.
+    tensors = {
+        "qweight": torch.tensor([[0x00000003]], dtype=torch.int32),  # input 0: code 3, the rest 0
+        "qzeros": torch.tensor([[0x0F]], dtype=torch.int32),
+        "scales": torch.tensor([[0.25]], dtype=torch.float16),
+    }
+    weight = qf.unpack_gptq(tensors, 4, -1, "gptq").dequantize()
+    assert weight.tolist() == [[0.75] + [0.0] * 7]
+
+
+def test_gptq_8bit_and_grouped_worked_example():
+    """8 bits: four codes per word. 8 inputs in two groups of 4, one output column."""
+    qweight = torch.tensor([[0x04030201], [as_int32(0x807F0A00)]], dtype=torch.int32)
+    qzeros = torch.tensor([[127], [0]], dtype=torch.int32)  # zeros 128 and 1
+    scales = torch.tensor([[1.0], [0.5]], dtype=torch.float16)
+    g_idx = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.int32)
+    tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+    weight = qf.unpack_gptq(tensors, 8, 4, "gptq").dequantize()
+    # group 0: codes 1..4 minus 128; group 1: codes 0x00, 0x0A, 0x7F, 0x80 minus 1, times 0.5
+    assert weight.tolist() == [[-127.0, -126.0, -125.0, -124.0, -0.5, 4.5, 63.0, 63.5]]
+
+
+def test_awq_gemm_worked_example():
+    """One input row, eight output columns. qweight is [in, out/8]: nibble i of a word holds output
+    column 8w + [0, 2, 4, 6, 1, 3, 5, 7][i]; qzeros use the same order; scales are [groups, out]."""
+    # Output column j gets code j: the nibbles, lowest first, are 0 2 4 6 1 3 5 7.
+    qweight = torch.tensor([[0x75316420]], dtype=torch.int32)
+    # Zeros 8 for even columns, 1 for odd ones: nibbles 8 8 8 8 1 1 1 1.
+    qzeros = torch.tensor([[0x11118888]], dtype=torch.int32)
+    scales = torch.tensor([[1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 2.0, 2.0]], dtype=torch.float16)
+    weight = qf.unpack_awq({"qweight": qweight, "qzeros": qzeros, "scales": scales}, 4, 1).dequantize()
+    # column j: (j - zero_j) * scale_j
+    assert weight[:, 0].tolist() == [-8.0, 0.0, -3.0, 1.0, -1.0, 1.0, -4.0, 12.0]
