@@ -69,6 +69,9 @@ def test_cli_without_model_uses_the_default():
             "0",
             "--max-tokens",
             "20",
+            "--ignore-eos",
+            "--dtype",
+            "float32",
             "import os\n",
         ],
         capture_output=True,
@@ -76,4 +79,15 @@ def test_cli_without_model_uses_the_default():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout) > len("import os\n") + 5
+    # The CLI echoes the prompt; the 20 tokens after it must be transformers' greedy continuation.
+    from transformers import AutoModelForCausalLM
+
+    ours = LLM(str(DEFAULT_MODEL_DIR), dtype="float32", show_progress=False)
+    ids = ours.tokenizer.encode("import os\n")
+    hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    expected = greedy[0, len(ids) :].tolist()
+    out = ours.generate([ids], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == expected
+    assert result.stdout == "import os\n" + out.text + "\n"
