@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -142,6 +144,88 @@ def test_autoawq_packed_layer_reads_back(group):
     # AutoAWQ's reader computes (q - z) * s in fp16: the exact product rounded once, as ours cast to fp16.
     theirs = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, 4, group)  # [in, out]
     assert torch.equal(ours.dequantize().t().half(), theirs)
+
+
+# ---- whole checkpoints packed by the libraries --------------------------------------------------
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def rtn_codes(weight: torch.Tensor, group: int):
+    """Asymmetric 4-bit min-max codes per group of inputs, zeros in [1, 15], fp16-exact scales."""
+    out_f, in_f = weight.shape
+    w = weight.reshape(out_f, in_f // group, group)
+    low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scales = ((high - low) / 15).clamp(min=1e-4).half().float()
+    zeros = torch.round(-low / scales).clamp(1, 15)
+    codes = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, 15)
+    return codes.reshape(out_f, in_f).long(), zeros.long(), scales
+
+
+@pytest.mark.parametrize("tool", ["auto-gptq", "autoawq"])
+def test_checkpoint_packed_by_the_tool_gives_the_dequantized_models_logits(tool, tmp_path):
+    """Every decoder Linear of a tiny Llama packed by the tool into a checkpoint with the
+    quantization_config it writes; effinfer must give the logits of the float model that holds
+    the dequantized weights (float32 throughout, so to the 1e-4 of test_models_vs_hf)."""
+    from safetensors.torch import load_file, save_file
+
+    from effinfer import LLM
+    from tests.conftest import make_hf_model
+
+    pack_layer = autogptq_quant_linear() if tool == "auto-gptq" else autoawq_modules()[0]
+    group = 32
+    # 4 KV heads: AutoGPTQ and AutoAWQ size qzeros as out // 32 words, so every output must be a multiple of 32.
+    hf, src = make_hf_model("LlamaForCausalLM", tmp_path / "src", num_key_value_heads=4)
+    tensors = load_file(str(src / "model.safetensors"))
+    packed = {}
+    for name in [k for k in tensors if k.endswith(".weight") and any(f".{n}." in k for n in LINEARS)]:
+        prefix = name[: -len(".weight")]
+        codes, zeros, scales = rtn_codes(tensors[name].float(), group)
+        weight = spec_dequantize(codes, zeros, scales, group)
+        tensors[name] = weight  # the float model the checkpoint stands for
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight.data = weight.clone()
+        if tool == "auto-gptq":
+            layer = pack_layer(
+                4, group, weight.shape[1], weight.shape[0], bias=False, weight_dtype=torch.float32
+            )
+            layer.pack(linear, scales.clone(), zeros.float(), torch.arange(weight.shape[1]) // group)
+            parts = {
+                "qweight": layer.qweight,
+                "qzeros": layer.qzeros,
+                "scales": layer.scales.half(),
+                "g_idx": layer.g_idx,
+            }
+        else:
+            layer = pack_layer.from_linear(
+                linear, 4, group, scales=scales.t().contiguous(), zeros=zeros.t().contiguous()
+            )
+            parts = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales}
+        packed.update({f"{prefix}.{key}": value.contiguous() for key, value in parts.items()})
+    assert len(packed) == len(LINEARS) * hf.config.num_hidden_layers * (4 if tool == "auto-gptq" else 3)
+
+    quantized_dir = tmp_path / "quantized"
+    shutil.copytree(src, quantized_dir)
+    rest = {k: v for k, v in tensors.items() if not any(f".{n}." in k for n in LINEARS)}
+    save_file({**rest, **packed}, str(quantized_dir / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    if tool == "auto-gptq":  # the fields AutoGPTQ's BaseQuantizeConfig writes
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                         "desc_act": False, "sym": False, "checkpoint_format": "gptq"}  # fmt: skip
+    else:  # and AutoAWQ's
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                         "zero_point": True, "version": "gemm"}  # fmt: skip
+    (quantized_dir / "config.json").write_text(json.dumps(config))
+
+    hf.load_state_dict(tensors)
+    prompt = torch.tensor([[1, 17, 99, 305, 42, 7, 300, 11]])
+    with torch.no_grad():
+        expected = hf(prompt).logits[0]
+        model = LLM(str(quantized_dir), dtype="float32", show_progress=False).engine.runner.model
+        assert model.model.layers[0].mlp.down_proj.quantized is not None  # read as packed, not as float
+        ours = model.compute_logits(model.forward_dense(prompt))[0].float()
+    assert (ours - expected).abs().max().item() < 1e-4
 
 
 # ---- worked examples from the published layouts (no library needed) ---------------------------
