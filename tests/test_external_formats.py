@@ -4,7 +4,8 @@ Where AutoGPTQ (its v1 ``QuantLinear.pack``) and AutoAWQ (``WQLinear_GEMM.from_l
 installed, they pack the tensors here and their own CPU readers dequantize them too. Without them,
 words built by hand from the published layouts stand in (worked examples), so the reader is
 always checked against something other than effinfer's own writer. compressed-tensors (the
-llm-compressor format) is checked against its library in test_quant_formats.py.
+llm-compressor format) is checked against its library in test_quant_formats.py and here by a
+worked example.
 """
 
 from __future__ import annotations
@@ -293,3 +294,26 @@ def test_awq_gemm_worked_example():
     weight = qf.unpack_awq({"qweight": qweight, "qzeros": qzeros, "scales": scales}, 4, 1).dequantize()
     # column j: (j - zero_j) * scale_j
     assert weight[:, 0].tolist() == [-8.0, 0.0, -3.0, 1.0, -1.0, 1.0, -4.0, 12.0]
+
+
+def test_compressed_tensors_pack_quantized_worked_example():
+    """llm-compressor's "pack-quantized": signed codes q in [-8, 7] stored as q + 8, eight to an int32
+    along the input dimension (lowest bits first), weight_scale [out, groups], weight_shape [out, in]."""
+    tensors = {
+        "weight_packed": torch.tensor([[as_int32(0x87654321)], [as_int32(0x0F0F0F0F)]], dtype=torch.int32),
+        "weight_scale": torch.tensor([[0.5], [0.25]], dtype=torch.bfloat16),
+        "weight_shape": torch.tensor([2, 8]),
+    }
+    args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8}
+    weight = qf.unpack_compressed_tensors(tensors, args).dequantize()
+    assert weight.tolist() == [
+        [-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0],  # stored 1..8, q = -7..0, times 0.5
+        [1.75, -2.0] * 4,  # stored 15 and 0: q = 7 and -8, times 0.25
+    ]
+    # "int-quantized" stores the signed 8-bit codes as they are, one per int8.
+    int8 = {
+        "weight": torch.tensor([[-128, -1, 0, 127]], dtype=torch.int8),
+        "weight_scale": torch.tensor([[0.5]]),
+    }
+    args8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    assert qf.unpack_compressed_tensors(int8, args8).dequantize().tolist() == [[-64.0, -0.5, 0.0, 63.5]]
