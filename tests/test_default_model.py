@@ -38,7 +38,8 @@ def test_transformers_gives_the_same_logits():
         expected = hf(torch.tensor([ids])).logits[0]
         model = ours.engine.runner.model
         got = model.compute_logits(model.forward_dense(torch.tensor([ids])))[0]
-    assert (got - expected).abs().max().item() < 1e-3
+    # float32 on both sides: a few ulps of logits up to ~15 (measured 2e-5), as test_models_vs_hf allows.
+    assert (got - expected).abs().max().item() < 1e-4
 
 
 def test_writes_python_like_code(llm):
