@@ -125,6 +125,88 @@ def test_outlier_columns_are_counted_per_call():
     assert torch.equal(llm_int8.outlier_columns(x, 6.0), torch.tensor([3, 100]))
 
 
+# ---- against bitsandbytes' own LLM.int8() ------------------------------------------------------
+
+FP16_UNIT_ROUNDOFF = 2.0**-11
+
+
+def _bnb_linear(weight: torch.Tensor, bias: torch.Tensor, threshold: float = 6.0):
+    """bitsandbytes' inference layer (``has_fp16_weights=False``): it quantizes the weight itself."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear8bitLt(
+        weight.shape[1], weight.shape[0], bias=True, has_fp16_weights=False, threshold=threshold
+    )
+    layer.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = torch.nn.Parameter(bias.half(), requires_grad=False)
+    return layer.to("cpu").eval()
+
+
+def _fp16_layer_and_activations(rows: int, seed: int = 0):
+    """fp16-exact weights and inputs (bitsandbytes computes in fp16), two outlier columns."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(96, 128, generator=g) * torch.rand(96, 1, generator=g)).half().float()
+    bias = torch.randn(96, generator=g).half().float()
+    x = torch.randn(rows, 128, generator=g).clamp(-4, 4)
+    x[:, 7] = 8 + 20 * torch.rand(rows, generator=g)  # above 6 in every token
+    x[:, 90] = -(7 + torch.rand(rows, generator=g))
+    return weight, bias, x.half().float()
+
+
+def _magnitude(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sum_k |x_k||w_nk| + |b_n|: what every rounding error of the product is proportional to."""
+    return x.abs() @ w.abs().t() + bias.abs()
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_matches_bitsandbytes_linear8bitlt(rows):
+    """Same weights, same inputs: bitsandbytes' Linear8bitLt and effinfer's kernel agree to fp16 rounding.
+
+    Both quantize the weight row-wise (absmax / 127) and the non-outlier inputs per token, multiply
+    in int8 and add the outlier columns in float. With every outlier column above the threshold in
+    every token the int8 operands are the same, so what separates the results is bitsandbytes'
+    fp16: its integer part rounded to fp16, the dequantized outlier weights (each within 2^-11),
+    and the output rounded once more: at most 3 * 2^-11 * sum |x||w| + |b|.
+    """
+    weight, bias, x = _fp16_layer_and_activations(rows)
+    bnb_layer = _bnb_linear(weight, bias)
+    with torch.no_grad():
+        theirs = bnb_layer(x.half()).float()
+    qw = quantize_llm_int8(weight, 6.0)
+    assert torch.equal(bnb_layer.weight.data, qw.weight)  # the same int8 codes ...
+    assert torch.equal(bnb_layer.state.SCB, qw.absmax)  # ... and row absmax
+    ours = llm_int8.apply(llm_int8.prepare(qw, bias, torch.float32), x)
+    bound = 3 * FP16_UNIT_ROUNDOFF * _magnitude(x, qw.dequantize(), bias)
+    assert ((ours - theirs).abs() <= bound).all(), ((ours - theirs).abs() / bound).max()
+    # Without the outlier columns in float the difference would be far beyond that bound.
+    plain = LLMInt8Weight(qw.weight, qw.absmax, float("inf")).reference_linear(x, bias)
+    assert ((plain - theirs).abs() > bound).any()
+
+
+def test_token_local_outlier_matches_bitsandbytes_within_quantization_error():
+    """An outlier in one token only: bitsandbytes takes that token's scale over the values below the
+    threshold, including the rest of the outlier column; effinfer leaves the whole outlier column
+    out of every token's scale. Each result is within half an int8 step per input of the exact
+    product, so they differ by at most the sum of both half steps, plus fp16 rounding."""
+    weight, bias, x = _fp16_layer_and_activations(6, seed=1)
+    x[:, 90] = 5.5  # below the threshold, above every other input
+    x[2, 90] = -9.0  # column 90 is an outlier column because of token 2 alone
+    bnb_layer = _bnb_linear(weight, bias)
+    with torch.no_grad():
+        theirs = bnb_layer(x.half()).float()
+    qw = quantize_llm_int8(weight, 6.0)
+    ours = llm_int8.apply(llm_int8.prepare(qw, bias, torch.float32), x)
+    outlier_columns = torch.tensor([7, 90])
+    regular = x.clone()
+    regular[:, outlier_columns] = 0
+    ours_step = regular.abs().amax(dim=1) / 127
+    theirs_step = torch.where(x.abs() >= 6.0, 0.0, x.abs()).amax(dim=1) / 127
+    assert (theirs_step > ours_step).any()  # the two definitions really differ here
+    w = qw.dequantize()
+    half_steps = (ours_step + theirs_step)[:, None] / 2 * w.abs().sum(dim=1)[None, :]
+    bound = half_steps + 3 * FP16_UNIT_ROUNDOFF * _magnitude(x, w, bias)
+    assert ((ours - theirs).abs() <= bound).all(), ((ours - theirs).abs() / bound).max()
+
+
 def test_linear_runs_llm_int8_and_reports_the_outlier_share():
     weight, bias, qw = _layer()
     linear = Linear(128, [40, 56], bias=True)

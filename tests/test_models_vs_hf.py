@@ -101,12 +101,33 @@ def test_dense_forward_matches_hf(hf_and_llm):
 
 
 def test_bfloat16_engine_tracks_hf(tmp_path):
-    """bf16 runs the skinny AMX GEMM and the fused ops (or oneDNN without AMX); logits must stay close to HF's."""
+    """bf16 runs the skinny AMX GEMM and the fused ops (or oneDNN without AMX); its logits must be as
+    close to the float32 truth as transformers' own bf16 run is.
+
+    bf16 keeps 8 significant bits, so every rounding moves a value by up to 2^-9 relative, and
+    the two implementations round at different places (fused ops, accumulation order). Their
+    errors against float32 are therefore of the same size but not the same numbers: effinfer's
+    may exceed HF's only by a small factor (measured 0.93-1.03 in RMS and maximum over Llama and
+    Qwen3 with two seeds; 1.5 and 2 leave room). A wrong norm, rotary or accumulation in the
+    bf16 path adds an error of its own and breaks the ratio.
+    """
     hf, path = make_hf_model("LlamaForCausalLM", tmp_path)
     llm = LLM(str(path), dtype="bfloat16", device="cpu", show_progress=False)
     prompt = PROMPTS[1]
     with torch.no_grad():
-        expected = hf.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
+        truth = hf(torch.tensor([prompt])).logits[0].float()
+        hf_bf16 = hf.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
     ours = _all_position_logits(llm, prompt)
-    assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item()
-    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+    def rms(t):
+        return t.pow(2).mean().sqrt().item()
+
+    ours_error, hf_error = ours - truth, hf_bf16 - truth
+    assert rms(ours_error) <= 1.5 * rms(hf_error), (rms(ours_error), rms(hf_error))
+    assert ours_error.abs().max() <= 2 * hf_error.abs().max(), (ours_error.abs().max(), hf_error.abs().max())
+    # The top-two gap moves by at most twice the largest error (2 * 2 * HF's): where float32's gap is
+    # wider, bf16 must pick float32's token (8 of these 24 positions; a vacuous check is refused).
+    top2 = truth.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 4 * hf_error.abs().max()
+    assert decisive.sum() >= 4
+    assert torch.equal(ours.argmax(-1)[decisive], truth.argmax(-1)[decisive])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,9 +12,20 @@ from effinfer import LLM
 from effinfer.cli import main as cli_main
 from effinfer.eval import perplexity
 
+# Two float32 implementations give logits a few ulps apart (ulp(20) ~ 2e-6; test_models_vs_hf holds them
+# to 1e-4, stories260K's differ by ~2e-5). A token's NLL, logsumexp(z) - z_target, moves by at most twice
+# the largest logit change, so the mean NLL, the log of the perplexity, differs by at most ~4e-5: a
+# relative 1e-4 on the perplexity. A wrong window, shift or scored-token mask moves it by percents.
+FLOAT32_PPL_RTOL = 1e-4
+CLI_RESULT = re.compile(
+    r"perplexity (?P<ppl>[\d.]+) \((?P<nll>[\d.]+) nats/token\) over (?P<tokens>\d+) tokens in (?P<windows>\d+) windows"
+)
 
-def hf_sliding_window_ppl(model, ids: list[int], ctx: int, stride: int, max_windows: int | None) -> float:
-    """HF's guide ("Perplexity of fixed-length models"), counting each scored token exactly."""
+
+def hf_sliding_window_ppl(
+    model, ids: list[int], ctx: int, stride: int, max_windows: int | None
+) -> tuple[float, int]:
+    """HF's guide ("Perplexity of fixed-length models"): the perplexity and the number of scored tokens."""
     ids = torch.tensor([ids])
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     for i, begin in enumerate(range(0, ids.shape[1], stride)):
@@ -34,7 +46,7 @@ def hf_sliding_window_ppl(model, ids: list[int], ctx: int, stride: int, max_wind
         prev_end = end
         if end == ids.shape[1]:
             break
-    return math.exp(nll_sum / n_tokens)
+    return math.exp(nll_sum / n_tokens), n_tokens
 
 
 @pytest.mark.parametrize("ctx, stride", [(128, 128), (128, 64)])
@@ -45,13 +57,21 @@ def test_perplexity_matches_transformers(stories260k, shared_data, ctx, stride):
     llm = LLM(str(stories260k), dtype="float32", show_progress=False)
     ours = perplexity(llm, text=text, ctx=ctx, stride=stride, show_progress=False)
     hf = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
-    expected = hf_sliding_window_ppl(hf, llm.tokenizer.encode(text), ctx, stride, None)
-    assert ours.perplexity == pytest.approx(expected, rel=5e-3)
+    ids = llm.tokenizer.encode(text)
+    expected, expected_tokens = hf_sliding_window_ppl(hf, ids, ctx, stride, None)
+    assert ours.perplexity == pytest.approx(expected, rel=FLOAT32_PPL_RTOL)
+    # Overlapping windows score every token after the first; disjoint ones also skip each window's first
+    # token, which has no context.
+    rule_count = len(ids) - 1 if stride < ctx else len(ids) - math.ceil(len(ids) / ctx)
+    assert ours.num_tokens == expected_tokens == rule_count
     # A trained model: far better than uniform over its 512 tokens, as the data README reports (~1.3-1.5 nats).
     assert 0.8 < ours.nll_per_token < 2.5
 
 
 def test_eval_ppl_cli(stories260k, shared_data, capsys):
+    """The printed perplexity, NLL and token count are transformers' on the same three windows."""
+    from transformers import AutoModelForCausalLM
+
     data = shared_data / "text" / "tinystories_valid.txt"
     code = cli_main(
         [
@@ -65,10 +85,21 @@ def test_eval_ppl_cli(stories260k, shared_data, capsys):
             "256",
             "--max-windows",
             "3",
+            "--dtype",
+            "float32",
         ]
     )
     assert code == 0
-    assert "perplexity" in capsys.readouterr().out
+    printed = CLI_RESULT.search(capsys.readouterr().out)
+    assert printed, "eval ppl printed no result line"
+    hf = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
+    ids = LLM(str(stories260k), show_progress=False).tokenizer.encode(data.read_text())
+    expected, expected_tokens = hf_sliding_window_ppl(hf, ids, 256, 256, 3)
+    assert int(printed["windows"]) == 3
+    assert int(printed["tokens"]) == expected_tokens == 3 * 255
+    # Printed with 4 decimals: allow half a unit in the last place on top of float32's difference.
+    assert float(printed["ppl"]) == pytest.approx(expected, rel=FLOAT32_PPL_RTOL, abs=5e-5)
+    assert float(printed["nll"]) == pytest.approx(math.log(expected), abs=FLOAT32_PPL_RTOL + 5e-5)
 
 
 def test_eval_ppl_missing_file(stories260k, tmp_path, capsys):
