@@ -270,7 +270,7 @@ def _guarded(func, arg) -> int:
 
     try:
         return func(arg)
-    except (ConfigError, PromptError, InvalidSamplingParams, TokenizerError, FileNotFoundError) as e:
+    except (ConfigError, PromptError, InvalidSamplingParams, TokenizerError, OSError) as e:
         print(f"effinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

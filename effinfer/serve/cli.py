@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         not logging.getLogger().handlers
     ):  # effinfer.cli sets this up; the fallback-template notice is a warning
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    _check_server_flags(args)  # before the model loads
     path = resolve_model_path(args.model)
     engine = LLMEngine(path, EngineConfig(**engine_kwargs(args)))
     name = args.served_model_name or args.model or path.name
@@ -87,3 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,  # open streams are cut after this on Ctrl-C
     )
     return 0
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    from effinfer.config import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    if args.max_queue < -1:
+        raise ConfigError(f"--max-queue must be -1 (no limit) or more, got {args.max_queue}")
