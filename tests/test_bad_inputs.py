@@ -553,3 +553,20 @@ def test_serve_bad_model_path(tmp_path):
     pytest.importorskip("uvicorn")
     result = effinfer("serve", "--model", tmp_path / "missing", timeout=120)
     assert_one_line_error(result, "missing", "does not exist")
+
+
+def test_unwritable_output_is_one_line(stories260k, tmp_path):
+    """An OS error while writing (here: permission denied) is reported, not raised as a traceback."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    target = locked / "x.gguf"
+    if os.access(locked, os.W_OK):  # root writes anywhere but in sysfs
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no directory here refuses writes")
+        target = Path("/sys/x.gguf")
+    try:
+        result = effinfer("convert", stories260k, "-o", target)
+    finally:
+        locked.chmod(0o700)
+    assert_one_line_error(result, "Permission denied", "x.gguf")
