@@ -38,7 +38,7 @@ USER_ERRORS = (
     PromptError,
     InvalidSamplingParams,
     TokenizerError,
-    FileNotFoundError,
+    OSError,  # a missing, unreadable or unwritable path
     BenchError,
     BenchServeError,
 )

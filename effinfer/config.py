@@ -78,6 +78,37 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
 
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_MODEL_FIELDS:
+            _check_positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:  # rotary embeddings turn pairs of dimensions
+            raise ConfigError(f"head_dim must be even, got {self.head_dim}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        rope_type = (self.rope_scaling or {}).get("rope_type") or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if not (self.rope_theta > 0 and self.rms_norm_eps >= 0):
+            raise ConfigError(
+                f"rope_theta must be > 0 and rms_norm_eps >= 0, got {self.rope_theta} and {self.rms_norm_eps}"
+            )
+        if len(self.sliding_windows) not in (0, self.num_layers):
+            raise ConfigError(
+                f"{len(self.sliding_windows)} sliding-window entries for {self.num_layers} layers"
+            )
+        bad_windows = [w for w in self.sliding_windows if w is not None and not _is_positive_int(w)]
+        if bad_windows:
+            raise ConfigError(f"sliding_window must be a positive integer, got {bad_windows[0]!r}")
+
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ModelConfig:
         config_path = Path(path) / "config.json"
@@ -87,7 +118,14 @@ class ModelConfig:
             hf = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{config_path} is not valid JSON: {e}") from e
-        return cls.from_hf(hf)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{config_path} cannot be read: {e}") from e
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{config_path} must hold a JSON object, not {type(hf).__name__}")
+        try:
+            return cls.from_hf(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{config_path}: {e}") from None
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
@@ -99,6 +137,7 @@ class ModelConfig:
                 f"effinfer supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         flags = SUPPORTED_ARCHITECTURES[arch]
+        _check_hf_fields(hf)
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         num_layers = hf["num_hidden_layers"]
@@ -150,8 +189,59 @@ def _sliding_windows(hf: dict, arch: str, num_layers: int) -> list[int | None]:
     return [window] * num_layers
 
 
+# The fields a config.json must have; the rest have defaults. ``ModelConfig`` field -> HF key.
+_REQUIRED_HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
+_POSITIVE_MODEL_FIELDS = (
+    *_REQUIRED_HF_FIELDS, "num_kv_heads", "head_dim", "max_position_embeddings",
+)  # fmt: skip
+# What layers/activation.py and layers/rotary.py implement (config sits below layers, so the lists
+# are repeated here to reject a bad config.json before any weight is read).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_positive_int(value):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_hf_fields(hf: dict) -> None:
+    """The required config.json fields are present and usable (before any arithmetic on them)."""
+    missing = [key for key in _REQUIRED_HF_FIELDS.values() if hf.get(key) is None]
+    if missing:
+        raise ConfigError(f"missing required field(s) {', '.join(missing)}")
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+    for key in (*_REQUIRED_HF_FIELDS.values(), *(k for k in optional if hf.get(k) is not None)):
+        _check_positive_int(key, hf[key])
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, where that CUDA device exists."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -216,10 +306,13 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("max_num_batched_tokens", "max_model_len", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive_int(value):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.device == "auto":
             self.device = default_device()
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        _check_device(self.device)
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
         if self.dtype == "auto":

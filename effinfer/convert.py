@@ -75,6 +75,7 @@ def convert_to_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, out
     model_dir, output = check_model_dir(model_dir), Path(output)
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    _check_output(model_dir, output)
     config = ModelConfig.from_dir(model_dir)
     arch = GGUF_ARCHITECTURES.get(config.architecture)
     if arch is None:
@@ -282,6 +283,18 @@ def _encode(tensor: torch.Tensor, weight_type: QType) -> tuple[np.ndarray, QType
 
 
 # -------------------------------------------------------------------- command line
+
+
+def _check_output(model_dir: Path, output: Path) -> None:
+    """The output is a file name in an existing directory, and not one of the checkpoint's own files."""
+    if output.is_dir():
+        raise ConvertError(f"output {str(output)!r} is a directory; give a file name such as model.gguf")
+    if not output.parent.is_dir():
+        raise ConvertError(f"the directory of output {str(output)!r} does not exist")
+    if output.resolve().parent == model_dir.resolve() and (
+        output.suffix in (".safetensors", ".json") or output.name.startswith("tokenizer")
+    ):
+        raise ConvertError(f"output {str(output)!r} would overwrite a file of the model being converted")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

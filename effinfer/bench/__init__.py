@@ -167,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _make_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.bench.suite import BenchError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {str(out)!r} is an existing file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise BenchError(
+            f"--out {str(out)!r} is not empty; give a new or empty directory (nothing is overwritten)"
+        )
     path = make_random_model(args.out, preset=args.preset, dtype=args.dtype, seed=args.seed)
     print(f"wrote a random-weight {args.preset} model ({args.dtype}) to {path}")
     return 0

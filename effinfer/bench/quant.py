@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from effinfer.bench.report import machine_info
+from effinfer.bench.suite import BenchError
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.quant import registry
 
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> QuantBenchReport:
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown or not schemes:
-        raise ConfigError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
+        raise BenchError(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
     if schemes[0] != "bf16":
         schemes = ["bf16", *[s for s in schemes if s != "bf16"]]  # the baseline every ratio divides by
     threads = args.threads or torch.get_num_threads()
@@ -357,6 +358,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    for flag in ("decode_tokens", "prompt_len", "rounds", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
 def register(subparsers) -> None:
     """Adds ``quant`` to the ``effinfer bench`` actions."""
     description = __doc__.splitlines()[0].replace("``", "")
@@ -373,7 +381,12 @@ def run_command(args: argparse.Namespace) -> int:
         except ImportError:
             print("effinfer bench quant: error: --llama-cpp needs llama-cpp-python", file=sys.stderr)
             return 2
-    report = run(args)
+    try:
+        _check_arguments(args)
+        report = run(args)
+    except (BenchError, ConfigError) as e:
+        print(f"effinfer bench quant: error: {e}", file=sys.stderr)
+        return 2
     text = render_markdown(report)
     print(text)
     if args.markdown:

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from effinfer.config import EngineConfig, ModelConfig, available_memory_bytes
+from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
 from effinfer.engine.sequence import Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 
@@ -60,9 +60,9 @@ class ModelRunner:
             budget = min(budget, per_block * blocks_per_seq * engine_config.max_num_seqs)
         num_blocks = budget // per_block
         if num_blocks < 1:
-            raise ValueError(
-                f"KV-cache budget of {budget} bytes is smaller than one block ({per_block} bytes); "
-                "raise kv_cache_memory"
+            raise ConfigError(
+                f"KV-cache budget of {budget} bytes is smaller than one block of {self.block_size} tokens "
+                f"({per_block} bytes); raise kv_cache_memory (--kv-cache-memory) or kv_cache_memory_fraction"
             )
         return num_blocks
 

@@ -1,5 +1,5 @@
 """Quality evaluation: perplexity over a text with a sliding window."""
 
-from effinfer.eval.perplexity import PerplexityResult, perplexity
+from effinfer.eval.perplexity import EvalError, PerplexityResult, perplexity
 
-__all__ = ["perplexity", "PerplexityResult"]
+__all__ = ["perplexity", "PerplexityResult", "EvalError"]

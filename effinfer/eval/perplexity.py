@@ -17,6 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from effinfer.config import ConfigError
+
+
+class EvalError(ConfigError):
+    """An evaluation cannot run as asked (a missing or too short text, a bad window); the message says why."""
+
 
 @dataclass
 class PerplexityResult:
@@ -40,12 +46,35 @@ def _token_ids(llm, text: str | None, path, token_ids: list[int] | None) -> list
         return token_ids
     if text is None:
         if path is None:
-            raise ValueError("give text, path or token_ids")
+            raise EvalError("give text, path or token_ids")
         path = Path(path)
+        if not path.exists():
+            raise EvalError(f"data file {str(path)!r} does not exist")
         if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+            raise EvalError(f"data file {str(path)!r} is not a file")
         text = path.read_text(encoding="utf-8", errors="replace")
-    return llm.tokenizer.encode(text)
+    token_ids = list(llm.tokenizer.encode(text))
+    if len(token_ids) < 2:
+        source = f"data file {str(path)!r}" if path is not None else "the text"
+        raise EvalError(f"{source} has {len(token_ids)} token(s); perplexity needs at least two")
+    return token_ids
+
+
+def check_window(
+    ctx: int | None, stride: int | None, max_windows: int | None, max_model_len: int
+) -> tuple[int, int]:
+    """(ctx, stride) with their defaults filled in, or an ``EvalError`` naming the bad value."""
+    ctx = max_model_len if ctx is None else ctx
+    if not isinstance(ctx, int) or ctx < 2:
+        raise EvalError(f"ctx must be at least 2 tokens (one to predict from, one to score), got {ctx!r}")
+    if ctx > max_model_len:
+        raise EvalError(f"ctx {ctx} exceeds the model's context of {max_model_len} tokens")
+    stride = ctx if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= ctx:
+        raise EvalError(f"stride must be in [1, ctx={ctx}], got {stride!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise EvalError(f"max_windows must be at least 1, got {max_windows!r}")
+    return ctx, stride
 
 
 def perplexity(
@@ -59,16 +88,9 @@ def perplexity(
     show_progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``llm`` (an ``effinfer.LLM``) on a text, a file or token ids."""
-    token_ids = _token_ids(llm, text, path, token_ids)
     engine = llm.engine
-    ctx = ctx or engine.max_model_len
-    if ctx > engine.max_model_len:
-        raise ValueError(f"ctx {ctx} exceeds the model's context of {engine.max_model_len} tokens")
-    stride = stride or ctx
-    if not 0 < stride <= ctx:
-        raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
-    if len(token_ids) < 2:
-        raise ValueError("the text must have at least two tokens")
+    ctx, stride = check_window(ctx, stride, max_windows, engine.max_model_len)
+    token_ids = _token_ids(llm, text, path, token_ids)
     model = engine.model
     ids = torch.tensor(token_ids, device=engine.device)
     starts = list(range(0, len(token_ids) - 1, stride))
@@ -110,11 +132,12 @@ def paged_perplexity(
     time (1: exactly like decoding) and every token attends to its context as read back from the
     cache. Non-overlapping windows of ``ctx`` tokens; the engine must be idle.
     """
-    token_ids = _token_ids(llm, text, path, token_ids)
     engine = llm.engine
     if engine.has_unfinished_requests():
         raise RuntimeError("paged_perplexity needs an idle engine")
     ctx = min(ctx or engine.max_model_len, engine.max_model_len)
+    ctx, _ = check_window(ctx, None, max_windows, engine.max_model_len)
+    token_ids = _token_ids(llm, text, path, token_ids)
     starts = list(range(0, len(token_ids) - 1, ctx))[:max_windows]
     total_nll, total_tokens = 0.0, 0
     for begin in tqdm(starts, desc="paged perplexity", unit="window", disable=not show_progress):

@@ -37,6 +37,8 @@ from effinfer.loading.gguf_quants import (
     BLOCK_FORMATS,
     DIRECT_TYPES,
     FLOAT_TYPES,
+    SUPPORTED_TYPES,
+    block_values,
     dequantize,
     to_quantized_weight,
 )
@@ -146,16 +148,36 @@ class GGUFFile:
             dims = [self._scalar("<Q") for _ in range(self._scalar("<I"))]
             qtype, offset = self._scalar("<I"), self._scalar("<Q")
             infos.append((name, dims, qtype, offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        # As llama.cpp's reader: a power of two (tensor data offsets are rounded up to it).
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise ConfigError(f"{self.path}: general.alignment must be a power of two, got {alignment!r}")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype, offset in infos:
             try:
                 qtype = QType(qtype)
             except ValueError:
-                raise ConfigError(f"tensor {name!r} has unknown GGML type {qtype}") from None
-            self.tensors[name] = TensorInfo(
+                raise ConfigError(f"{self.path}: tensor {name!r} has unknown GGML type {qtype}") from None
+            info = TensorInfo(
                 name, qtype, tuple(reversed(dims)), data_start + offset, _tensor_nbytes(qtype, dims)
+            )
+            self._check_extent(info, dims)
+            self.tensors[name] = info
+
+    def _check_extent(self, info: TensorInfo, dims: list[int]) -> None:
+        """A tensor of a type effinfer reads has whole blocks per row and lies inside the file."""
+        if info.qtype not in SUPPORTED_TYPES:
+            return  # reported by ``check_loadable`` if the model needs it
+        if dims and dims[0] % block_values(info.qtype):
+            raise ConfigError(
+                f"{self.path}: tensor {info.name!r} rows of {dims[0]} values are not whole "
+                f"{info.qtype.name} blocks of {block_values(info.qtype)}"
+            )
+        if info.offset + info.nbytes > len(self._map):
+            raise WeightsError(
+                f"{self.path} is truncated: tensor {info.name!r} ends at byte {info.offset + info.nbytes}, "
+                f"the file has {len(self._map)}"
             )
 
     def _scalar(self, fmt: str) -> Any:
@@ -257,6 +279,10 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     if missing:
         raise ConfigError(f"{gguf.path.name} lacks metadata {', '.join(f'{arch}.{k}' for k in missing)}")
     hidden, heads = key("embedding_length"), key("attention.head_count")
+    if not isinstance(heads, int) or heads < 1:
+        raise ConfigError(
+            f"{gguf.path.name}: {arch}.attention.head_count must be a positive integer, got {heads!r}"
+        )
     # The embedding's rows decide (the vocabulary may be padded or shorter); vocab-only files have none.
     embed = gguf.tensors.get("token_embd.weight")
     vocab_size = (
@@ -286,7 +312,10 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         hf["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise ConfigError(f"{gguf.path.name}: rope scaling {scaling!r} is not supported (supported: linear)")
-    return ModelConfig.from_hf(hf)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ConfigError as e:  # name the file; the field names are HF's (see the mapping above)
+        raise ConfigError(f"{gguf.path.name}: {e}") from None
 
 
 def _working_dtype(gguf: GGUFFile) -> str:
@@ -367,6 +396,18 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
         yield hf_name, tensor, info.nbytes
 
 
+def check_loadable(gguf: GGUFFile) -> None:
+    """Every tensor has an HF name and a type effinfer dequantises; else a one-line error, nothing allocated."""
+    for name, info in gguf.tensors.items():
+        if name != ROPE_FREQS and hf_tensor_name(name) is None:
+            raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
+        if info.qtype not in SUPPORTED_TYPES:
+            raise WeightsError(
+                f"{gguf.path.name}: tensor {name!r} has GGUF type {info.qtype.name}, which effinfer cannot "
+                f"read; supported: {', '.join(t.name for t in SUPPORTED_TYPES)}"
+            )
+
+
 def _fusion_group(name: str) -> str:
     """The effinfer layer a GGUF tensor lands in: ``blk.3.attn_k.weight`` -> ``blk.3.attn_qkv``."""
     for members, fused in (
@@ -404,6 +445,7 @@ def load_model(
     """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes."""
     if not isinstance(gguf, GGUFFile):
         gguf = GGUFFile(gguf)
+    check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions)
     total = sum(info.nbytes for info in gguf.tensors.values())
     tensors = hf_tensors(gguf, config, quantized_linears=True)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
@@ -24,20 +24,49 @@ __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
 
 def find_weight_files(path: Path) -> list[Path]:
+    """The checkpoint's ``*.safetensors`` files, each checked to open (so a bad one fails before allocation)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / name for name in weight_map.values()})
+        files = sorted({path / name for name in _read_weight_map(index).values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise WeightsError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         hint = f" (found {', '.join(others)}; only safetensors is supported)" if others else ""
         raise WeightsError(f"no *.safetensors weights in model directory {str(path)!r}{hint}")
+    for file in files:
+        _check_readable(file)
     return files
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index} is not valid JSON: {e}") from None
+    except AttributeError:  # the JSON is not an object
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f'{index} has no "weight_map" object naming the shard of each tensor')
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f or Path(f).name != f]
+    if bad:
+        raise WeightsError(f"{index}: weight_map names {bad[0]!r}, not a shard file name in the directory")
+    return weight_map
+
+
+def _check_readable(file: Path) -> None:
+    """Open the file's header: safetensors checks that it parses and that the data covers every tensor."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -53,7 +82,10 @@ def _read_tensors(files: list[Path]):
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except SafetensorError as e:
+                    raise WeightsError(f"{file}: tensor {name!r} cannot be read: {e}") from None
                 yield name, tensor, tensor.numel() * tensor.element_size()
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from effinfer.config import EngineArgs
+from effinfer.config import ConfigError, EngineArgs
 from effinfer.engine.async_engine import AsyncLLMEngine
 from effinfer.engine.engine import LLMEngine, resolve_model_path
 from effinfer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"effinfer serve: error: {e.name} is missing; pip install 'effinfer[serve]'", file=sys.stderr)
         return 2
 
+    _check_server_flags(args)  # before the model loads
     path = resolve_model_path(args.model)
     engine = LLMEngine(path, EngineArgs.from_cli_args(args))
     name = args.served_model_name or args.model or path.name
@@ -85,3 +86,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,  # open streams are cut after this on Ctrl-C
     )
     return 0
+
+
+def _check_server_flags(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    if args.max_queue < -1:
+        raise ConfigError(f"--max-queue must be -1 (no limit) or more, got {args.max_queue}")

@@ -168,7 +168,12 @@ def calibration_ids(model_dir: Path, options: QuantizeOptions) -> torch.Tensor:
         raise ConfigError(f"calibration file {str(path)!r} does not exist")
     tokenizer = Tokenizer.from_dir(model_dir)
     stride = options.calib_stride or "auto"
-    rows = calibration_batches(tokenizer, path, options.num_samples, options.seq_len, options.seed, stride)
+    try:
+        rows = calibration_batches(
+            tokenizer, path, options.num_samples, options.seq_len, options.seed, stride
+        )
+    except ValueError as e:  # the text is too short for the rows asked for
+        raise ConfigError(f"calibration file {str(path)!r}: {e}") from None
     logger.info("calibration: %d rows of %d tokens from %s", len(rows), rows.shape[1], path)
     return rows
 
@@ -187,6 +192,12 @@ def quantize(
     out_dir = Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError("--out must differ from --model: the float checkpoint would be overwritten")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is an existing file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(
+            f"--out {str(out_dir)!r} is not empty; give a new or empty directory (nothing is overwritten)"
+        )
     start = time.perf_counter()
     model, _ = load_float_model(model_dir)
     calib = calibration_ids(model_dir, options) if METHODS[options.method].needs_calibration else None
