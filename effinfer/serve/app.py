@@ -25,7 +25,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from effinfer.engine.async_engine import AsyncLLMEngine
-from effinfer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from effinfer.serve.errors import APIError, error_response, from_validation_error
 from effinfer.serve.generation import (
     ServerState,
@@ -34,6 +33,7 @@ from effinfer.serve.generation import (
     create_completion,
     dumps,
 )
+from effinfer.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from effinfer.serve.metrics import ServerMetrics
 from effinfer.serve.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from effinfer.serve.sse import ClientDisconnected

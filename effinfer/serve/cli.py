@@ -16,7 +16,7 @@ import sys
 from effinfer.config import ConfigError, EngineArgs
 from effinfer.engine.async_engine import AsyncLLMEngine
 from effinfer.engine.engine import LLMEngine, resolve_model_path
-from effinfer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from effinfer.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 
 def register(subparsers) -> None:
