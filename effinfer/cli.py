@@ -43,6 +43,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype", default="auto", choices=("auto", "int8"),
         help="KV-cache storage: auto (the model dtype) or int8 (per token and head scales)",
     )  # fmt: skip
+    group.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    group.add_argument(
+        "--enable-chunked-prefill", action="store_true",
+        help="cut long prompts into chunks that run alongside the decodes (budget: --max-num-batched-tokens)",
+    )  # fmt: skip
+    group.add_argument("--speculative-model", help='draft model (HF directory or .gguf) or "ngram"')
+    group.add_argument("--num-speculative-tokens", type=int, help="draft tokens per step (default 4)")
+    group.add_argument("--ngram-prompt-lookup-max", type=int, help="longest n-gram to match (default 4)")
+    group.add_argument("--ngram-prompt-lookup-min", type=int, help="shortest n-gram to match (default 1)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -88,6 +97,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_threads=args.threads,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
+        ngram_prompt_lookup_max=args.ngram_prompt_lookup_max,
+        ngram_prompt_lookup_min=args.ngram_prompt_lookup_min,
     )
 
 

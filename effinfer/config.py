@@ -189,6 +189,13 @@ class EngineConfig:
     quantization: str | None = None
     # KV-cache storage: "auto" (the model dtype) or "int8" (one scale per token and KV head; ~2x the blocks).
     kv_cache_dtype: str = "auto"
+    # Cut long prompts into chunks that share a step with running decodes (max_num_batched_tokens each).
+    enable_chunked_prefill: bool = False
+    # Speculative decoding (effinfer/spec): a draft model's path, or "ngram" for prompt lookup.
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
+    ngram_prompt_lookup_max: int | None = None
+    ngram_prompt_lookup_min: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
