@@ -136,6 +136,13 @@ def test_speculation_with_chunked_prefill_stop_strings_and_streaming(stories260k
     expected = plain.generate(PROMPTS[0], stopped)[0].outputs[0]
     got = llm.generate(PROMPTS[0], stopped)[0].outputs[0]
     assert (got.text, got.token_ids, got.finish_reason) == (expected.text, expected.token_ids, "stop")
+    with_logprobs = SamplingParams(temperature=0, max_tokens=30, logprobs=2, ignore_eos=True)
+    expected = plain.generate(PROMPTS[2], with_logprobs)[0].outputs[0].logprobs
+    got = llm.generate(PROMPTS[2], with_logprobs)[0].outputs[0].logprobs
+    assert [set(step) for step in got] == [set(step) for step in expected]
+    for got_step, expected_step in zip(got, expected):
+        for token_id, logprob in expected_step.items():
+            assert got_step[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
     deltas = [o.outputs[0].delta_token_ids for o in llm.stream(PROMPTS[3], GREEDY)]
     assert sum(deltas, []) == reference[3].outputs[0].token_ids
     assert max(len(d) for d in deltas) > 1  # several tokens in one streamed update
