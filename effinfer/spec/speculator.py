@@ -33,14 +33,14 @@ class SpeculativeDecoder:
 
     def __init__(self, engine: LLMEngine) -> None:
         config = engine.config
-        k = config.num_speculative_tokens or DEFAULT_NUM_SPECULATIVE_TOKENS
+        k = _or_default(config.num_speculative_tokens, DEFAULT_NUM_SPECULATIVE_TOKENS)
         if k < 1:
             raise ConfigError(f"num_speculative_tokens must be at least 1, got {k}")
         self.num_speculative_tokens = k
         self.max_model_len = engine.max_model_len
         if config.speculative_model == "ngram":
-            max_n = config.ngram_prompt_lookup_max or DEFAULT_NGRAM_MAX
-            min_n = config.ngram_prompt_lookup_min or DEFAULT_NGRAM_MIN
+            max_n = _or_default(config.ngram_prompt_lookup_max, DEFAULT_NGRAM_MAX)
+            min_n = _or_default(config.ngram_prompt_lookup_min, DEFAULT_NGRAM_MIN)
             if not 1 <= min_n <= max_n:
                 raise ConfigError(
                     f"need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got {min_n} and {max_n}"
@@ -85,3 +85,7 @@ class SpeculativeDecoder:
 
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
