@@ -30,10 +30,12 @@ class ScheduledSeq:
     num_lookahead_slots: int = 0  # cache slots reserved for speculative tokens
     draft_token_ids: list[int] = field(default_factory=list)  # filled in by a proposer, at most the slots
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the sequence's last token, so it yields a next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+    # Whether this step reaches the sequence's last token, so it yields a next token (set once, at
+    # scheduling: the engine advances num_computed_tokens before it samples).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
 
     @property
     def num_query_tokens(self) -> int:
