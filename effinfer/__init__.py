@@ -16,6 +16,7 @@ import os
 # ones (measured ~3% faster decode). PyTorch's CPU allocator reads this before its first allocation.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from effinfer import spec  # noqa: E402, F401  (registers speculative decoding with the engine)
 from effinfer.config import ConfigError, EngineConfig  # noqa: E402
 from effinfer.engine.engine import LLMEngine, PromptError  # noqa: E402
 from effinfer.engine.llm import LLM  # noqa: E402

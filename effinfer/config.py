@@ -285,6 +285,14 @@ class EngineConfig:
     quantization: str | None = None
     # KV-cache storage: "auto" (the model dtype) or "int8" (one scale per token and KV head; ~2x the blocks).
     kv_cache_dtype: str = "auto"
+    # Cut long prompts into chunks that share a step with running decodes (max_num_batched_tokens each).
+    enable_chunked_prefill: bool = False
+    # Speculative decoding (effinfer/spec): a draft model's path, or "ngram" for prompt lookup.
+    speculative_model: str | None = None
+    num_speculative_tokens: int = 4  # draft tokens proposed per step
+    # Prompt lookup matches the longest n-gram in [min, max] that ends the sequence.
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
@@ -310,6 +318,19 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not _is_positive_int(value):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_positive_int(self.num_speculative_tokens):
+            raise ConfigError(
+                f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens!r}"
+            )
+        if not (
+            _is_positive_int(self.ngram_prompt_lookup_min)
+            and _is_positive_int(self.ngram_prompt_lookup_max)
+            and self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max
+        ):
+            raise ConfigError(
+                "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
+                f"{self.ngram_prompt_lookup_min!r} and {self.ngram_prompt_lookup_max!r}"
+            )
         if self.device == "auto":
             self.device = default_device()
         _check_device(self.device)
@@ -346,6 +367,7 @@ class _EngineFlag:
     type: Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
     disables: bool = False  # a switch that turns a field that defaults to True off
+    enables: bool = False  # a switch that turns a field that defaults to False on
 
 
 class EngineArgs:
@@ -384,6 +406,19 @@ class EngineArgs:
             + " (see `effinfer quantize` for GPTQ/AWQ)",
             choices=tuple(q for q in ONLINE_QUANTIZATION if q is not None),
         ),  # fmt: skip
+        _EngineFlag("max_num_batched_tokens", "--max-num-batched-tokens", "token budget of one step", int),
+        _EngineFlag(
+            "enable_chunked_prefill",
+            "--enable-chunked-prefill",
+            "cut long prompts into chunks that run alongside the decodes (budget: --max-num-batched-tokens)",
+            enables=True,
+        ),
+        _EngineFlag(
+            "speculative_model", "--speculative-model", 'draft model (HF directory or .gguf) or "ngram"'
+        ),
+        _EngineFlag("num_speculative_tokens", "--num-speculative-tokens", "draft tokens per step", int),
+        _EngineFlag("ngram_prompt_lookup_max", "--ngram-prompt-lookup-max", "longest n-gram to match", int),
+        _EngineFlag("ngram_prompt_lookup_min", "--ngram-prompt-lookup-min", "shortest n-gram to match", int),
         _EngineFlag(
             "kv_cache_dtype",
             "--kv-cache-dtype",
@@ -411,10 +446,9 @@ class EngineArgs:
         defaults = cls.defaults()
         for spec in cls.FLAGS:
             default = defaults[spec.field]
-            if spec.disables:
-                group.add_argument(
-                    spec.flag, dest=spec.field, action="store_false", default=default, help=spec.help
-                )
+            if spec.disables or spec.enables:
+                action = "store_false" if spec.disables else "store_true"
+                group.add_argument(spec.flag, dest=spec.field, action=action, default=default, help=spec.help)
                 continue
             shown = "" if default is None else f" (default: {default})"
             metavar = None if spec.choices else spec.flag.removeprefix("--").replace("-", "_").upper()

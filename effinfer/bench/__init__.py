@@ -116,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--seed", type=int, metavar="N", default=0, help="seed of the random prompts and lengths"
     )
+    group.add_argument("--speculative-model", help='effinfer only: a draft model or "ngram" (see docs)')
+    group.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step")
     out = parser.add_argument_group("output")
     out.add_argument("--markdown", metavar="FILE", help="append a section with the results to FILE")
     out.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -209,10 +211,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         sequential=args.sequential,
         show_progress=not args.no_progress,
+        speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
     command = getattr(args, "command_line", None) or shlex.join(["effinfer", *sys.argv[1:]])
     result = run_suite(settings, command)
     print(report.render_text(result), flush=True)
+    if "spec_acceptance_rate" in result.model:
+        print(
+            f"speculative decoding ({settings.speculative_model}): acceptance rate "
+            f"{result.model['spec_acceptance_rate']:.3f}, mean accepted length "
+            f"{result.model['spec_mean_accepted_length']:.2f}"
+        )
     if args.json:
         report.write_json(result, args.json)
         print(f"wrote {args.json}")

@@ -48,6 +48,8 @@ class BenchSettings:
     # Load the peer only after effinfer is freed (for models too big to hold twice); else interleave.
     sequential: bool = False
     show_progress: bool = True
+    speculative_model: str | None = None  # effinfer only (docs/speculative-decoding.md)
+    num_speculative_tokens: int | None = None
 
 
 @dataclass
@@ -72,6 +74,9 @@ def run_suite(settings: BenchSettings, command: str) -> BenchReport:
         num_threads=s.threads,
         max_num_seqs=max(s.num_requests, s.concurrent, 1),
         show_progress=s.show_progress,
+        speculative_model=s.speculative_model,
+        # Unset: EngineConfig's default.
+        **({} if s.num_speculative_tokens is None else {"num_speculative_tokens": s.num_speculative_tokens}),
     )
     engine = ours.engine
     device, dtype, threads = ours.device, ours.dtype, torch.get_num_threads()
@@ -105,6 +110,10 @@ def run_suite(settings: BenchSettings, command: str) -> BenchReport:
         # touches both sides of a ratio alike.
         peer = load_peer()
         _measure([ours, peer], scenarios, workloads, s)
+    if s.speculative_model is not None and ours is not None:
+        stats = ours.engine.stats()
+        model["spec_acceptance_rate"] = stats.spec_acceptance_rate
+        model["spec_mean_accepted_length"] = stats.spec_mean_accepted_length
     for runner in (ours, peer):
         if runner is not None:
             runner.close()

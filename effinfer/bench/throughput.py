@@ -167,10 +167,12 @@ class EffinferRunner:
             while engine.has_unfinished_requests():
                 outputs = engine.step()
                 synchronize(self.device)
-                stamps.append(time.perf_counter())
+                now = time.perf_counter()
                 for output in outputs:
                     num_generated = len(output.outputs[0].token_ids)
-                bar.update(1)
+                # A speculative step may bring several tokens: each is stamped when its step ended.
+                bar.update(num_generated - len(stamps))
+                stamps.extend([now] * (num_generated - len(stamps)))
         if num_generated != num_tokens + 1 or len(stamps) != num_tokens + 1:
             raise RuntimeError(
                 f"expected one prefill and {num_tokens} decode steps, got {len(stamps)} steps "

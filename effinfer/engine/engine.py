@@ -15,12 +15,13 @@ from collections.abc import Iterator
 
 import torch
 
-from effinfer.config import EngineConfig
+from effinfer.config import ConfigError, EngineConfig
 from effinfer.engine.kv_cache import BlockManager
 from effinfer.engine.output_processor import OutputProcessor
 from effinfer.engine.runner import ModelRunner
-from effinfer.engine.scheduler import Scheduler
+from effinfer.engine.scheduler import ScheduledSeq, Scheduler
 from effinfer.engine.sequence import Sequence
+from effinfer.engine.speculation import AcceptedTokens, Speculator, build_speculator
 from effinfer.engine.stats import EngineStats
 from effinfer.layers.sampler import Sampler, SamplingRow
 from effinfer.loading.checkpoint import open_checkpoint, resolve_model_path
@@ -30,6 +31,9 @@ from effinfer.sampling_params import SamplingParams
 __all__ = ["EngineStats", "LLMEngine", "PromptError", "resolve_model_path"]
 
 logger = logging.getLogger(__name__)
+
+# Token budget of a step with chunked prefill when max_num_batched_tokens is not given (vLLM's).
+DEFAULT_CHUNKED_BATCHED_TOKENS = 2048
 
 
 class PromptError(ValueError):
@@ -70,13 +74,28 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        max_batched = config.max_num_batched_tokens or max(4096, max_model_len)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched)
         self.sampler = Sampler()
         eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer, eos_token_ids, max_model_len)
+        self.speculator: Speculator | None = build_speculator(self) if config.speculative_model else None
+        lookahead = self.speculator.num_speculative_tokens if self.speculator else 0
+        if config.enable_chunked_prefill:
+            max_batched = config.max_num_batched_tokens or DEFAULT_CHUNKED_BATCHED_TOKENS
+        else:
+            max_batched = config.max_num_batched_tokens or max(4096, max_model_len)
+        if max_batched < 1 + lookahead:
+            raise ConfigError(
+                f"max_num_batched_tokens ({max_batched}) must hold a decode token and its {lookahead} "
+                "speculative tokens"
+            )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill, lookahead
+        )
         self._request_counter = itertools.count()
         self._num_steps = 0
+        self._num_draft_tokens = 0
+        self._num_accepted_tokens = 0
+        self._num_verify_steps = 0  # sequence-steps that verified at least one draft
 
     @property
     def model(self) -> torch.nn.Module:
@@ -131,7 +150,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; unknown or finished ids are ignored."""
-        self.scheduler.abort(request_id)
+        for seq in self.scheduler.abort(request_id):
+            if self.speculator is not None:
+                self.speculator.forget(seq)
         self.output_processor.remove_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -170,30 +191,64 @@ class LLMEngine:
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
             num_steps=self._num_steps,
+            num_draft_tokens=self._num_draft_tokens,
+            num_accepted_tokens=self._num_accepted_tokens,
+            num_verify_steps=self._num_verify_steps,
         )
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if self.speculator is not None:
+            for seq in self.scheduler.preempted:
+                self.speculator.forget(seq)
+        if not batch:
             return []
-        logits = self.runner.run(seqs, is_prefill)
-        sampled = self.sampler(logits, [self._sampling_row(seq) for seq in seqs])
-        for seq, token_id, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs):
+        if self.speculator is not None:
+            self.speculator.propose(batch)
+        logits = self.runner.run(batch)
+        sampling = [entry for entry in batch if entry.samples]
+        for entry in batch:
+            entry.seq.num_computed_tokens += entry.num_new_tokens
+        if self.speculator is not None:
+            accepted = self.speculator.accept(sampling, logits, self._sampling_row)
+        else:
+            sampled = self.sampler(logits, [self._sampling_row(entry.seq) for entry in sampling])
+            accepted = [AcceptedTokens([t], [lp], 0, 0) for t, lp in zip(sampled.token_ids, sampled.logprobs)]
+        for entry, result in zip(sampling, accepted):
+            self._append(entry, result)
+        self._num_steps += 1
+        return self.output_processor.request_outputs(list(dict.fromkeys(e.seq.request_id for e in sampling)))
+
+    def _append(self, entry: ScheduledSeq, result: AcceptedTokens) -> None:
+        """Append a sequence's new tokens one at a time, stopping where a stop condition ends it."""
+        seq = entry.seq
+        # The accepted drafts' KV was written by this step; the last token's is not yet.
+        seq.num_computed_tokens += result.num_accepted_drafts
+        seq.num_draft_tokens += result.num_draft_tokens
+        seq.num_accepted_tokens += result.num_accepted_drafts
+        self._num_draft_tokens += result.num_draft_tokens
+        self._num_accepted_tokens += result.num_accepted_drafts
+        self._num_verify_steps += result.num_draft_tokens > 0
+        for token_id, token_logprobs in zip(result.token_ids, result.logprobs):
             seq.token_ids.append(token_id)
-            self.output_processor.process_token(seq, logprobs)
+            self.output_processor.process_token(seq, token_logprobs)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-        self._num_steps += 1
-        return self.output_processor.request_outputs(list(dict.fromkeys(seq.request_id for seq in seqs)))
+                if self.speculator is not None:
+                    self.speculator.forget(seq)
+                break
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, extra_token_ids: list[int] | None = None) -> SamplingRow:
+        """How to sample ``seq``'s next token, or the one after ``extra_token_ids`` were appended."""
+        extra = extra_token_ids or []
+        under_min_tokens = seq.num_output_tokens + len(extra) < seq.params.min_tokens
         return SamplingRow(
             params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
+            output_token_ids=seq.output_token_ids + extra,
             generator=seq.generator,
-            banned_token_ids=self.output_processor.banned_token_ids(seq),
+            banned_token_ids=self.output_processor.banned_token_ids(seq) if under_min_tokens else None,
         )
 
     # ---- scoring ------------------------------------------------------------------------------

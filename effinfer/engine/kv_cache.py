@@ -72,9 +72,12 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= seq.num_blocks
 
-    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True, publish: bool = True) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
 
+        Sets ``num_computed_tokens`` to the tokens found in the prefix cache. ``publish`` names the
+        full blocks in the cache at once, for a caller that computes the whole prompt now; a chunked
+        prefill passes False and calls ``publish`` as each chunk is scheduled.
         ``use_prefix_cache=False`` neither reuses nor publishes blocks: for a sequence whose KV is
         written a chunk at a time outside the step loop, and may be left incomplete.
         """
@@ -85,14 +88,13 @@ class BlockManager:
         seq.num_cached_tokens = 0
         for i in range(seq.num_blocks):
             token_ids = tuple(seq.block_tokens(i))
-            full = len(token_ids) == self.block_size
-            h = block_hash(prefix_hash, token_ids) if full and caching else None
             # At least one token must be computed so the step has logits to sample from.
-            reusable = full and (i + 1) * self.block_size < len(seq)
+            reusable = len(token_ids) == self.block_size and (i + 1) * self.block_size < len(seq)
             block = None
             if not cache_missed and reusable:
                 self.prefix_cache_queries += 1
-                cached_id = self.hash_to_block_id.get(h)
+                prefix_hash = block_hash(prefix_hash, token_ids)
+                cached_id = self.hash_to_block_id.get(prefix_hash)
                 if cached_id is not None and self.blocks[cached_id].token_ids == token_ids:
                     block = self.blocks[cached_id]
                     if block.ref_count == 0:
@@ -100,15 +102,29 @@ class BlockManager:
                     block.ref_count += 1
                     seq.num_cached_tokens += self.block_size
                     self.prefix_cache_hits += 1
-                else:
-                    cache_missed = True
             if block is None:
                 cache_missed = True
                 block = self._allocate_fresh()
-                if h is not None:
-                    self._register(block, h, token_ids)
             seq.block_table.append(block.block_id)
-            prefix_hash = h
+        seq.num_computed_tokens = seq.num_cached_tokens
+        # Without caching, pretend every block is named already so publish() names none.
+        seq.num_hashed_blocks = seq.num_cached_tokens // self.block_size if caching else 1 << 62
+        if publish:
+            self.publish(seq, len(seq))
+
+    def publish(self, seq: Sequence, num_tokens: int) -> None:
+        """Name the full blocks among the first ``num_tokens`` tokens, whose KV this step writes.
+
+        Within a step every layer stores the whole batch's keys before any sequence attends, so a
+        sequence admitted later in the same step may already reuse what this one writes.
+        """
+        for i in range(seq.num_hashed_blocks, min(num_tokens, len(seq)) // self.block_size):
+            prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+            if i > 0 and prefix_hash is None:
+                break
+            token_ids = tuple(seq.block_tokens(i))
+            self._register(self.blocks[seq.block_table[i]], block_hash(prefix_hash, token_ids), token_ids)
+            seq.num_hashed_blocks = i + 1
 
     def _register(self, block: Block, h: int, token_ids: tuple[int, ...]) -> None:
         block.hash = h
@@ -124,20 +140,15 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table.clear()
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
         # num_cached_tokens stays: the request's last output reports it; allocate() sets it afresh.
 
-    def can_append(self, seq: Sequence) -> bool:
-        """The next step computes the KV of the last token; it needs a new block if that token opens one."""
-        needs_block = len(seq) % self.block_size == 1
-        return self.num_free_blocks >= int(needs_block)
+    def can_grow(self, seq: Sequence, num_slots: int) -> bool:
+        """Whether the block table can cover cache slots for ``num_slots`` token positions."""
+        needed = -(-num_slots // self.block_size) - len(seq.block_table)
+        return self.num_free_blocks >= max(needed, 0)
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq.block_table) < seq.num_blocks:
+    def grow(self, seq: Sequence, num_slots: int) -> None:
+        while len(seq.block_table) * self.block_size < num_slots:
             seq.block_table.append(self._allocate_fresh().block_id)
-        elif self.enable_prefix_caching and len(seq) % self.block_size == 0:
-            # The last block fills up in this step: name it so later requests can reuse it.
-            i = len(seq.block_table) - 1
-            prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
-            if i == 0 or prefix_hash is not None:
-                token_ids = tuple(seq.block_tokens(i))
-                self._register(self.blocks[seq.block_table[i]], block_hash(prefix_hash, token_ids), token_ids)

@@ -1,6 +1,7 @@
 """Model runner: owns the model and the KV cache tensors, turns a scheduled batch of sequences
 into flat input tensors (token ids, positions, cache slots, block tables), runs the model and
-returns the logits of each sequence's last token.
+returns the logits of the rows to sample: each sequence's last token, plus one row per draft
+token under speculative decoding.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
+from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 
@@ -96,48 +98,48 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slots, query_lens, context_lens = [], [], [], [], []
-        for seq in seqs:
-            start = seq.num_cached_tokens
-            input_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, len(seq)))
-            slots.extend(self._slot(seq, p) for p in range(start, len(seq)))
-            query_lens.append(len(seq) - start)
-            context_lens.append(len(seq))
+    def prepare(self, batch: list[ScheduledSeq]):
+        """Flat inputs of a step: token ids, positions, attention metadata and the rows to sample.
+
+        Each entry contributes its new tokens (and draft tokens, if any); an entry that reaches its
+        sequence's end contributes 1 + len(drafts) rows to sample, the last ones of its queries.
+        """
+        input_ids, positions, slots, query_lens, context_lens, sample_rows = [], [], [], [], [], []
+        for entry in batch:
+            seq, start = entry.seq, entry.seq.num_computed_tokens
+            tokens = seq.token_ids[start : start + entry.num_new_tokens] + entry.draft_token_ids
+            stop = start + len(tokens)
+            if entry.samples:
+                sample_rows.extend(
+                    range(len(input_ids) + entry.num_new_tokens - 1, len(input_ids) + len(tokens))
+                )
+            input_ids.extend(tokens)
+            positions.extend(range(start, stop))
+            slots.extend(self._slot(seq, p) for p in range(start, stop))
+            query_lens.append(len(tokens))
+            context_lens.append(stop)
         meta = AttentionMetadata(
-            is_prefill=True,
+            is_prefill=any(n != 1 for n in query_lens),
             slot_mapping=self._tensor(slots),
-            block_tables=self._block_tables(seqs),
+            block_tables=self._block_tables([entry.seq for entry in batch]),
             context_lens=context_lens,
             query_lens=query_lens,
             block_size=self.block_size,
-        )
-        last_token_index = torch.tensor(query_lens).cumsum(0) - 1
-        return self._tensor(input_ids), self._tensor(positions), meta, last_token_index.to(self.device)
-
-    def prepare_decode(self, seqs: list[Sequence]):
-        positions = [len(s) - 1 for s in seqs]
-        context_lens = [len(s) for s in seqs]
-        meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._tensor([self._slot(s, p) for s, p in zip(seqs, positions)]),
-            block_tables=self._block_tables(seqs),
-            context_lens=context_lens,
-            query_lens=[1] * len(seqs),
-            block_size=self.block_size,
             context_lens_tensor=self._tensor(context_lens),
         )
-        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions), meta, None
+        return self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        """``prepare`` for whole prompts after their cached prefix; the last index is each prompt's last token."""
+        return self.prepare([ScheduledSeq(seq, seq.num_uncomputed_tokens) for seq in seqs])
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits [num_seqs, vocab] in float32 for the last token of each sequence."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        input_ids, positions, meta, last_token_index = prepare(seqs)
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Float32 logits [rows, vocab] of the rows to sample, in batch order (see ``prepare``)."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta)
-        if last_token_index is not None:
-            hidden = hidden.index_select(0, last_token_index)
+        if sample_rows.numel() != hidden.shape[0]:
+            hidden = hidden.index_select(0, sample_rows)
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()

@@ -46,6 +46,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # tokens whose KV came from the prefix cache at the last admission
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_hashed_blocks = 0  # leading blocks named in the prefix cache (or found there)
+        self.num_draft_tokens = 0  # speculative tokens proposed for this sequence ...
+        self.num_accepted_tokens = 0  # ... and accepted by the target
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
@@ -76,6 +79,11 @@ class Sequence:
 
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the model has not yet seen: the rest of the prompt, or the one just sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

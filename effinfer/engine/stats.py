@@ -19,6 +19,19 @@ class EngineStats:
     prefix_cache_hits: int  # ... and found there
     num_steps: int  # steps that ran a batch
     num_step_errors: int = 0  # steps that raised (counted by whoever drives the engine and recovers)
+    num_draft_tokens: int = 0  # speculative tokens proposed since start ...
+    num_accepted_tokens: int = 0  # ... and accepted by the target
+    num_verify_steps: int = 0  # sequence-steps that verified at least one draft token
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Share of draft tokens the target accepted (0 without speculation)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verifying sequence gained per step: accepted drafts plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
 
     @property
     def num_used_blocks(self) -> int:

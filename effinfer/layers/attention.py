@@ -2,8 +2,11 @@
 
 Every token's key and value are first written into its slot of the cache (``slot_mapping``);
 queries then attend to their sequence's whole context, read back through its block table.
-Prefill runs one sequence at a time (each has its own length and cached prefix); decode runs
-the whole batch at once, padding contexts to the longest and masking the padding.
+A step gives each sequence any number of query tokens (variable length): a prompt or a chunk of
+one, a single decode token, or a token plus speculative ones to verify. Sequences with several
+queries run one at a time (each has its own length and cached prefix, causal within its queries);
+the single-query ones run together as a decode batch, padding contexts to the longest and masking
+the padding (on CPU the fused C++ decode attention reads the blocks in place).
 
 int8 KV cache (``EngineConfig(kv_cache_dtype="int8")``; KV-cache quantization as in KIVI, Liu et
 al. 2024, KVQuant, Hooper et al. 2024, and vLLM's int8/fp8 KV cache): each token's key and value
@@ -15,6 +18,7 @@ prefill attends to its exact fresh keys (as vLLM does); cached prefixes and deco
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -43,14 +47,47 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 
 @dataclass
 class AttentionMetadata:
+    # False only when every sequence has exactly one query token (a pure decode batch).
     is_prefill: bool
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
     block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with 0 (masked out)
     context_lens: list[int]  # tokens of context per sequence after this step
     query_lens: list[int]  # new tokens per sequence in this step
     block_size: int
-    context_lens_tensor: torch.Tensor | None = None  # decode only: [num_seqs]
+    context_lens_tensor: torch.Tensor | None = None  # [num_seqs]; needed where a sequence has one query
     _decode_masks: dict = field(default_factory=dict)
+    _decode_part: tuple | None = None
+
+    @functools.cached_property
+    def query_start_locs(self) -> list[int]:
+        """Where each sequence's queries start in the flat batch, and the total at the end."""
+        starts = [0]
+        for q_len in self.query_lens:
+            starts.append(starts[-1] + q_len)
+        return starts
+
+    def decode_part(self) -> tuple[torch.Tensor, AttentionMetadata] | None:
+        """(query rows, metadata) of the sequences with one query token in a mixed step; None if none."""
+        if self._decode_part is None:
+            indices = [i for i, q_len in enumerate(self.query_lens) if q_len == 1]
+            if not indices:
+                self._decode_part = (None,)
+            else:
+                device = self.block_tables.device
+                rows = torch.tensor([self.query_start_locs[i] for i in indices], device=device)
+                index = torch.tensor(indices, device=device)
+                lens = [self.context_lens[i] for i in indices]
+                meta = AttentionMetadata(
+                    is_prefill=False,
+                    slot_mapping=self.slot_mapping.index_select(0, rows),
+                    block_tables=self.block_tables.index_select(0, index),
+                    context_lens=lens,
+                    query_lens=[1] * len(indices),
+                    block_size=self.block_size,
+                    context_lens_tensor=torch.tensor(lens, device=device),
+                )
+                self._decode_part = (rows, meta)
+        return None if self._decode_part[0] is None else self._decode_part
 
     def decode_hidden_keys(self, window: int | None) -> torch.Tensor | None:
         """Boolean [B, 1, 1, L], True for keys a one-token query must not see; None when it sees all."""
@@ -139,20 +176,34 @@ class PagedAttention(nn.Module):
         )
 
     def _prefill(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        outputs = []
-        start = 0
-        for i, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
-            q_i = q[start : start + q_len].transpose(0, 1)[None]
-            if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
-                k_i, v_i = k[start : start + q_len], v[start : start + q_len]
-            else:
-                k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len, q.dtype)
-                k_i, v_i = k_i[0], v_i[0]
-            k_i, v_i = k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None]
-            out = self._attend(q_i, k_i, v_i, self._prefill_mask(q_len, ctx_len, q.device))
-            outputs.append(out[0].transpose(0, 1))
-            start += q_len
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        """Any number of queries per sequence; the one-query sequences of a mixed step run as one
+        decode batch, the others one sequence at a time."""
+        decode = meta.decode_part() if len(meta.query_lens) > 1 else None
+        if decode is None:
+            outputs = [self._one_sequence(q, k, v, meta, i) for i in range(len(meta.query_lens))]
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        rows, decode_meta = decode
+        out = q.new_empty(q.shape)
+        out[rows] = self._decode(q.index_select(0, rows), decode_meta).reshape(len(rows), *q.shape[1:])
+        starts = meta.query_start_locs
+        for i, q_len in enumerate(meta.query_lens):
+            if q_len > 1:
+                out[starts[i] : starts[i + 1]] = self._one_sequence(q, k, v, meta, i)
+        return out
+
+    def _one_sequence(self, q, k, v, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        """Sequence i's queries [q_len, heads, d] against its context, causal among themselves."""
+        start = meta.query_start_locs[i]
+        q_len, ctx_len = meta.query_lens[i], meta.context_lens[i]
+        q_i = q[start : start + q_len].transpose(0, 1)[None]
+        if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
+            k_i, v_i = k[start : start + q_len], v[start : start + q_len]
+        else:
+            k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len, q.dtype)
+            k_i, v_i = k_i[0], v_i[0]
+        k_i, v_i = k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None]
+        out = self._attend(q_i, k_i, v_i, self._prefill_mask(q_len, ctx_len, q.device))
+        return out[0].transpose(0, 1)
 
     def _prefill_mask(self, q_len: int, ctx_len: int, device) -> torch.Tensor | None:
         if q_len == ctx_len and self.sliding_window is None:

@@ -44,6 +44,33 @@ class Sampler:
         return SampleResult(token_ids=token_ids.tolist(), logprobs=_raw_logprobs(logits, token_ids, rows))
 
 
+def next_token_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution [rows, vocab] each row's token is drawn from (float32, rows sum to 1).
+
+    Penalties and bans, then temperature / top-k / top-p / min-p; a greedy row is one-hot at the
+    token ``Sampler`` would pick. Speculative verification accepts drafts against these.
+    """
+    logits = apply_penalties(logits, rows)
+    if any(row.banned_token_ids for row in rows):
+        logits = _ban_tokens(logits, rows)
+    probs = torch.zeros_like(logits)
+    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+    if greedy:
+        probs[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(dim=-1), logits.shape[-1]).float()
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        filtered = _filtered_probs(logits[sampled], [rows[i].params for i in sampled])
+        probs[sampled] = filtered / filtered.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def raw_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
+) -> list[dict[int, float] | None]:
+    """Per row: None when its params.logprobs is None, else {chosen id: logprob} and the top ones."""
+    return _raw_logprobs(logits, token_ids, rows)
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Return float32 `logits` with each row's repetition, frequency and presence penalties applied.
 

@@ -1,0 +1,74 @@
+"""Speculative decoding inside the step loop: propose for the scheduled decodes, verify in one step.
+
+The scheduler reserves ``num_speculative_tokens`` cache slots next to each decode token; the
+proposer fills as many as it can guess; the runner scores every position; ``accept_drafts``
+keeps what the rejection rule accepts. Each sequence of the batch accepts its own number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from effinfer.engine.scheduler import ScheduledSeq
+from effinfer.engine.sequence import Sequence
+from effinfer.engine.speculation import AcceptedTokens
+from effinfer.layers.sampler import SamplingRow, next_token_probs, raw_logprobs
+from effinfer.spec.draft import DraftModelProposer
+from effinfer.spec.ngram import NgramProposer
+from effinfer.spec.verify import accept_drafts
+
+if TYPE_CHECKING:
+    from effinfer.engine.engine import LLMEngine
+
+
+class SpeculativeDecoder:
+    """The ``Speculator`` the engine builds when ``speculative_model`` is set."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        config = engine.config
+        self.num_speculative_tokens = config.num_speculative_tokens  # checked by EngineConfig
+        self.max_model_len = engine.max_model_len
+        if config.speculative_model == "ngram":
+            self.proposer = NgramProposer(config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min)
+        else:
+            self.proposer = DraftModelProposer(engine, config.speculative_model)
+
+    def propose(self, batch: list[ScheduledSeq]) -> None:
+        entries = [e for e in batch if e.samples and e.num_lookahead_slots > 0]
+        # No draft past the context, nor past the tokens still wanted (the target adds one of its own).
+        limits = [
+            max(0, min(e.num_lookahead_slots, self.max_model_len - len(e.seq), e.seq.max_tokens - e.seq.num_output_tokens - 1))
+            for e in entries
+        ]  # fmt: skip
+        for entry, drafts in zip(entries, self.proposer.propose([e.seq for e in entries], limits)):
+            entry.draft_token_ids = drafts
+
+    def accept(
+        self,
+        batch: list[ScheduledSeq],
+        logits: torch.Tensor,
+        sampling_row: Callable[[Sequence, list[int]], SamplingRow],
+    ) -> list[AcceptedTokens]:
+        rows = [
+            sampling_row(e.seq, e.draft_token_ids[:j])
+            for e in batch
+            for j in range(len(e.draft_token_ids) + 1)
+        ]
+        probs = next_token_probs(logits, rows)
+        results, start = [], 0
+        for entry in batch:
+            drafts = entry.draft_token_ids
+            span = slice(start, start + len(drafts) + 1)
+            tokens = accept_drafts(probs[span], drafts, entry.seq.generator)
+            emitted = slice(start, start + len(tokens))
+            token_tensor = torch.tensor(tokens, device=logits.device)
+            logprobs = raw_logprobs(logits[emitted], token_tensor, rows[emitted])
+            results.append(AcceptedTokens(tokens, logprobs, len(drafts), len(tokens) - 1))
+            start = span.stop
+        return results
+
+    def forget(self, seq: Sequence) -> None:
+        self.proposer.forget(seq)
