@@ -23,6 +23,11 @@ def spec_llm(stories260k):
     return LLM(str(stories260k), speculative_model="ngram", num_speculative_tokens=4, show_progress=False)
 
 
+@pytest.fixture(scope="module")
+def plain(stories260k):
+    return LLM(str(stories260k), show_progress=False)
+
+
 def _spy_on_speculator(speculator, monkeypatch) -> tuple[Counter, Counter, Counter]:
     """Per request id: draft tokens proposed, steps with drafts, and steps its sequences sampled in."""
     drafted, verify_steps, sampling_steps = Counter(), Counter(), Counter()
@@ -72,7 +77,7 @@ def test_per_request_counts_add_up_to_the_engine_totals(spec_llm, monkeypatch):
             assert 1 <= metrics.mean_accepted_length <= 1 + 4
 
 
-def test_streamed_updates_show_the_accepted_tokens(spec_llm, stories260k):
+def test_streamed_updates_show_the_accepted_tokens(spec_llm, plain):
     updates = list(spec_llm.stream(PROMPTS[3], GREEDY))
     # Each update is one step: one token of the target's own, the rest accepted drafts.
     accepted = sum(len(u.outputs[0].delta_token_ids) - 1 for u in updates)
@@ -80,8 +85,8 @@ def test_streamed_updates_show_the_accepted_tokens(spec_llm, stories260k):
     assert final.num_accepted_tokens == accepted > 0
     counts = [u.speculation.num_accepted_tokens for u in updates]
     assert counts == sorted(counts)  # running totals while streaming
-    plain = LLM(str(stories260k), show_progress=False).generate(PROMPTS[3], GREEDY)[0]
-    assert (plain.speculation.num_draft_tokens, plain.speculation.num_verify_steps) == (0, 0)
+    without = plain.generate(PROMPTS[3], GREEDY)[0].speculation
+    assert (without.num_draft_tokens, without.num_verify_steps) == (0, 0)
 
 
 # ---- the server ---------------------------------------------------------------------------------
@@ -131,10 +136,10 @@ def test_metrics_endpoint_reports_speculation(spec_server, spec_llm):
         assert metrics[line] - before[line] == count, line
 
 
-def test_streaming_with_speculation_sends_several_tokens_per_event(spec_server, stories260k):
+def test_streaming_with_speculation_sends_several_tokens_per_event(spec_server, plain):
     from tests.test_serve import MODEL
 
-    want = LLM(str(stories260k), show_progress=False).generate(PROMPTS[2], GREEDY)[0].outputs[0].text
+    want = plain.generate(PROMPTS[2], GREEDY)[0].outputs[0].text
     chunks = list(
         spec_server.client().completions.create(
             model=MODEL,
