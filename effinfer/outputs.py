@@ -30,6 +30,27 @@ class CompletionOutput:
 
 
 @dataclass
+class SpeculationMetrics:
+    """Speculative decoding's part in one request so far, summed over its ``n`` completions.
+
+    All zero when the engine does not speculate. Each verification step emits the accepted drafts
+    plus one token of the target's own, so ``mean_accepted_length`` counts that token too.
+    """
+
+    num_draft_tokens: int = 0  # draft tokens proposed ...
+    num_accepted_tokens: int = 0  # ... and accepted by the target
+    num_verify_steps: int = 0  # steps that verified at least one draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -37,3 +58,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    speculation: SpeculationMetrics = field(default_factory=SpeculationMetrics)

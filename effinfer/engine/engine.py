@@ -227,6 +227,7 @@ class LLMEngine:
         seq.num_computed_tokens += result.num_accepted_drafts
         seq.num_draft_tokens += result.num_draft_tokens
         seq.num_accepted_tokens += result.num_accepted_drafts
+        seq.num_verify_steps += result.num_draft_tokens > 0
         self._num_draft_tokens += result.num_draft_tokens
         self._num_accepted_tokens += result.num_accepted_drafts
         self._num_verify_steps += result.num_draft_tokens > 0

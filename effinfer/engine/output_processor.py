@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from effinfer.engine.sequence import Sequence
-from effinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from effinfer.outputs import CompletionOutput, Logprob, RequestOutput, SpeculationMetrics
 from effinfer.sampling_params import SamplingParams
 from effinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -145,6 +145,11 @@ class OutputProcessor:
             outputs=completions,
             finished=all(seq.is_finished for seq in request.seqs),
             num_cached_tokens=max(seq.num_cached_tokens for seq in request.seqs),
+            speculation=SpeculationMetrics(
+                num_draft_tokens=sum(seq.num_draft_tokens for seq in request.seqs),
+                num_accepted_tokens=sum(seq.num_accepted_tokens for seq in request.seqs),
+                num_verify_steps=sum(seq.num_verify_steps for seq in request.seqs),
+            ),
         )
 
 

@@ -49,6 +49,7 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading blocks named in the prefix cache (or found there)
         self.num_draft_tokens = 0  # speculative tokens proposed for this sequence ...
         self.num_accepted_tokens = 0  # ... and accepted by the target
+        self.num_verify_steps = 0  # steps that verified at least one draft
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0

@@ -1,8 +1,8 @@
 """Server metrics in the Prometheus text exposition format (0.0.4), written by hand.
 
 Counters and histograms are updated on the event loop only, so they need no locks; engine gauges
-(running / waiting sequences, KV-cache blocks) come from the snapshot the engine thread publishes
-after every step. ``GET /metrics`` renders them all.
+(running / waiting sequences, KV-cache blocks) and speculative-decoding counts come from the
+snapshot the engine thread publishes after every step. ``GET /metrics`` renders them all.
 """
 
 from __future__ import annotations
@@ -147,8 +147,43 @@ class ServerMetrics:
         lines += _gauge(
             "effinfer_engine_step_errors_total", "Engine steps that raised.", stats.num_step_errors
         )
+        lines += _speculation_lines(stats)
         lines += _gauge("effinfer_engine_alive", "1 while the engine thread runs.", int(engine_alive))
         return "\n".join(lines) + "\n"
+
+
+def _speculation_lines(stats: EngineStats) -> list[str]:
+    """Speculative decoding since start (all zero without it); the ratios are the counters' quotients."""
+    return [
+        *_gauge(
+            "effinfer_spec_draft_tokens_total",
+            "Speculative tokens proposed.",
+            stats.num_draft_tokens,
+            "counter",
+        ),
+        *_gauge(
+            "effinfer_spec_accepted_tokens_total",
+            "Speculative tokens the target accepted.",
+            stats.num_accepted_tokens,
+            "counter",
+        ),
+        *_gauge(
+            "effinfer_spec_verify_steps_total",
+            "Sequence-steps that verified at least one speculative token.",
+            stats.num_verify_steps,
+            "counter",
+        ),
+        *_gauge(
+            "effinfer_spec_acceptance_ratio",
+            "Accepted over proposed speculative tokens since start (0-1).",
+            stats.spec_acceptance_rate,
+        ),
+        *_gauge(
+            "effinfer_spec_mean_accepted_length",
+            "Tokens a verifying sequence gained per step since start: accepted drafts plus the target's own.",
+            stats.spec_mean_accepted_length,
+        ),
+    ]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
