@@ -107,7 +107,7 @@ def test_cli_generate_streams_text(stories260k):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # seconds on an idle machine; CI machines can be loaded
     )
     assert result.returncode == 0, result.stderr
     llm = LLM(str(stories260k), show_progress=False)
@@ -135,7 +135,7 @@ def test_cli_chat_session(stories260k, tmp_path):
         input="Tell me a story\n/reset\nOnce upon a time\n/exit\n",
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # seconds on an idle machine; CI machines can be loaded
     )
     assert result.returncode == 0, result.stderr
     assert "no chat template" in result.stderr

@@ -103,6 +103,11 @@ class LLMEngine:
         return self.runner.model
 
     @property
+    def num_kv_blocks(self) -> int:
+        """KV-cache blocks the runner holds (a draft model's cache is sized to match)."""
+        return self.runner.num_blocks
+
+    @property
     def eos_token_ids(self) -> list[int]:
         return self.output_processor.eos_token_ids
 

@@ -41,14 +41,16 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         max_model_len: int,
+        num_blocks: int | None = None,
     ) -> None:
+        """``num_blocks``: the KV blocks to hold; by default as many as the engine's memory budget allows."""
         self.model = model
         self.config = model_config
         self.block_size = engine_config.block_size
         self.device = device
         self.dtype = dtype
         self.kv_cache_dtype = engine_config.kv_cache_dtype
-        self.num_blocks = self._num_blocks(engine_config, max_model_len)
+        self.num_blocks = num_blocks or self._num_blocks(engine_config, max_model_len)
         self._allocate_kv_cache()
 
     def _num_blocks(self, engine_config: EngineConfig, max_model_len: int) -> int:

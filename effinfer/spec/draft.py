@@ -38,9 +38,12 @@ class DraftModelProposer:
         dtype = config.resolve_dtype(checkpoint.model_config)
         self.max_model_len = min(engine.max_model_len, checkpoint.model_config.max_position_embeddings)
         model = checkpoint.load_model(dtype, engine.device, self.max_model_len, config.show_progress)
+        # The draft never holds more tokens than the target, so it gets the target's block count
+        # rather than a second share of the free memory.
         self.runner = ModelRunner(
-            model, checkpoint.model_config, config, engine.device, dtype, self.max_model_len
-        )
+            model, checkpoint.model_config, config, engine.device, dtype, self.max_model_len,
+            num_blocks=engine.num_kv_blocks,
+        )  # fmt: skip
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, enable_prefix_caching=False
         )
