@@ -293,6 +293,8 @@ class EngineConfig:
     # Prompt lookup matches the longest n-gram in [min, max] that ends the sequence.
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
+    # Pick each step's draft count in [0, num_speculative_tokens] from acceptance and step cost.
+    speculative_adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
@@ -419,6 +421,12 @@ class EngineArgs:
         _EngineFlag("num_speculative_tokens", "--num-speculative-tokens", "draft tokens per step", int),
         _EngineFlag("ngram_prompt_lookup_max", "--ngram-prompt-lookup-max", "longest n-gram to match", int),
         _EngineFlag("ngram_prompt_lookup_min", "--ngram-prompt-lookup-min", "shortest n-gram to match", int),
+        _EngineFlag(
+            "speculative_adaptive",
+            "--no-speculative-adaptive",
+            "always draft --num-speculative-tokens (default: adapt to acceptance and batch size)",
+            disables=True,
+        ),
         _EngineFlag(
             "kv_cache_dtype",
             "--kv-cache-dtype",

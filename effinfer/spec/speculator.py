@@ -16,6 +16,7 @@ from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
 from effinfer.engine.speculation import AcceptedTokens
 from effinfer.layers.sampler import SamplingRow, next_token_probs, raw_logprobs
+from effinfer.spec.adaptive import AdaptiveSpeculationLength
 from effinfer.spec.draft import DraftModelProposer
 from effinfer.spec.ngram import NgramProposer
 from effinfer.spec.verify import accept_drafts
@@ -35,6 +36,9 @@ class SpeculativeDecoder:
             self.proposer = NgramProposer(config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min)
         else:
             self.proposer = DraftModelProposer(engine, config.speculative_model)
+        self.adaptive = (
+            AdaptiveSpeculationLength(self.num_speculative_tokens) if config.speculative_adaptive else None
+        )
 
     def propose(self, batch: list[ScheduledSeq]) -> None:
         entries = [e for e in batch if e.samples and e.num_lookahead_slots > 0]
@@ -43,8 +47,13 @@ class SpeculativeDecoder:
             max(0, min(e.num_lookahead_slots, self.max_model_len - len(e.seq), e.seq.max_tokens - e.seq.num_output_tokens - 1))
             for e in entries
         ]  # fmt: skip
+        if self.adaptive is not None:
+            other_tokens = sum(e.num_new_tokens for e in batch) - len(entries)
+            limits = self.adaptive.choose([e.seq.seq_id for e in entries], limits, other_tokens)
         for entry, drafts in zip(entries, self.proposer.propose([e.seq for e in entries], limits)):
             entry.draft_token_ids = drafts
+        if self.adaptive is not None:
+            self.adaptive.step_started(sum(e.num_query_tokens for e in batch), other_tokens == 0)
 
     def accept(
         self,
@@ -57,6 +66,8 @@ class SpeculativeDecoder:
             for e in batch
             for j in range(len(e.draft_token_ids) + 1)
         ]
+        if self.adaptive is not None:
+            self.adaptive.step_verified()  # logits are in hand: the target's step is over
         probs = next_token_probs(logits, rows)
         results, start = [], 0
         for entry in batch:
@@ -67,8 +78,12 @@ class SpeculativeDecoder:
             token_tensor = torch.tensor(tokens, device=logits.device)
             logprobs = raw_logprobs(logits[emitted], token_tensor, rows[emitted])
             results.append(AcceptedTokens(tokens, logprobs, len(drafts), len(tokens) - 1))
+            if self.adaptive is not None:
+                self.adaptive.observe(entry.seq.seq_id, len(drafts), len(tokens) - 1)
             start = span.stop
         return results
 
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
+        if self.adaptive is not None:
+            self.adaptive.forget(seq.seq_id)
