@@ -294,7 +294,9 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
     # Pick each step's draft count in [0, num_speculative_tokens] from acceptance and step cost.
-    speculative_adaptive: bool = True
+    # Adapt each step's draft length to measured acceptance and step cost (spec/adaptive.py); opt-in
+    # while a sequence whose acceptance drifted down is not re-probed (docs/speculative-decoding.md).
+    speculative_adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
@@ -423,9 +425,9 @@ class EngineArgs:
         _EngineFlag("ngram_prompt_lookup_min", "--ngram-prompt-lookup-min", "shortest n-gram to match", int),
         _EngineFlag(
             "speculative_adaptive",
-            "--no-speculative-adaptive",
-            "always draft --num-speculative-tokens (default: adapt to acceptance and batch size)",
-            disables=True,
+            "--speculative-adaptive",
+            "adapt the draft length to the measured acceptance and batch size (default: always --num-speculative-tokens)",
+            enables=True,
         ),
         _EngineFlag(
             "kv_cache_dtype",

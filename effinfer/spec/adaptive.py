@@ -8,8 +8,8 @@ Idea: keep each sequence's acceptance rate as a moving average and a measured mo
 against the step's query tokens; each step, give the next draft slot to the sequence whose next
 draft is the likeliest to be accepted, as long as the batch's expected tokens per second rises.
 A sequence whose acceptance falls below a floor stops drafting and is re-probed now and then.
-Switch on: on by default with speculative decoding; ``speculative_adaptive=False`` or
-``--no-speculative-adaptive`` drafts ``num_speculative_tokens`` every step.
+Switch on: ``LLM(model, speculative_model=..., speculative_adaptive=True)`` or
+``--speculative-adaptive``; without it ``num_speculative_tokens`` are drafted every step.
 """
 
 from __future__ import annotations
