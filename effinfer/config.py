@@ -426,7 +426,7 @@ class EngineArgs:
         _EngineFlag(
             "speculative_adaptive",
             "--speculative-adaptive",
-            "adapt the draft length to the measured acceptance and batch size (default: always --num-speculative-tokens)",
+            "adapt the draft length to the measured acceptance and batch size (off: always --num-speculative-tokens)",
             enables=True,
         ),
         _EngineFlag(
