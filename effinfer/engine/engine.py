@@ -24,11 +24,11 @@ from effinfer.engine.sequence import Sequence
 from effinfer.engine.speculation import AcceptedTokens, Speculator, build_speculator
 from effinfer.engine.stats import EngineStats
 from effinfer.layers.sampler import Sampler, SamplingRow
-from effinfer.loading.checkpoint import open_checkpoint, resolve_model_path
+from effinfer.loading.checkpoint import open_checkpoint
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import SamplingParams
 
-__all__ = ["EngineStats", "LLMEngine", "PromptError", "resolve_model_path"]
+__all__ = ["EngineStats", "LLMEngine", "PromptError"]
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from effinfer.outputs import SpeculationMetrics
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -24,14 +26,19 @@ class EngineStats:
     num_verify_steps: int = 0  # sequence-steps that verified at least one draft token
 
     @property
+    def speculation(self) -> SpeculationMetrics:
+        """The engine's speculation counts since start, with the same ratios a request reports."""
+        return SpeculationMetrics(self.num_draft_tokens, self.num_accepted_tokens, self.num_verify_steps)
+
+    @property
     def spec_acceptance_rate(self) -> float:
         """Share of draft tokens the target accepted (0 without speculation)."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        return self.speculation.acceptance_rate
 
     @property
     def spec_mean_accepted_length(self) -> float:
         """Tokens a verifying sequence gained per step: accepted drafts plus the target's own token."""
-        return 1 + self.num_accepted_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+        return self.speculation.mean_accepted_length
 
     @property
     def num_used_blocks(self) -> int:

@@ -15,7 +15,8 @@ import sys
 
 from effinfer.config import ConfigError, EngineArgs
 from effinfer.engine.async_engine import AsyncLLMEngine
-from effinfer.engine.engine import LLMEngine, resolve_model_path
+from effinfer.engine.engine import LLMEngine
+from effinfer.loading.checkpoint import resolve_model_path
 from effinfer.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 
