@@ -14,6 +14,7 @@ from torch import nn
 from effinfer.config import ModelConfig
 from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
+from effinfer.layers.cache_spec import AttentionCacheSpec
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
@@ -131,6 +132,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def cache_specs(self) -> list[AttentionCacheSpec]:
+        """What each decoder layer caches per sequence (the engine sizes and frees KV from these)."""
+        return [AttentionCacheSpec(sliding_window=w) for w in self.config.sliding_windows]
 
     def checkpoint_target(self, name: str) -> tuple[str, int] | None:
         """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""
