@@ -1,5 +1,5 @@
-"""Configuration: what the model is (``ModelConfig``, read from HF config.json) and how the
-engine runs it (``EngineConfig``: memory budget, batch limits, dtype, device).
+"""Configuration: what the model is (``ModelConfig``, read from HF config.json by the model's
+family, ``models/``) and how the engine runs it (``EngineConfig``: memory budget, batch limits, dtype, device).
 
 Both are plain dataclasses checked once at construction, so a bad setting fails early with a
 message that names it.
@@ -25,13 +25,21 @@ class ConfigError(ValueError):
     """The model directory or an engine setting cannot be used; the message says why."""
 
 
-# HF `architectures` names effinfer runs, and the flags that set them apart.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"attention_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
+# HF `architectures` name -> its family's config.json parser. The families live in models/, a
+# floor above this one, so models/registry.py registers them here when it is imported (which
+# ``import effinfer`` does, through the engine).
+_HF_CONFIG_PARSERS: dict[str, Callable[[dict], ModelConfig]] = {}
+
+
+def register_hf_config_parser(architecture: str, parser: Callable[[dict], ModelConfig]) -> None:
+    """Let ``ModelConfig.from_hf`` read config.json files of ``architecture`` with ``parser``."""
+    _HF_CONFIG_PARSERS[architecture] = parser
+
+
+def supported_architectures() -> list[str]:
+    """The HF ``architectures`` names with a registered parser (every family in models/registry.py)."""
+    return list(_HF_CONFIG_PARSERS)
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -129,64 +137,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
+        """A config.json dict, parsed by the family of its first supported ``architectures`` name."""
         architectures = hf.get("architectures") or []
-        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in architectures if a in _HF_CONFIG_PARSERS), None)
         if arch is None:
             raise ConfigError(
                 f"unsupported architecture {architectures or hf.get('model_type')!r}; "
-                f"effinfer supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"effinfer supports {', '.join(supported_architectures())}"
             )
-        flags = SUPPORTED_ARCHITECTURES[arch]
         _check_hf_fields(hf)
-        num_heads = hf["num_attention_heads"]
-        hidden = hf["hidden_size"]
-        num_layers = hf["num_hidden_layers"]
-        # transformers 5 nests rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
-        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        if rope_scaling is None and hf.get("rope_scaling"):
-            rope_scaling = dict(hf["rope_scaling"])
-        if rope_scaling is not None:
-            rope_scaling.setdefault("rope_type", rope_scaling.get("type"))
-        eos = hf.get("eos_token_id")
-        return cls(
-            architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", flags.get("attention_bias", False))),
-            qk_norm=flags.get("qk_norm", False),
-            hidden_act=hf.get("hidden_act", "silu"),
-            sliding_windows=_sliding_windows(hf, arch, num_layers),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            dtype=parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
-        )
-
-
-def _sliding_windows(hf: dict, arch: str, num_layers: int) -> list[int | None]:
-    window = hf.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
-        window = None
-    if not window:
-        return [None] * num_layers
-    layer_types = hf.get("layer_types")
-    if layer_types:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        first_sliding = hf.get("max_window_layers", num_layers)
-        return [window if i >= first_sliding else None for i in range(num_layers)]
-    return [window] * num_layers
+        return _HF_CONFIG_PARSERS[arch](hf)
 
 
 # The fields a config.json must have; the rest have defaults. ``ModelConfig`` field -> HF key.

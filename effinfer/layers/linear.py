@@ -130,6 +130,8 @@ class Linear(nn.Module):
 def quantizable_linears(model: nn.Module) -> list[tuple[str, Linear]]:
     """The decoder's Linear layers, in execution order: what every weight quantizer transforms.
 
-    Embeddings and lm_head stay in floating point, as in GPTQ, AWQ and llama.cpp's defaults.
+    The model family answers (``CausalLM.compressible_linears``: embeddings and lm_head stay in
+    floating point, as in GPTQ, AWQ and llama.cpp's defaults); layers/ sits below models/, so
+    this only asks.
     """
-    return [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, Linear)]
+    return model.compressible_linears()

@@ -46,8 +46,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
-    def build_cache(self, device: torch.device, dtype: torch.dtype) -> None:
-        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling).to(device)
+    def build_cache(
+        self, device: torch.device, dtype: torch.dtype, freq_factors: torch.Tensor | None = None
+    ) -> None:
+        """cos/sin tables for every position; ``freq_factors`` divide the frequencies (GGUF's rope_freqs)."""
+        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.float().reshape(-1).cpu()
+        inv_freq = inv_freq.to(device)
         positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)

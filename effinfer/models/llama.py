@@ -13,11 +13,12 @@ from torch import nn
 
 from effinfer.config import ModelConfig
 from effinfer.layers.activation import gated, get_activation
-from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
-from effinfer.layers.cache_spec import AttentionCacheSpec
+from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
+from effinfer.models.base import CausalLM, SmoothingPair, architecture_in, common_hf_fields
+from effinfer.quant.integer import QuantizedWeight
 
 
 class LlamaAttention(nn.Module):
@@ -37,11 +38,10 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_windows[layer_index]
         )
-        self._split = [q_size, kv_size, kv_size]
 
     def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        num_tokens, (q_size, kv_size, _) = qkv.shape[0], self._split
+        num_tokens, (q_size, kv_size, _) = qkv.shape[0], self.qkv_proj.shard_sizes
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qk = qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, self.head_dim)
@@ -95,8 +95,20 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
-    # checkpoint name -> (our fused parameter's module name, shard index)
+# HF architectures name -> the GGUF architecture llama.cpp stores it as. Only llama.cpp's `llama`
+# interleaves the rotary pairs of q/k rows (its converter permutes them; HF rotates halves).
+_GGUF_NAMES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_PERMUTED_GGUF = "llama"
+
+
+class LlamaForCausalLM(CausalLM):
+    hf_architectures = tuple(_GGUF_NAMES)
+    gguf_architectures = tuple(dict.fromkeys(_GGUF_NAMES.values()))
     packed_modules = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
@@ -106,11 +118,57 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config, max_positions)
         self.model = LlamaModel(config, max_positions)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
+
+    # ---------------------------------------------------------------- configs
+
+    @classmethod
+    def config_from_hf(cls, hf: dict) -> ModelConfig:
+        arch = architecture_in(hf, cls.hf_architectures)
+        fields = common_hf_fields(hf, arch)
+        is_qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+        if arch == "Qwen2ForCausalLM":  # Qwen2 has q/k/v biases whether or not config.json says so
+            fields["attention_bias"] = bool(hf.get("attention_bias", True))
+        fields["qk_norm"] = arch == "Qwen3ForCausalLM"
+        fields["sliding_windows"] = _sliding_windows(hf, is_qwen, fields["num_layers"])
+        return ModelConfig(**fields)
+
+    @classmethod
+    def hf_architecture_for_gguf(cls, arch: str) -> str:
+        return next(hf for hf, gguf in _GGUF_NAMES.items() if gguf == arch)
+
+    @classmethod
+    def gguf_architecture_for(cls, hf_architecture: str) -> str | None:
+        return _GGUF_NAMES.get(hf_architecture)
+
+    @classmethod
+    def gguf_tensor(cls, name: str, tensor, config: ModelConfig):
+        mapped = super().gguf_tensor(name, tensor, config)
+        if mapped is None or cls.gguf_architecture_for(config.architecture) != _PERMUTED_GGUF:
+            return mapped
+        hf_name, tensor = mapped
+        if ".self_attn.q_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, config.num_heads)
+        elif ".self_attn.k_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, config.num_kv_heads)
+        return hf_name, tensor
+
+    @classmethod
+    def hf_tensor_to_gguf(cls, hf_name: str, tensor: torch.Tensor, config: ModelConfig):
+        mapped = super().hf_tensor_to_gguf(hf_name, tensor, config)
+        if mapped is None or cls.gguf_architecture_for(config.architecture) != _PERMUTED_GGUF:
+            return mapped
+        name, tensor = mapped
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            tensor = permute_rotary_rows(tensor, config.num_heads)
+        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+            tensor = permute_rotary_rows(tensor, config.num_kv_heads)
+        return name, tensor
+
+    # ---------------------------------------------------------------- the math
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection; redone after ``to_empty``, which unties them."""
@@ -123,27 +181,75 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled."""
         return self.model(input_ids, positions, meta)
 
-    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, hidden] of whole sequences without the KV cache: training and scoring."""
-        batch, seq_len = input_ids.shape
-        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
-        hidden = self.model(input_ids.reshape(-1), positions, DenseCausal(batch, seq_len))
-        return hidden.view(batch, seq_len, -1)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def cache_specs(self) -> list[AttentionCacheSpec]:
-        """What each decoder layer caches per sequence (the engine sizes and frees KV from these)."""
-        return [AttentionCacheSpec(sliding_window=w) for w in self.config.sliding_windows]
+    # ---------------------------------------------------------------- what compression sees
 
-    def checkpoint_target(self, name: str) -> tuple[str, int] | None:
-        """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""
-        if "rotary_emb.inv_freq" in name:
-            return None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return None
-        for ckpt_name, (ours, shard) in self.packed_modules.items():
-            if f".{ckpt_name}." in name:
-                return name.replace(f".{ckpt_name}.", f".{ours}."), shard
-        return name, 0
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def smoothing_pairs(self, layer: LlamaDecoderLayer) -> list[SmoothingPair]:
+        """input_layernorm -> q/k/v, v rows -> o_proj, post_attention_layernorm -> gate/up, up rows -> down."""
+        attn, mlp = layer.self_attn, layer.mlp
+        q_size, kv_size, v_size = attn.qkv_proj.shard_sizes
+        inter = mlp.down_proj.in_features
+        return [
+            SmoothingPair("qkv", layer.input_layernorm, (attn.qkv_proj,), attn, block_takes_layer_args=True),
+            # Attention is linear in v: scaling a v channel scales the same channel of every query
+            # head of its group at o_proj's input.
+            SmoothingPair(
+                "o",
+                attn.qkv_proj,
+                (attn.o_proj,),
+                attn.o_proj,
+                prev_rows=slice(q_size + kv_size, q_size + kv_size + v_size),
+                fanout=attn.num_heads // attn.num_kv_heads,
+                fanout_width=attn.head_dim,
+            ),
+            SmoothingPair("gate_up", layer.post_attention_layernorm, (mlp.gate_up_proj,), mlp),
+            SmoothingPair(
+                "down", mlp.gate_up_proj, (mlp.down_proj,), mlp.down_proj, prev_rows=slice(inter, 2 * inter)
+            ),
+        ]
+
+
+def _sliding_windows(hf: dict, is_qwen: bool, num_layers: int) -> list[int | None]:
+    """Per layer, the window of a sliding-window layer, None for full attention."""
+    window = hf.get("sliding_window")
+    if is_qwen and not hf.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return [None] * num_layers
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if is_qwen:
+        first_sliding = hf.get("max_window_layers", num_layers)
+        return [window if i >= first_sliding else None for i in range(num_layers)]
+    return [window] * num_layers
+
+
+def _swap_rotary_pairs(weight: torch.Tensor, num_heads: int, from_interleaved: bool) -> torch.Tensor:
+    rows = weight.shape[0]
+    halves = (2, rows // num_heads // 2) if not from_interleaved else (rows // num_heads // 2, 2)
+    return weight.reshape(num_heads, *halves, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """HF layout -> llama.cpp layout: within each head, rotary pairs (i, i + d/2) become adjacent rows."""
+    return _swap_rotary_pairs(weight, num_heads, from_interleaved=False)
+
+
+def unpermute_rotary_rows(weight, num_heads: int):
+    """llama.cpp layout -> HF layout (the inverse of ``permute_rotary_rows``), of a float tensor or of a
+    ``QuantizedWeight`` (its codes, scales and zeros move with their rows)."""
+    if isinstance(weight, QuantizedWeight):
+        return QuantizedWeight(
+            unpermute_rotary_rows(weight.qweight, num_heads),
+            unpermute_rotary_rows(weight.scales, num_heads),
+            unpermute_rotary_rows(weight.zeros, num_heads),
+            weight.bits,
+            weight.group_size,
+        )
+    return _swap_rotary_pairs(weight, num_heads, from_interleaved=True)

@@ -1,16 +1,55 @@
-"""HF ``architectures`` name -> effinfer model class."""
+"""The model families effinfer runs: adding an architecture is its module plus one line in ``FAMILIES``.
+
+Lookups go by HF ``architectures`` name (config.json) or GGUF ``general.architecture``; each
+family's config parser is also registered with ``config.ModelConfig.from_hf``, which sits below
+the models in the import layers and so cannot import them.
+"""
 
 from __future__ import annotations
 
-from effinfer.config import SUPPORTED_ARCHITECTURES, ConfigError
+from effinfer.config import ConfigError, register_hf_config_parser
+from effinfer.models.base import CausalLM
 from effinfer.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
+FAMILIES: list[type[CausalLM]] = [
+    LlamaForCausalLM,
+]
+
+for _family in FAMILIES:
+    for _name in _family.hf_architectures:
+        register_hf_config_parser(_name, _family.config_from_hf)
 
 
-def model_class(architecture: str):
-    if architecture not in MODEL_CLASSES:
-        raise ConfigError(
-            f"unsupported architecture {architecture!r}; effinfer supports {', '.join(MODEL_CLASSES)}"
-        )
-    return MODEL_CLASSES[architecture]
+def hf_architectures() -> list[str]:
+    """Every HF ``architectures`` name effinfer runs."""
+    return [name for family in FAMILIES for name in family.hf_architectures]
+
+
+def gguf_architectures() -> list[str]:
+    """Every GGUF ``general.architecture`` effinfer loads."""
+    return [name for family in FAMILIES for name in family.gguf_architectures]
+
+
+def model_class(architecture: str) -> type[CausalLM]:
+    """The family that runs an HF ``architectures`` name."""
+    for family in FAMILIES:
+        if architecture in family.hf_architectures:
+            return family
+    raise ConfigError(
+        f"unsupported architecture {architecture!r}; effinfer supports {', '.join(hf_architectures())}"
+    )
+
+
+def family_for_gguf(arch: str) -> type[CausalLM]:
+    """The family that loads a GGUF ``general.architecture``."""
+    for family in FAMILIES:
+        if arch in family.gguf_architectures:
+            return family
+    raise ConfigError(
+        f"GGUF architecture {arch!r} is not supported; supported: {', '.join(gguf_architectures())}"
+    )
+
+
+def gguf_architecture_for(hf_architecture: str) -> str | None:
+    """The GGUF architecture an HF checkpoint is converted to, or None if it cannot be."""
+    return model_class(hf_architecture).gguf_architecture_for(hf_architecture)

@@ -22,7 +22,8 @@ from torch import nn
 
 from effinfer.config import ModelConfig
 from effinfer.loading.safetensors import load_model
-from effinfer.models.llama import LlamaForCausalLM
+from effinfer.models.base import CausalLM
+from effinfer.models.registry import model_class
 
 INIT_STD = 0.02
 
@@ -73,12 +74,12 @@ def scratch_hf_config(
     }
 
 
-def build_model(hf_config: dict, max_positions: int, device: torch.device, seed: int) -> LlamaForCausalLM:
+def build_model(hf_config: dict, max_positions: int, device: torch.device, seed: int) -> CausalLM:
     """A freshly initialised float32 model (the same on every process for the same seed)."""
     config = ModelConfig.from_hf(hf_config)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(config, max_positions)
+        model = model_class(config.architecture)(config, max_positions)
     residual_std = INIT_STD / math.sqrt(2 * config.num_layers)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -88,11 +89,11 @@ def build_model(hf_config: dict, max_positions: int, device: torch.device, seed:
                 param.normal_(0.0, residual_std)
             else:
                 param.normal_(0.0, INIT_STD)
-    model.model.rotary.build_cache(device, torch.float32)
+    model.prepare(device, torch.float32)
     return model
 
 
-def load_init_model(path: Path, max_positions: int, device: torch.device) -> tuple[LlamaForCausalLM, dict]:
+def load_init_model(path: Path, max_positions: int, device: torch.device) -> tuple[CausalLM, dict]:
     """(model, its config.json) from an HF directory effinfer can load, in float32 for training."""
     hf_config = json.loads((path / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
@@ -138,7 +139,7 @@ class NextTokenLoss(nn.Module):
     A module of its own so that ``DistributedDataParallel``, which hooks ``forward``, can wrap it.
     """
 
-    def __init__(self, model: LlamaForCausalLM) -> None:
+    def __init__(self, model: CausalLM) -> None:
         super().__init__()
         self.model = model
 
