@@ -29,23 +29,16 @@ from safetensors import safe_open
 
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.layers.rotary import inverse_frequencies
-from effinfer.loading.gguf import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, permute_rotary_rows
+from effinfer.loading.gguf import ROPE_FREQS
 from effinfer.loading.gguf_quants import quantize_q8_0
 from effinfer.loading.gguf_tokenizer import BYTE, CONTROL, GPT2_REGEX, NORMAL, UNKNOWN, USER_DEFINED
 from effinfer.loading.safetensors import check_model_dir, find_weight_files
+from effinfer.models.registry import gguf_architecture_for, model_class
 from effinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 QType = gguf.GGMLQuantizationType
-
-# HF architectures name -> GGUF architecture
-GGUF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 
 OUTTYPES = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
@@ -77,7 +70,7 @@ def convert_to_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, out
         raise ConvertError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
     _check_output(model_dir, output)
     config = ModelConfig.from_dir(model_dir)
-    arch = GGUF_ARCHITECTURES.get(config.architecture)
+    arch = gguf_architecture_for(config.architecture)
     if arch is None:
         raise ConvertError(f"{config.architecture} cannot be converted to GGUF")
     if any(window is not None for window in config.sliding_windows):
@@ -85,7 +78,7 @@ def convert_to_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, out
     writer = gguf.GGUFWriter(str(output), arch)
     _write_hparams(writer, config, model_dir, outtype)
     _write_vocab(writer, model_dir, config)
-    for name, data, qtype in _gguf_tensors(model_dir, config, arch, OUTTYPES[outtype][0]):
+    for name, data, qtype in _gguf_tensors(model_dir, config, OUTTYPES[outtype][0]):
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -226,24 +219,9 @@ def _bpe_pre_tokenizer(spec: dict) -> str:
 # -------------------------------------------------------------------- tensors
 
 
-_GGUF_GLOBAL_NAMES = {hf: name for name, hf in GLOBAL_TENSORS.items()}
-_GGUF_LAYER_NAMES = {hf: name for name, hf in LAYER_TENSORS.items()}
-
-
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """HF checkpoint name -> GGUF tensor name (None for tensors GGUF does not store)."""
-    if hf_name in _GGUF_GLOBAL_NAMES:
-        return _GGUF_GLOBAL_NAMES[hf_name]
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
-        module = ".".join(parts[3:-1])
-        if module in _GGUF_LAYER_NAMES:
-            return f"blk.{parts[2]}.{_GGUF_LAYER_NAMES[module]}.{parts[-1]}"
-    return None
-
-
-def _gguf_tensors(model_dir: Path, config: ModelConfig, arch: str, weight_type: QType):
+def _gguf_tensors(model_dir: Path, config: ModelConfig, weight_type: QType):
     """Yield (GGUF name, numpy data, GGML type) for every tensor the GGUF file gets."""
+    family = model_class(config.architecture)
     for file in find_weight_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for hf_name in f.keys():
@@ -251,14 +229,10 @@ def _gguf_tensors(model_dir: Path, config: ModelConfig, arch: str, weight_type: 
                     continue
                 if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # llama.cpp ties the output to token_embd when output.weight is absent
-                name = gguf_tensor_name(hf_name)
-                if name is None:
+                mapped = family.hf_tensor_to_gguf(hf_name, f.get_tensor(hf_name).float(), config)
+                if mapped is None:
                     raise ConvertError(f"checkpoint tensor {hf_name!r} has no GGUF equivalent")
-                tensor = f.get_tensor(hf_name).float()
-                if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
-                    tensor = permute_rotary_rows(tensor, config.num_heads)
-                elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
-                    tensor = permute_rotary_rows(tensor, config.num_kv_heads)
+                name, tensor = mapped
                 yield (name, *_encode(tensor, weight_type))
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
         plain = inverse_frequencies(config.head_dim, config.rope_theta, None)

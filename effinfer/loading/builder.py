@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.quant_formats import QuantizedShard
+from effinfer.models.base import CausalLM
 from effinfer.models.registry import model_class
 
 
@@ -23,7 +24,7 @@ class WeightsError(ConfigError):
 
 def build_model(
     config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
-) -> torch.nn.Module:
+) -> CausalLM:
     """The model with uninitialised parameters in ``dtype`` on ``device`` (no random init, no copy)."""
     cls = model_class(config.architecture)
     previous_dtype = torch.get_default_dtype()
@@ -77,12 +78,13 @@ def fill_model(
             except ValueError as e:
                 raise WeightsError(f"{source}: tensor {name!r}: {e}") from None
             loaded.add(f"{ours}#{shard}")
-    expected = set()
+    expected, seen = set(), set()
     for module_name, module in modules.items():
-        for param_name, _ in module.named_parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if full == "lm_head.weight" and config.tie_word_embeddings:
+            if id(param) in seen:  # tied to a parameter filled under its own name (the embedding)
                 continue
+            seen.add(id(param))
             shards = len(getattr(module, "shard_sizes", [0])) if param_name in ("weight", "bias") else 1
             expected.update(f"{full}#{s}" for s in range(shards))
     missing = sorted(expected - loaded)
@@ -92,17 +94,25 @@ def fill_model(
 
 
 def finalize_model(
-    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, prepare_kernels: bool = True
-) -> torch.nn.Module:
-    """Build the rotary tables and let each layer's kernel backend prepare its weights.
+    model: CausalLM,
+    device: torch.device,
+    dtype: torch.dtype,
+    prepare_kernels: bool = True,
+    rope_freq_factors: torch.Tensor | None = None,
+) -> CausalLM:
+    """The model's post-load work (rotary tables), then each layer's kernel backend prepares its weights.
 
-    ``prepare_kernels=False`` keeps plain float weights (what a compression pass works on).
+    ``prepare_kernels=False`` keeps plain float weights (what a compression pass works on);
+    ``rope_freq_factors`` come from a GGUF file's ``rope_freqs.weight``.
     """
-    model.model.rotary.build_cache(device, dtype)
+    model.prepare(device, dtype, rope_freq_factors)
     if not prepare_kernels:
         return model.eval()
-    shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
+    # A weight that two modules share (tied embeddings) must outlive the backend's repacked copy.
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     for module in model.modules():
         if hasattr(module, "finalize"):
-            module.finalize(release_weight=id(module.weight) not in shared)
+            module.finalize(release_weight=uses[id(module.weight)] == 1)
     return model.eval()

@@ -3,13 +3,13 @@
 Format reference: ggml's ``docs/gguf.md`` (header, typed key/value metadata, tensor infos, aligned
 tensor data) and llama.cpp's ``convert_hf_to_gguf.py`` / ``gguf-py`` for the key and tensor names.
 
-Idea: the metadata says what the model is (``llama`` / ``qwen2`` / ``qwen3`` hyper-parameters,
-rope settings, the vocabulary), so it becomes a ``ModelConfig`` and a ``Tokenizer``; each tensor is
-renamed to its Hugging Face name, dequantised to float32 (``gguf_quants``), cast to the working
+Idea: the metadata says what the model is (``general.architecture`` picks the model family in
+``models/registry.py``; its ``{arch}.*`` hyper-parameters, rope settings and the vocabulary follow),
+so it becomes a ``ModelConfig`` and a ``Tokenizer``; the family renames each tensor to its Hugging
+Face name (``CausalLM.gguf_tensor``), it is dequantised to float32 (``gguf_quants``), cast to the working
 dtype and copied into the model exactly as a safetensors tensor would be; Q8_0 / Q4_0 layer
-weights instead stay quantized (``QuantizedWeight``, group 32) and run on the quantized kernels. For ``llama`` files the
-q/k rows are un-permuted: llama.cpp's converter interleaves rotary pairs, effinfer (like HF) rotates
-halves. Use it with ``LLM("model.gguf")`` or ``effinfer generate --model model.gguf``.
+weights instead stay quantized (``QuantizedWeight``, group 32) and run on the quantized kernels.
+Use it with ``LLM("model.gguf")`` or ``effinfer generate --model model.gguf``.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: that reader builds a Python object
 per array element, which takes ~10 s for a 150k-token vocabulary; this parser reads numeric arrays
@@ -31,7 +31,6 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
 from effinfer.config import ConfigError, ModelConfig
-from effinfer.layers.rotary import inverse_frequencies
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.gguf_quants import (
     BLOCK_FORMATS,
@@ -43,37 +42,13 @@ from effinfer.loading.gguf_quants import (
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
-from effinfer.quant.integer import QuantizedWeight
+from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
+from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
+from effinfer.models.registry import family_for_gguf, model_class
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
-# GGUF `general.architecture` -> (HF architectures name, llama.cpp permuted q/k rows for rotary)
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", True),
-    "qwen2": ("Qwen2ForCausalLM", False),
-    "qwen3": ("Qwen3ForCausalLM", False),
-}
-
-# GGUF tensor names -> HF names (llama.cpp's gguf-py tensor map, for the tensors these models have).
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 # Per-dimension rope frequency divisors (Llama 3.1's rope scaling as llama.cpp stores it).
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -258,12 +233,12 @@ def _tensor_nbytes(qtype: QType, dims: list[int]) -> int:
 
 
 def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
-    """Hyper-parameters from ``{arch}.*`` keys, as an HF config dict through ``ModelConfig.from_hf``."""
+    """Hyper-parameters from the family's ``{arch}.*`` keys and the file's vocabulary, through ``ModelConfig.from_hf``."""
     meta, arch = gguf.metadata, gguf.architecture
-    if arch not in ARCHITECTURES:
-        raise ConfigError(
-            f"{gguf.path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
-        )
+    try:
+        family = family_for_gguf(arch)
+    except ConfigError as e:
+        raise ConfigError(f"{gguf.path.name}: {e}") from None
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -271,50 +246,27 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             value = value[0]
         return value
 
-    missing = [
-        k
-        for k in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
-        if f"{arch}.{k}" not in meta
-    ]
+    missing = [k for k in REQUIRED_GGUF_KEYS if f"{arch}.{k}" not in meta]
     if missing:
         raise ConfigError(f"{gguf.path.name} lacks metadata {', '.join(f'{arch}.{k}' for k in missing)}")
-    hidden, heads = key("embedding_length"), key("attention.head_count")
-    if not isinstance(heads, int) or heads < 1:
-        raise ConfigError(
-            f"{gguf.path.name}: {arch}.attention.head_count must be a positive integer, got {heads!r}"
-        )
     # The embedding's rows decide (the vocabulary may be padded or shorter); vocab-only files have none.
     embed = gguf.tensors.get("token_embd.weight")
     vocab_size = (
         embed.shape[0] if embed else key("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
     )
-    hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[arch][0]],
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": key("attention.key_length") or hidden // heads,
-        "max_position_embeddings": key("context_length", 2048),
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": key("rope.freq_base", 10000.0),
-        # llama.cpp ties the output projection to the embedding when the file has no output.weight.
-        "tie_word_embeddings": "output.weight" not in gguf.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in gguf.tensors,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "dtype": _working_dtype(gguf),
-    }
-    scaling = key("rope.scaling.type")
-    if scaling == "linear":
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
-    elif scaling not in (None, "none"):
-        raise ConfigError(f"{gguf.path.name}: rope scaling {scaling!r} is not supported (supported: linear)")
     try:
+        hf = family.hf_config_from_gguf(arch, key)
+        hf.update(
+            vocab_size=vocab_size,
+            # llama.cpp ties the output projection to the embedding when the file has no output.weight.
+            tie_word_embeddings="output.weight" not in gguf.tensors,
+            attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            dtype=_working_dtype(gguf),
+        )
         return ModelConfig.from_hf(hf)
-    except ConfigError as e:  # name the file; the field names are HF's (see the mapping above)
+    except ConfigError as e:  # name the file; the field names are HF's (see the family's mapping)
         raise ConfigError(f"{gguf.path.name}: {e}") from None
 
 
@@ -328,34 +280,9 @@ def _working_dtype(gguf: GGUFFile) -> str:
 # -------------------------------------------------------------------- tensors -> HF tensors
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
     """The HF name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
-    if name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[name]
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_TENSORS and parts[3] in ("weight", "bias"):
-        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{parts[3]}"
-    return None
-
-
-def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """HF layout -> llama.cpp layout: within each head, rotary pairs (i, i + d/2) become adjacent rows."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """llama.cpp layout -> HF layout (the inverse of ``permute_rotary_rows``)."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+    return family.gguf_hf_name(name)
 
 
 def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
@@ -364,11 +291,11 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     Tensors are dequantised to float32, except, with ``quantized_linears``, Q8_0 / Q4_0 layer
     weights, which come as ``QuantizedWeight`` (exactly the same numbers, still quantized).
     """
-    permuted = ARCHITECTURES[gguf.architecture][1]
+    family = model_class(config.architecture)
     # A fused layer (q/k/v, gate/up) stays quantized only if all its tensors share one direct type.
     group_types: dict[str, set] = {}
     for name, info in gguf.tensors.items():
-        hf_name = hf_tensor_name(name)
+        hf_name = family.gguf_hf_name(name)
         if hf_name is not None and hf_name.endswith("_proj.weight"):
             group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
     direct = {
@@ -377,29 +304,24 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
-        hf_name = hf_tensor_name(name)
-        if hf_name is None:
-            raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
-        if quantized_linears and direct.get(_fusion_group(name)) == info.qtype:
-            # Keep llama.cpp's own blocks: the layer runs on the quantized kernels, no dequantising.
+        # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
+        keep_quantized = quantized_linears and direct.get(_fusion_group(name)) == info.qtype
+        if keep_quantized:
             tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
-            unpermute = _unpermute_quantized
         else:
             tensor = gguf.tensor(name)
-            unpermute = unpermute_rotary_rows
-        if permuted and ".self_attn.q_proj." in hf_name:
-            tensor = unpermute(tensor, config.num_heads)
-        elif permuted and ".self_attn.k_proj." in hf_name:
-            tensor = unpermute(tensor, config.num_kv_heads)
-        if unpermute is _unpermute_quantized:
-            tensor = QuantizedShard(tensor)
-        yield hf_name, tensor, info.nbytes
+        mapped = family.gguf_tensor(name, tensor, config)
+        if mapped is None:
+            raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
+        hf_name, tensor = mapped
+        yield hf_name, QuantizedShard(tensor) if keep_quantized else tensor, info.nbytes
 
 
 def check_loadable(gguf: GGUFFile) -> None:
     """Every tensor has an HF name and a type effinfer dequantises; else a one-line error, nothing allocated."""
+    family = family_for_gguf(gguf.architecture)
     for name, info in gguf.tensors.items():
-        if name != ROPE_FREQS and hf_tensor_name(name) is None:
+        if name != ROPE_FREQS and family.gguf_hf_name(name) is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         if info.qtype not in SUPPORTED_TYPES:
             raise WeightsError(
@@ -418,17 +340,6 @@ def _fusion_group(name: str) -> str:
             if f".{member}." in name:
                 return name.replace(f".{member}.", f".{fused}.").removesuffix(".weight").removesuffix(".bias")
     return name.removesuffix(".weight")
-
-
-def _unpermute_quantized(weight, num_heads: int):
-    """``unpermute_rotary_rows`` for a QuantizedWeight: codes, scales and zeros move with their rows."""
-    return QuantizedWeight(
-        unpermute_rotary_rows(weight.qweight, num_heads),
-        unpermute_rotary_rows(weight.scales, num_heads),
-        unpermute_rotary_rows(weight.zeros, num_heads),
-        weight.bits,
-        weight.group_size,
-    )
 
 
 # -------------------------------------------------------------------- the model
@@ -450,16 +361,7 @@ def load_model(
     total = sum(info.nbytes for info in gguf.tensors.values())
     tensors = hf_tensors(gguf, config, quantized_linears=True)
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
-    finalize_model(model, device, dtype)
-    if ROPE_FREQS in gguf.tensors:
-        _apply_rope_freq_factors(model.model.rotary, gguf.tensor(ROPE_FREQS), device, dtype)
+    # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
+    rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
+    finalize_model(model, device, dtype, rope_freq_factors=rope_freq_factors)
     return model
-
-
-def _apply_rope_freq_factors(rotary, factors: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    """llama.cpp stores Llama 3 rope scaling as per-frequency divisors; rebuild the rotary tables with them."""
-    inv_freq = inverse_frequencies(rotary.head_dim, rotary.theta, None) / factors.float().reshape(-1)
-    positions = torch.arange(rotary.max_positions, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)
-    angles = torch.cat([freqs, freqs], dim=-1).to(device)
-    rotary.cos, rotary.sin = angles.cos().to(dtype), angles.sin().to(dtype)
