@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effinfer.layers.attention import DenseCausal
+from effinfer.layers.linear import Linear
+from effinfer.models.base import CausalLM
 
 # A calibration row shorter than this says too little about the activations to be worth using.
 MIN_ROW_TOKENS = 16
@@ -91,19 +92,26 @@ class LayerCalibration:
 
     index: int
     layer: nn.Module
+    model: CausalLM  # asked for the layer's Linears, smoothing pairs and fused splits
     hidden: torch.Tensor  # [rows * seq_len, hidden]: the layer's input (output of the transformed prefix)
-    cos_sin: tuple[torch.Tensor, torch.Tensor]  # rotary tables of one row [seq_len, 1, head_dim]
+    # Chunk of n rows -> the arguments every layer gets besides the hidden states (rotary tables,
+    # attention metadata), as the model itself passes them.
+    layer_args: dict[int, tuple]
     rows: int
     seq_len: int
 
-    def _chunks(self, x: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, tuple, DenseCausal]]:
-        """``x`` (default: the layer's input) in chunks of whole rows, with the metadata to run them."""
+    @property
+    def linears(self) -> dict[str, Linear]:
+        """The layer's Linears that compression may rewrite, in execution order, by their model-wide name."""
+        inside = {id(m) for m in self.layer.modules()}
+        return {name: m for name, m in self.model.compressible_linears() if id(m) in inside}
+
+    def _chunks(self, x: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, tuple]]:
+        """``x`` (default: the layer's input) in chunks of whole rows, with the layer's other arguments."""
         x = self.hidden if x is None else x
         for start in range(0, self.rows, ROWS_PER_CHUNK):
             n = min(ROWS_PER_CHUNK, self.rows - start)
-            cos, sin = self.cos_sin
-            chunk = x[start * self.seq_len : (start + n) * self.seq_len]
-            yield chunk, (cos.repeat(n, 1, 1), sin.repeat(n, 1, 1)), DenseCausal(n, self.seq_len)
+            yield x[start * self.seq_len : (start + n) * self.seq_len], self.layer_args[n]
 
     def forward(self) -> torch.Tensor:
         """The layer's output [rows * seq_len, hidden] with its current (possibly quantized) weights."""
@@ -112,8 +120,8 @@ class LayerCalibration:
     def observe(self, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
         """Run the layer once, calling ``fn(name, x [tokens, in])`` with the input of each named module."""
         with _input_hooks(modules, fn):
-            for x, cos_sin, meta in self._chunks():
-                self.layer(x, cos_sin, meta)
+            for x, args in self._chunks():
+                self.layer(x, *args)
 
     def capture(self, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """The input of each named module over all calibration tokens, [tokens, in]."""
@@ -121,12 +129,40 @@ class LayerCalibration:
         self.observe(modules, lambda name, x: parts[name].append(x))
         return {name: torch.cat(xs) for name, xs in parts.items()}
 
-    def map_rows(self, fn: Callable[[torch.Tensor, tuple, DenseCausal], torch.Tensor], x: torch.Tensor):
-        """``fn(x_chunk, cos_sin, meta)`` over ``x`` [rows * seq_len, d] in row chunks, concatenated.
+    def map_rows(self, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn(x_chunk, *layer_args)`` over ``x`` [rows * seq_len, d] in row chunks, concatenated.
 
         Runs a part of the layer (the attention block, say) on activations of the same tokens.
         """
-        return torch.cat([fn(chunk, cos_sin, meta) for chunk, cos_sin, meta in self._chunks(x)])
+        return torch.cat([fn(chunk, *args) for chunk, args in self._chunks(x)])
+
+
+class _LayerInputs(Exception):
+    """Stops a forward pass at the first decoder layer, carrying what that layer was called with."""
+
+    def __init__(self, hidden: torch.Tensor, args: tuple) -> None:
+        super().__init__()
+        self.hidden, self.args = hidden, args
+
+
+def _first_layer_inputs(model: CausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """(hidden states, other arguments) the model hands its first decoder layer for ``ids`` [n, seq_len].
+
+    The model's own forward pass computes them (embedding scale, rotary tables, metadata), so
+    calibration runs the layers exactly as inference does.
+    """
+
+    def stop(_module, args):
+        raise _LayerInputs(args[0], args[1:])
+
+    handle = model.decoder_layers()[0].register_forward_pre_hook(stop)
+    try:
+        model.forward_dense(ids)
+    except _LayerInputs as inputs:
+        return inputs.hidden, inputs.args
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward pass never reached its first decoder layer")
 
 
 @contextmanager
@@ -147,7 +183,7 @@ def _input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor]
 
 
 def run_layerwise(
-    model: nn.Module,
+    model: CausalLM,
     calib_ids: torch.Tensor,
     transform: Callable[[LayerCalibration], None],
     desc: str = "calibrate",
@@ -155,20 +191,23 @@ def run_layerwise(
 ) -> None:
     """Apply ``transform`` to each decoder layer in turn, feeding it the transformed prefix's output.
 
-    ``model`` is a Llama-family ``...ForCausalLM`` (``model.model.layers``); ``calib_ids`` is
-    [rows, seq_len] from ``calibration_batches``. ``transform`` may run the layer as often as it
-    likes (``observe`` / ``capture`` / ``forward``) and must leave it transformed in place.
+    ``model`` is a ``CausalLM`` (``models/base.py``); ``calib_ids`` is [rows, seq_len] from
+    ``calibration_batches``. ``transform`` may run the layer as often as it likes (``observe`` /
+    ``capture`` / ``forward``) and must leave it transformed in place.
     """
-    decoder = model.model
-    device = decoder.embed_tokens.weight.device
+    device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
     rows, seq_len = calib_ids.shape
     with torch.no_grad():
-        hidden = decoder.embed_tokens(calib_ids.reshape(-1))
-        cos_sin = decoder.rotary(torch.arange(seq_len, device=device))
-        bar = tqdm(decoder.layers, desc=desc, unit="layer", disable=not show_progress)
+        hiddens, layer_args = [], {}
+        for start in range(0, rows, ROWS_PER_CHUNK):
+            hidden, args = _first_layer_inputs(model, calib_ids[start : start + ROWS_PER_CHUNK])
+            hiddens.append(hidden)
+            layer_args.setdefault(hidden.shape[0] // seq_len, args)  # they depend on the shape only
+        hidden = torch.cat(hiddens)
+        bar = tqdm(model.decoder_layers(), desc=desc, unit="layer", disable=not show_progress)
         for index, layer in enumerate(bar):
             bar.set_postfix(layer=index)
-            step = LayerCalibration(index, layer, hidden, cos_sin, rows, seq_len)
+            step = LayerCalibration(index, layer, model, hidden, layer_args, rows, seq_len)
             transform(step)
             hidden = step.forward()

@@ -8,9 +8,10 @@ output error; then shrink each group's range where clipping outliers lowers the 
 Switch on: ``effinfer quantize --method awq --bits 4 --group-size 128``, or
 ``quantize_model_awq(model, calibration_batches(...), bits=4, group_size=128)``.
 
-For a Llama layer the scaled pairs are (input_layernorm -> q/k/v), (v rows -> o_proj, only
-when v and o_proj's input have the same width, i.e. no grouped KV heads, as AWQ does),
-(post_attention_layernorm -> gate/up) and (up rows -> down_proj). Besides the paper's
+The model family names the scaled pairs (``CausalLM.smoothing_pairs``); for a Llama layer they are
+(input_layernorm -> q/k/v), (v rows -> o_proj, only when v and o_proj's input have the same
+width, i.e. no grouped KV heads, as AWQ does), (post_attention_layernorm -> gate/up) and
+(up rows -> down_proj). Besides the paper's
 s = mean|x|^alpha, the search also tries AutoAWQ's s = mean|x|^alpha / mean|w|^(1 - alpha)
 (``duo_scaling``), which helped on both models measured here. The grid is RTN's.
 """
@@ -18,14 +19,14 @@ s = mean|x|^alpha, the search also tries AutoAWQ's s = mean|x|^alpha / mean|w|^(
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from effinfer.compress.calibration import LayerCalibration, run_layerwise
 from effinfer.layers.linear import Linear
-from effinfer.layers.norm import RMSNorm
+from effinfer.models.base import CausalLM, SmoothingPair
 from effinfer.quant.integer import group_qparams, quantize_codes, quantize_rtn
 
 CLIP_TOKENS = 512  # tokens the clipping search looks at (a subsample, as in AWQ)
@@ -33,50 +34,13 @@ CLIP_MAX_SHRINK = 0.5  # try group ranges from 100 % down to (1 - this) of the o
 CLIP_ROWS_PER_BATCH = 256  # output rows evaluated at once in the clipping search (bounds memory)
 
 
-@dataclass
-class ScalingPair:
-    """Weights whose input channels can be scaled by s while ``prev`` absorbs 1/s exactly."""
+def awq_pairs(model: CausalLM, layer: nn.Module) -> list[SmoothingPair]:
+    """The model's smoothing pairs of ``layer`` that AWQ scales.
 
-    name: str
-    prev: nn.Module  # RMSNorm, or the Linear producing the input (only ``prev_rows`` of its outputs)
-    prev_rows: slice | None
-    linears: list[Linear]
-    block: str  # what the search measures: "attn", "o_proj", "mlp" or "down_proj"
-
-
-def scaling_pairs(layer: nn.Module) -> list[ScalingPair]:
-    """AWQ's four scaling pairs of a Llama decoder layer (three under grouped KV heads)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    q_size, kv_size, v_size = attn._split
-    pairs = [ScalingPair("qkv", layer.input_layernorm, None, [attn.qkv_proj], "attn")]
-    # Scaling a v channel scales the same channel of the attention output (attention is linear
-    # in v); with grouped KV heads one v channel feeds several o_proj inputs, so AWQ skips it.
-    if v_size == attn.o_proj.in_features:
-        v_rows = slice(q_size + kv_size, q_size + kv_size + v_size)
-        pairs.append(ScalingPair("o", attn.qkv_proj, v_rows, [attn.o_proj], "o_proj"))
-    pairs.append(ScalingPair("gate_up", layer.post_attention_layernorm, None, [mlp.gate_up_proj], "mlp"))
-    inter = mlp.down_proj.in_features
-    pairs.append(ScalingPair("down", mlp.gate_up_proj, slice(inter, 2 * inter), [mlp.down_proj], "down_proj"))
-    return pairs
-
-
-def fold_scales(pair: ScalingPair, scales: torch.Tensor) -> None:
-    """W[:, c] *= s[c] for the pair's Linears and the producer of channel c divided by s[c].
-
-    The float model computes exactly the same function afterwards (up to rounding).
+    A pair whose ``prev`` channel fans out to several inputs (v -> o_proj under grouped KV
+    heads) is skipped, as AWQ does: one scale cannot suit every input it feeds.
     """
-    s = scales.float()
-    for linear in pair.linears:
-        linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)
-    if isinstance(pair.prev, RMSNorm):
-        pair.prev.weight.data = (pair.prev.weight.data.float() / s).to(pair.prev.weight.dtype)
-        return
-    rows = pair.prev_rows
-    weight = pair.prev.weight.data
-    weight[rows] = (weight[rows].float() / s[:, None]).to(weight.dtype)
-    if pair.prev.bias is not None:
-        bias = pair.prev.bias.data
-        bias[rows] = (bias[rows].float() / s).to(bias.dtype)
+    return [pair for pair in model.smoothing_pairs(layer) if pair.fanout == 1]
 
 
 def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -202,13 +166,19 @@ def apply_clip(linear: Linear, bounds: torch.Tensor, group_size: int | None, row
     w[rows] = torch.clamp(w[rows], -bound, bound)
 
 
-def _clip_rows(linear: Linear, layer: nn.Module) -> slice:
-    # AWQ leaves q and k unclipped: their error acts through the softmax, which a per-group
-    # output error does not see. Clip only the v rows of the fused q/k/v.
-    if linear is layer.self_attn.qkv_proj:
-        q_size, kv_size, v_size = layer.self_attn._split
-        return slice(q_size + kv_size, q_size + kv_size + v_size)
-    return slice(0, linear.out_features)
+# Fused shards AWQ leaves unclipped: the error of q and k acts through the softmax, which a
+# per-group output error does not see.
+_UNCLIPPED_SHARDS = ("q_proj", "k_proj")
+
+
+def _clip_rows(model: CausalLM, linear: Linear) -> slice:
+    """The output rows of ``linear`` that AWQ's clipping search may shrink (v only, of a fused q/k/v)."""
+    start = 0
+    for shard, rows in model.split_sizes(linear).items():
+        if shard not in _UNCLIPPED_SHARDS:
+            break
+        start += rows
+    return slice(start, linear.out_features)
 
 
 def _quantize_layer(
@@ -220,43 +190,36 @@ def _quantize_layer(
     grid: int,
     duo_scaling: bool,
 ) -> None:
-    layer = step.layer
-    attn, mlp = layer.self_attn, layer.mlp
-    linears = {
-        "qkv": attn.qkv_proj,
-        "o": attn.o_proj,
-        "gate_up": mlp.gate_up_proj,
-        "down": mlp.down_proj,
-    }
+    linears = step.linears
     inputs = step.capture(linears)
-    blocks = {
-        "attn": lambda x: step.map_rows(attn, x),
-        "o_proj": attn.o_proj,
-        "mlp": mlp,
-        "down_proj": mlp.down_proj,
-    }
+    name_of = {id(linear): name for name, linear in linears.items()}
     # Every pair's scales are searched on the float layer (folding leaves its function
     # unchanged), then all are folded in, and each Linear's recorded input divided by them.
-    pairs = scaling_pairs(layer)
-    found = [
-        search_scales(
-            inputs[p.name], p.linears, blocks[p.block], bits, group_size, symmetric, grid, duo_scaling
+    pairs = awq_pairs(step.model, step.layer)
+    found = []
+    for pair in pairs:
+        x = inputs[name_of[id(pair.linears[0])]]
+        if pair.block_takes_layer_args:
+            block = partial(step.map_rows, pair.block)
+        else:
+            block = pair.block
+        found.append(
+            search_scales(x, list(pair.linears), block, bits, group_size, symmetric, grid, duo_scaling)
         )
-        for p in pairs
-    ]
     for pair, s in zip(pairs, found):
-        fold_scales(pair, s)
-        inputs[pair.name] = inputs[pair.name] / s.to(inputs[pair.name].dtype)
+        pair.fold(s)
+        for name in {name_of[id(linear)] for linear in pair.linears}:
+            inputs[name] = inputs[name] / s.to(inputs[name].dtype)
     for name, linear in linears.items():
         if clip:
-            rows = _clip_rows(linear, layer)
+            rows = _clip_rows(step.model, linear)
             bounds = search_clip(linear.weight.data[rows], inputs[name], bits, group_size, symmetric, grid)
             apply_clip(linear, bounds, group_size, rows)
         linear.set_quantized(quantize_rtn(linear.weight.data, bits, group_size, symmetric))
 
 
 def quantize_model_awq(
-    model: torch.nn.Module,
+    model: CausalLM,
     calib_ids: torch.Tensor,
     bits: int,
     group_size: int | None,

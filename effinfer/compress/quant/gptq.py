@@ -21,7 +21,6 @@ import logging
 import torch
 
 from effinfer.compress.calibration import LayerCalibration, run_layerwise
-from effinfer.layers.linear import Linear
 from effinfer.quant.integer import QuantizedWeight, group_qparams, quantize_codes
 
 logger = logging.getLogger(__name__)
@@ -150,9 +149,7 @@ def _quantize_layer(
     # through the quantized ones before it (q/k/v, then o, gate/up, down). Fused q/k/v (gate/up)
     # share one input and so one Hessian; GPTQ treats output rows independently, so quantizing
     # the fused weight is the same as quantizing q, k and v one by one.
-    for name, linear in step.layer.named_modules():
-        if not isinstance(linear, Linear):
-            continue
+    for name, linear in step.linears.items():
         acc = HessianAccumulator(linear.in_features, linear.weight.device)
         step.observe({name: linear}, lambda _, x, acc=acc: acc.add(x))
         qw = gptq_quantize_weight(

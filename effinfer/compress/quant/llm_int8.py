@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.layers.linear import Linear
 from effinfer.quant.llm_int8 import DEFAULT_THRESHOLD, quantize_llm_int8
 
 
 @torch.no_grad()
 def quantize_model_llm_int8(model: torch.nn.Module, threshold: float = DEFAULT_THRESHOLD) -> None:
     """Quantize every decoder Linear to LLM.int8() in place (embeddings and lm_head stay in float)."""
-    for _, linear in quantizable_linears(model):
+    for _, linear in model.compressible_linears():
         linear.set_quantized(quantize_llm_int8(linear.dequantized_weight(), threshold))
 
 

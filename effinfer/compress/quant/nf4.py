@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from effinfer.layers.linear import quantizable_linears
 from effinfer.quant.codebook import CodebookWeight, codebook, quantize_codebook
 
 
@@ -23,7 +22,7 @@ def quantize_model_nf4(
     each HF Linear on its own, so the result is the one a bitsandbytes checkpoint would hold.
     """
     codebook(quant_type)  # fail on an unknown type before touching the model
-    for _, linear in quantizable_linears(model):
+    for _, linear in model.compressible_linears():
         weight = linear.dequantized_weight()
         parts, start = [], 0
         for rows in linear.shard_sizes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from effinfer.layers.linear import quantizable_linears
 from effinfer.quant.integer import quantize_rtn
 
 
@@ -20,5 +19,5 @@ def quantize_model_rtn(
     model: torch.nn.Module, bits: int, group_size: int | None, symmetric: bool, show_progress: bool = True
 ) -> None:
     """Quantize every decoder Linear in place (no calibration data needed)."""
-    for _, linear in tqdm(quantizable_linears(model), desc="rtn", unit="layer", disable=not show_progress):
+    for _, linear in tqdm(model.compressible_linears(), desc="rtn", unit="layer", disable=not show_progress):
         linear.set_quantized(quantize_rtn(linear.weight.data, bits, group_size, symmetric))

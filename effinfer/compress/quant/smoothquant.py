@@ -9,8 +9,8 @@ at run time. Then weights are int8 per output channel and activations int8 per t
 Switch on: ``effinfer quantize --method smoothquant --bits 8 [--alpha 0.5]`` (the baseline:
 ``--method w8a8-naive``), or ``quantize_model_smoothquant(model, calib_ids)`` here.
 
-Smoothing follows the paper where an RMSNorm precedes the Linear (input_layernorm -> q/k/v,
-post_attention_layernorm -> gate/up). ``smooth_inner=True`` also smooths the two inner inputs
+Smoothing follows the paper where a norm precedes the Linear (for Llama: input_layernorm -> q/k/v,
+post_attention_layernorm -> gate/up; the model family lists its pairs, ``CausalLM.smoothing_pairs``). ``smooth_inner=True`` also smooths the two inner inputs
 the way AWQ does (v rows -> o_proj columns, up rows -> down_proj columns), both exact because
 attention and the gated MLP are linear in v and in up.
 """
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.layers.linear import Linear
+from effinfer.models.base import CausalLM, SmoothingPair
 from effinfer.quant.integer import QuantizedWeight, group_qparams, quantize_codes, quantize_rtn
 
 # Floors that keep a dead channel (all-zero activation or weight column) from giving s = 0 or inf.
@@ -62,66 +63,23 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_MIN_ABSMAX)
 
 
-def _scale_columns(linear: Linear, s: torch.Tensor) -> None:
-    w = linear.weight.data
-    w.copy_((w.float() * s[None, :]).to(w.dtype))
+def smooth_pair(pair: SmoothingPair, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Fold s into ``pair``: its linears' input columns times s, ``prev``'s outputs over s; returns s.
 
-
-def _scale_rows(linear: Linear, rows: slice, divisor: torch.Tensor) -> None:
-    """Divide output rows ``rows`` (and their bias) of ``linear`` by ``divisor``."""
-    w = linear.weight.data
-    w[rows] = (w[rows].float() / divisor[:, None]).to(w.dtype)
-    if linear.bias is not None:
-        b = linear.bias.data
-        b[rows] = (b[rows].float() / divisor).to(b.dtype)
-
-
-def smooth_norm_linear(
-    norm: nn.Module, linear: Linear, act_absmax: torch.Tensor, alpha: float
-) -> torch.Tensor:
-    """Fold 1/s into the RMSNorm's weight and s into the Linear's input columns; returns s."""
-    s = smoothing_factors(act_absmax, linear.weight.data.abs().amax(dim=0), alpha)
-    norm.weight.data.copy_((norm.weight.data.float() / s).to(norm.weight.dtype))
-    _scale_columns(linear, s)
-    return s
-
-
-def smooth_v_o(attn: nn.Module, o_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Move o_proj's input outliers into v: o_proj's input channel (head h, dim d) is v's (kv(h), d).
-
-    With grouped KV heads one v channel feeds ``group`` query heads, so s is per KV channel
-    (statistics are maxed over the group) and repeated over the group's o_proj columns.
+    When one ``prev`` channel feeds several inputs (v -> o_proj under grouped KV heads), s is per
+    ``prev`` channel: the statistics are maxed over the inputs it feeds, and s repeated over them.
     """
-    kv_heads, head_dim = attn.num_kv_heads, attn.head_dim
-    group = attn.num_heads // kv_heads
-    o_proj, qkv = attn.o_proj, attn.qkv_proj
-
-    def per_kv_channel(v: torch.Tensor) -> torch.Tensor:
-        return v.float().view(kv_heads, group, head_dim).amax(dim=1).reshape(-1)
-
-    s_kv = smoothing_factors(
-        per_kv_channel(o_absmax), per_kv_channel(o_proj.weight.data.abs().amax(dim=0)), alpha
+    weight_absmax = torch.stack([linear.weight.data.abs().amax(dim=0) for linear in pair.linears])
+    s = smoothing_factors(
+        pair.reduce(act_absmax.float()), pair.reduce(weight_absmax.amax(dim=0).float()), alpha
     )
-    q_size, kv_size = attn.num_heads * head_dim, kv_heads * head_dim
-    _scale_rows(qkv, slice(q_size + kv_size, q_size + 2 * kv_size), s_kv)
-    s_full = s_kv.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
-    _scale_columns(o_proj, s_full)
-    return s_kv
-
-
-def smooth_up_down(mlp: nn.Module, down_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Move down_proj's input outliers into the up rows: act(gate) * up is linear in up."""
-    down, gate_up = mlp.down_proj, mlp.gate_up_proj
-    inter = down.in_features
-    s = smoothing_factors(down_absmax, down.weight.data.abs().amax(dim=0), alpha)
-    _scale_rows(gate_up, slice(inter, 2 * inter), s)
-    _scale_columns(down, s)
+    pair.fold(s)
     return s
 
 
 @torch.no_grad()
 def smooth_model(
-    model: nn.Module,
+    model: CausalLM,
     calib_ids: torch.Tensor,
     alpha: float = 0.5,
     smooth_inner: bool = False,
@@ -130,23 +88,20 @@ def smooth_model(
     """Apply SmoothQuant's equivalent transform in place; the float model's outputs do not change."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    layers = list(model.model.layers)
-    targets = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
-    if smooth_inner:
-        targets += [m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    pairs = []
+    for layer in model.decoder_layers():
+        layer_pairs = model.smoothing_pairs(layer)
+        # Inner pairs (a Linear's rows -> the next Linear) first, as their statistics were taken.
+        if smooth_inner:
+            pairs += [p for p in layer_pairs if isinstance(p.prev, Linear)]
+        pairs += [p for p in layer_pairs if not isinstance(p.prev, Linear)]
     # Statistics come from the original model in one pass; smoothing is exact, so later layers'
     # inputs are unchanged by the smoothing of earlier ones.
-    absmax = collect_input_absmax(model, calib_ids, targets, show_progress=show_progress)
-    for layer in layers:
-        if smooth_inner:
-            smooth_v_o(layer.self_attn, absmax[layer.self_attn.o_proj], alpha)
-            smooth_up_down(layer.mlp, absmax[layer.mlp.down_proj], alpha)
-        smooth_norm_linear(
-            layer.input_layernorm, layer.self_attn.qkv_proj, absmax[layer.self_attn.qkv_proj], alpha
-        )
-        smooth_norm_linear(
-            layer.post_attention_layernorm, layer.mlp.gate_up_proj, absmax[layer.mlp.gate_up_proj], alpha
-        )
+    absmax = collect_input_absmax(
+        model, calib_ids, [p.linears[0] for p in pairs], show_progress=show_progress
+    )
+    for pair in pairs:
+        smooth_pair(pair, absmax[pair.linears[0]], alpha)
 
 
 @torch.no_grad()
@@ -166,7 +121,7 @@ def quantize_model_smoothquant(
     if act_quant not in ("int8", "int8-tensor"):
         raise ValueError(f"act_quant must be 'int8' or 'int8-tensor', got {act_quant!r}")
     smooth_model(model, calib_ids, alpha, smooth_inner, show_progress)
-    linears = quantizable_linears(model)
+    linears = model.compressible_linears()
     for _, linear in tqdm(linears, desc="smoothquant", unit="layer", disable=not show_progress):
         linear.set_quantized(quantize_rtn(linear.weight.data, 8, None, True), act_quant=act_quant)
 
@@ -194,7 +149,7 @@ def quantize_model_naive_w8a8(model: nn.Module, per_tensor: bool = True) -> None
     ``per_tensor=False`` uses SmoothQuant's own granularity (weights per output channel,
     activations per token) without the smoothing, which isolates what the smoothing itself buys.
     """
-    for _, linear in quantizable_linears(model):
+    for _, linear in model.compressible_linears():
         if per_tensor:
             linear.set_quantized(quantize_per_tensor(linear), act_quant="int8-tensor")
         else:
