@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from effinfer.compress.calibration import ROWS_PER_CHUNK, calibration_batches, run_layerwise
-from effinfer.compress.quant.awq import fold_scales, pseudo_quantize, quantize_model_awq, scaling_pairs
+from effinfer.compress.quant.awq import awq_pairs, pseudo_quantize, quantize_model_awq
 from effinfer.compress.quant.gptq import gptq_quantize_weight, quantize_model_gptq
 from effinfer.compress.quant.rtn import quantize_model_rtn
 from effinfer.config import ModelConfig
@@ -193,13 +193,12 @@ def test_awq_folding_keeps_logits(which, request):
     with torch.no_grad():
         before = model.compute_logits(model.forward_dense(ids))
         gen = torch.Generator().manual_seed(1)
-        for layer in model.model.layers:
-            pairs = scaling_pairs(layer)
+        for layer in model.decoder_layers():
+            pairs = awq_pairs(model, layer)
             expected = 4 if layer.self_attn.num_kv_heads == layer.self_attn.num_heads else 3
             assert [p.name for p in pairs][:1] == ["qkv"] and len(pairs) == expected
             for pair in pairs:
-                width = pair.linears[0].in_features
-                fold_scales(pair, torch.exp(torch.randn(width, generator=gen)))
+                pair.fold(torch.exp(torch.randn(pair.channels, generator=gen)))
         after = model.compute_logits(model.forward_dense(ids))
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
