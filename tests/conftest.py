@@ -66,12 +66,7 @@ def make_hf_model(arch: str, directory: Path, seed: int = 0, **overrides):
     """Random-init a small HF model of the given architecture, save it with a tokenizer, return (model, path)."""
     import transformers
 
-    config_cls = {
-        "LlamaForCausalLM": transformers.LlamaConfig,
-        "MistralForCausalLM": transformers.MistralConfig,
-        "Qwen2ForCausalLM": transformers.Qwen2Config,
-        "Qwen3ForCausalLM": transformers.Qwen3Config,
-    }[arch]
+    config_cls = getattr(transformers, arch).config_class
     kwargs = {**TINY, **overrides}
     if arch == "Qwen3ForCausalLM":
         kwargs.setdefault("head_dim", 16)

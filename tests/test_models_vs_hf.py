@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.models.registry import hf_architectures
 
 from .conftest import make_hf_model
 
-ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+ARCHS = hf_architectures()
 PROMPTS = [[1, 17, 99, 305], [1] + list(range(40, 63)), [1, 400, 7], [1] + list(range(100, 140, 3))]
 
 
