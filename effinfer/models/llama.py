@@ -4,6 +4,8 @@ They share one decoder block (RMSNorm, rotary attention with grouped KV heads, S
 their differences are config flags: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), tied
 embeddings, Llama 3 rope scaling, sliding-window layers (Mistral). The model works on a flat
 batch of tokens from many sequences; paging and batching live in ``engine/`` and ``layers/``.
+What the rest of effinfer asks a model (configs, checkpoint names, the Linears compression
+rewrites, cache specs) is ``models/base.py``'s ``CausalLM`` interface.
 """
 
 from __future__ import annotations
