@@ -7,6 +7,8 @@ the models in the import layers and so cannot import them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from effinfer.config import ConfigError, register_hf_config_parser
 from effinfer.models.base import CausalLM
 from effinfer.models.llama import LlamaForCausalLM
@@ -30,24 +32,22 @@ def gguf_architectures() -> list[str]:
     return [name for family in FAMILIES for name in family.gguf_architectures]
 
 
+def _family(name: str, names_of: Callable[[type[CausalLM]], tuple[str, ...]], unsupported: str):
+    family = next((f for f in FAMILIES if name in names_of(f)), None)
+    if family is None:
+        supported = [n for f in FAMILIES for n in names_of(f)]
+        raise ConfigError(f"{unsupported}; supported: {', '.join(supported)}")
+    return family
+
+
 def model_class(architecture: str) -> type[CausalLM]:
     """The family that runs an HF ``architectures`` name."""
-    for family in FAMILIES:
-        if architecture in family.hf_architectures:
-            return family
-    raise ConfigError(
-        f"unsupported architecture {architecture!r}; effinfer supports {', '.join(hf_architectures())}"
-    )
+    return _family(architecture, lambda f: f.hf_architectures, f"unsupported architecture {architecture!r}")
 
 
 def family_for_gguf(arch: str) -> type[CausalLM]:
     """The family that loads a GGUF ``general.architecture``."""
-    for family in FAMILIES:
-        if arch in family.gguf_architectures:
-            return family
-    raise ConfigError(
-        f"GGUF architecture {arch!r} is not supported; supported: {', '.join(gguf_architectures())}"
-    )
+    return _family(arch, lambda f: f.gguf_architectures, f"GGUF architecture {arch!r} is not supported")
 
 
 def gguf_architecture_for(hf_architecture: str) -> str | None:
