@@ -1,5 +1,6 @@
 """Configuration: what the model is (``ModelConfig``, read from HF config.json by the model's
-family, ``models/``) and how the engine runs it (``EngineConfig``: memory budget, batch limits, dtype, device).
+family in ``models/``) and how the engine runs it (``EngineConfig``: memory budget, batch
+limits, dtype, device).
 
 Both are plain dataclasses checked once at construction, so a bad setting fails early with a
 message that names it.
