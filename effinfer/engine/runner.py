@@ -136,7 +136,7 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Per cache group: [num_seqs, max_blocks], placeholders and padding as block 0 (masked)."""
-        width = max(len(s.block_table) for s in seqs)
+        width = max(len(table) for s in seqs for table in s.block_tables)
         return [
             self._tensor(
                 [
@@ -148,12 +148,13 @@ class ModelRunner:
             for g in range(self.layout.num_groups)
         ]
 
+    def _slot(self, seq: Sequence, position: int, group: int = 0) -> int:
+        block = seq.block_tables[group][position // self.block_size]
+        return block * self.block_size + position % self.block_size
+
     def _slots(self, seq: Sequence, start: int, stop: int) -> list[list[int]]:
         """Per cache group, the cache slots of positions ``start:stop``."""
-        size = self.block_size
-        slots = [
-            [table[p // size] * size + p % size for p in range(start, stop)] for table in seq.block_tables
-        ]
+        slots = [[self._slot(seq, p, g) for p in range(start, stop)] for g in range(len(seq.block_tables))]
         assert all(s >= 0 for group in slots for s in group), "KV written to a block given back"
         return slots
 
