@@ -174,6 +174,21 @@ def test_greedy_matches_hf_batched(model, engine_args):
         assert stats.num_draft_tokens > 0
 
 
+def test_sliding_window_draft_model_keeps_greedy_tokens(model, tmp_path):
+    """The other test model (another random init, so most drafts are rejected) as a draft model."""
+    name, _, path, expected = model
+    other = "qwen2-mixed" if name == "mistral" else "mistral"
+    arch, overrides = MODELS[other]
+    _, draft = make_hf_model(arch, tmp_path / other, seed=1, **overrides)
+    llm = _llm(path, speculative_model=str(draft), num_speculative_tokens=3)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.stats().num_draft_tokens > 0
+    assert _all_free(llm)
+    draft_blocks = llm.engine.speculator.proposer.block_manager
+    assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
+
+
 def test_greedy_matches_hf_under_preemption(model):
     name, _, path, expected = model
     per_block = _llm(path).engine.runner.kv_bytes_per_block
