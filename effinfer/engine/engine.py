@@ -64,7 +64,8 @@ class LLMEngine:
         )
         loaded = checkpoint.load_model(self.dtype, self.device, max_model_len, config.show_progress)
         self.runner = ModelRunner(loaded, self.model_config, config, self.device, self.dtype, max_model_len)
-        kv_capacity = self.runner.num_blocks * config.block_size
+        # A whole prompt needs its blocks in every cache group before a sliding window frees any.
+        kv_capacity = self.runner.num_blocks // self.runner.layout.num_groups * config.block_size
         if kv_capacity < max_model_len:
             logger.warning(
                 "KV cache holds %d tokens; limiting the context from %d to that", kv_capacity, max_model_len
@@ -72,7 +73,10 @@ class LLMEngine:
             max_model_len = kv_capacity
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            self.runner.layout.group_specs,
         )
         self.sampler = Sampler()
         eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
@@ -192,6 +196,7 @@ class LLMEngine:
             num_requests=len(self.unfinished_request_ids()),
             num_blocks=blocks.num_blocks,
             num_free_blocks=blocks.num_free_blocks,
+            blocks_in_use_per_group=tuple(blocks.blocks_in_use_per_group),
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
@@ -222,6 +227,8 @@ class LLMEngine:
             accepted = [AcceptedTokens([t], [lp], 0, 0) for t, lp in zip(sampled.token_ids, sampled.logprobs)]
         for entry, result in zip(sampling, accepted):
             self._append(entry, result)
+        for entry in batch:  # the next queries start at num_computed_tokens: older window KV can go
+            self.block_manager.free_outside_window(entry.seq)
         self._num_steps += 1
         return self.output_processor.request_outputs(list(dict.fromkeys(e.seq.request_id for e in sampling)))
 
@@ -269,12 +276,19 @@ class LLMEngine:
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
         seq = Sequence("score", 0, token_ids, SamplingParams(max_tokens=1), self.config.block_size, 1)
-        if not self.block_manager.can_allocate(seq):
+        blocks = self.block_manager
+        if blocks.num_free_blocks < blocks.max_blocks_held(len(token_ids) - 1, chunk):
             raise RuntimeError(f"the KV cache cannot hold a {len(token_ids)}-token window")
-        # Never published to the prefix cache: the last token's KV is not computed here.
-        self.block_manager.allocate(seq, use_prefix_cache=False)
+        # Never published to the prefix cache: the last token's KV is not computed here. Blocks are
+        # taken chunk by chunk, and sliding-window layers give theirs back as the chunks advance.
+        blocks.allocate(seq, max_new_tokens=0, use_prefix_cache=False)
         try:
             for start in range(0, len(token_ids) - 1, chunk):
-                yield self.runner.run_chunk(seq, start, min(start + chunk, len(token_ids) - 1))
+                stop = min(start + chunk, len(token_ids) - 1)
+                if not blocks.can_grow(seq, stop):
+                    raise RuntimeError(f"the KV cache cannot hold a {len(token_ids)}-token window")
+                blocks.grow(seq, stop)
+                yield self.runner.run_chunk(seq, start, stop)
+                blocks.free_outside_window(seq, stop)
         finally:
-            self.block_manager.free(seq)
+            blocks.free(seq)

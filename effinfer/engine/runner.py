@@ -1,7 +1,9 @@
 """Model runner: owns the model and the KV cache tensors, turns a scheduled batch of sequences
 into flat input tensors (token ids, positions, cache slots, block tables), runs the model and
 returns the logits of the rows to sample: each sequence's last token, plus one row per draft
-token under speculative decoding.
+token under speculative decoding. The cache follows the model's per-layer specs
+(``model.cache_specs()``, grouped by ``engine/cache_groups.py``): slot mappings and block tables
+are built per cache group, and each attention layer is bound to its group's tables and tensor.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import logging
 import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
+from effinfer.engine.cache_groups import KVCacheLayout
 from effinfer.engine.scheduler import ScheduledSeq
-from effinfer.engine.sequence import Sequence
+from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 
 logger = logging.getLogger(__name__)
@@ -22,14 +25,40 @@ KV_SCALE_DTYPE = torch.float32
 
 
 def kv_bytes_per_block(
-    config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+    config: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
+    layers_per_block: int | None = None,
 ) -> int:
-    """Bytes of one block's keys and values over all layers (int8: codes plus a float32 scale per head)."""
+    """Bytes of one block's keys and values (int8: codes plus a float32 scale per head).
+
+    A block holds ``layers_per_block`` layers (``KVCacheLayout.layers_per_block``; all layers when
+    every layer has the same cache spec).
+    """
     if kv_cache_dtype == "int8":
         per_head = config.head_dim * 1 + KV_SCALE_DTYPE.itemsize
     else:
         per_head = config.head_dim * dtype.itemsize
-    return 2 * config.num_layers * block_size * config.num_kv_heads * per_head
+    layers = config.num_layers if layers_per_block is None else layers_per_block
+    return 2 * layers * block_size * config.num_kv_heads * per_head
+
+
+def attention_layers(model: torch.nn.Module) -> list[PagedAttention]:
+    """The model's attention layers in decoder-layer order."""
+    return [m for m in model.modules() if isinstance(m, PagedAttention)]
+
+
+def cache_layout(model: torch.nn.Module) -> KVCacheLayout:
+    """Cache groups from the model's per-layer specs; refuses layers the shared tensors cannot hold."""
+    layers = attention_layers(model)
+    specs = model.cache_specs()
+    if len(specs) != len(layers):
+        raise ConfigError(f"the model lists {len(specs)} cache specs for {len(layers)} attention layers")
+    shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
+    if len(shapes) > 1:
+        raise ConfigError(f"attention layers with different KV shapes {sorted(shapes)} are not supported")
+    return KVCacheLayout.from_specs(specs)
 
 
 class ModelRunner:
@@ -50,17 +79,24 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_cache_dtype = engine_config.kv_cache_dtype
+        self.layout = cache_layout(model)
         self.num_blocks = num_blocks or self._num_blocks(engine_config, max_model_len)
         self._allocate_kv_cache()
 
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return kv_bytes_per_block(
+            self.config, self.block_size, self.dtype, self.kv_cache_dtype, self.layout.layers_per_block
+        )
+
     def _num_blocks(self, engine_config: EngineConfig, max_model_len: int) -> int:
-        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype, self.kv_cache_dtype)
+        per_block = self.kv_bytes_per_block
         if engine_config.kv_cache_memory is not None:
             budget = engine_config.kv_cache_memory
         else:
             budget = int(available_memory_bytes(self.device) * engine_config.kv_cache_memory_fraction)
-            # No point reserving more than every sequence at full length could use.
-            blocks_per_seq = -(-max_model_len // self.block_size)
+            # No point reserving more than every sequence at full length could use in every group.
+            blocks_per_seq = -(-max_model_len // self.block_size) * self.layout.num_groups
             budget = min(budget, per_block * blocks_per_seq * engine_config.max_num_seqs)
         num_blocks = budget // per_block
         if num_blocks < 1:
@@ -71,34 +107,67 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_kv_cache(self) -> None:
-        shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
-        attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        """``layers_per_block`` K and V tensors; the j-th layer of every cache group uses tensor j."""
+        layers = attention_layers(self.model)
+        shape = (self.num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         int8 = self.kv_cache_dtype == "int8"
-        for layer in attention_layers:
-            cache_dtype = torch.int8 if int8 else self.dtype
-            layer.k_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
-            if int8:
-                layer.k_scale_cache = torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device)
-                layer.v_scale_cache = torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device)
-        size = self.num_blocks * kv_bytes_per_block(
-            self.config, self.block_size, self.dtype, self.kv_cache_dtype
-        )
+        cache_dtype = torch.int8 if int8 else self.dtype
+        tensors = []
+        for _ in range(self.layout.layers_per_block):
+            k = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            v = torch.zeros(shape, dtype=cache_dtype, device=self.device)
+            scales = (
+                (torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device),
+                 torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=self.device))
+                if int8 else (None, None)
+            )  # fmt: skip
+            tensors.append((k, v, *scales))
+        for index, (group, tensor) in self.layout.placement().items():
+            layers[index].bind_cache(group, *tensors[tensor])
         logger.info(
-            "KV cache: %d blocks of %d tokens, %s (%.1f MiB)",
-            self.num_blocks, self.block_size, "int8" if int8 else str(self.dtype).removeprefix("torch."),
-            size / 2**20,
+            "KV cache: %d blocks of %d tokens, %d cache groups, %s (%.1f MiB)",
+            self.num_blocks, self.block_size, self.layout.num_groups,
+            "int8" if int8 else str(self.dtype).removeprefix("torch."),
+            self.num_blocks * self.kv_bytes_per_block / 2**20,
         )  # fmt: skip
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+    def _block_tables(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Per cache group: [num_seqs, max_blocks], placeholders and padding as block 0 (masked)."""
+        width = max(len(table) for s in seqs for table in s.block_tables)
+        return [
+            self._tensor(
+                [
+                    [0 if b == PLACEHOLDER_BLOCK else b for b in s.block_tables[g]]
+                    + [0] * (width - len(s.block_tables[g]))
+                    for s in seqs
+                ]
+            )
+            for g in range(self.layout.num_groups)
+        ]
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def _slot(self, seq: Sequence, position: int, group: int = 0) -> int:
+        block = seq.block_tables[group][position // self.block_size]
+        return block * self.block_size + position % self.block_size
+
+    def _slots(self, seq: Sequence, start: int, stop: int) -> list[list[int]]:
+        """Per cache group, the cache slots of positions ``start:stop``."""
+        slots = [[self._slot(seq, p, g) for p in range(start, stop)] for g in range(len(seq.block_tables))]
+        assert all(s >= 0 for group in slots for s in group), "KV written to a block given back"
+        return slots
+
+    def _metadata(self, slots: list[list[int]], tables: list[torch.Tensor], **fields) -> AttentionMetadata:
+        slot_tensors = [self._tensor(group) for group in slots]
+        return AttentionMetadata(
+            slot_mapping=slot_tensors[0],
+            block_tables=tables[0],
+            block_size=self.block_size,
+            group_slot_mappings=slot_tensors,
+            group_block_tables=tables,
+            **fields,
+        )
 
     def prepare(self, batch: list[ScheduledSeq]):
         """Flat inputs of a step: token ids, positions, attention metadata and the rows to sample.
@@ -106,7 +175,8 @@ class ModelRunner:
         Each entry contributes its new tokens (and draft tokens, if any); an entry that reaches its
         sequence's end contributes 1 + len(drafts) rows to sample, the last ones of its queries.
         """
-        input_ids, positions, slots, query_lens, context_lens, sample_rows = [], [], [], [], [], []
+        input_ids, positions, query_lens, context_lens, sample_rows = [], [], [], [], []
+        slots: list[list[int]] = [[] for _ in range(self.layout.num_groups)]
         for entry in batch:
             seq, start = entry.seq, entry.seq.num_computed_tokens
             tokens = seq.token_ids[start : start + entry.num_new_tokens] + entry.draft_token_ids
@@ -117,16 +187,16 @@ class ModelRunner:
                 )
             input_ids.extend(tokens)
             positions.extend(range(start, stop))
-            slots.extend(self._slot(seq, p) for p in range(start, stop))
+            for group, group_slots in zip(slots, self._slots(seq, start, stop)):
+                group.extend(group_slots)
             query_lens.append(len(tokens))
             context_lens.append(stop)
-        meta = AttentionMetadata(
+        meta = self._metadata(
+            slots,
+            self._block_tables([entry.seq for entry in batch]),
             is_prefill=any(n != 1 for n in query_lens),
-            slot_mapping=self._tensor(slots),
-            block_tables=self._block_tables([entry.seq for entry in batch]),
             context_lens=context_lens,
             query_lens=query_lens,
-            block_size=self.block_size,
             context_lens_tensor=self._tensor(context_lens),
         )
         return self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows)
@@ -149,13 +219,12 @@ class ModelRunner:
         """Logits [stop - start, vocab] in float32 of tokens ``start:stop`` of ``seq``, whose KV before
         ``start`` is already in the cache (a prefill chunk: each row attends to all tokens up to it)."""
         positions = list(range(start, stop))
-        meta = AttentionMetadata(
+        meta = self._metadata(
+            self._slots(seq, start, stop),
+            self._block_tables([seq]),
             is_prefill=True,
-            slot_mapping=self._tensor([self._slot(seq, p) for p in positions]),
-            block_tables=self._block_tables([seq]),
             context_lens=[stop],
             query_lens=[stop - start],
-            block_size=self.block_size,
         )
         hidden = self.model(self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta)
         return self.model.compute_logits(hidden).float()

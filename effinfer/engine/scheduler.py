@@ -10,6 +10,8 @@ first and waiting prompts fill what is left of ``max_num_batched_tokens``, cut i
 long prompt never stalls the streams already running. When the cache runs out of blocks, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed (often cheaply, from the prefix cache) once memory frees up.
+Block counts cover every cache group (``engine/cache_groups.py``); after a step, the engine gives
+back the sliding-window blocks its sequences no longer need (``BlockManager.free_outside_window``).
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ class Scheduler:
             seq = self.waiting[0]
             if not chunk and scheduled and len(seq) > budget:
                 break
-            if not self.block_manager.can_allocate(seq):
+            # A chunked prompt takes blocks for its first chunk only; the next ones grow as they run.
+            max_new = budget if chunk else None
+            if not self.block_manager.can_allocate(seq, max_new):
                 break
-            self.block_manager.allocate(seq, publish=not chunk)
+            self.block_manager.allocate(seq, max_new, publish=False)
             num_new = seq.num_uncomputed_tokens
             if chunk:
                 num_new = min(num_new, budget)

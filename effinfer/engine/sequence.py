@@ -1,7 +1,7 @@
 """Per-request state: one ``Sequence`` per generated completion (a request with n > 1 has n).
 
-A sequence carries its own token ids, block table and sampling state; the scheduler moves it
-between WAITING, RUNNING and FINISHED and the block manager fills in its block table.
+A sequence carries its own token ids, block tables (one per cache group) and sampling state; the
+scheduler moves it between WAITING, RUNNING and FINISHED and the block manager fills in its tables.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ class SequenceStatus(enum.Enum):
 
 
 _seq_ids = itertools.count()
+
+# A block-table entry whose block was given back (outside a sliding window): attention masks it.
+PLACEHOLDER_BLOCK = -1
 
 
 class Sequence:
@@ -43,7 +46,9 @@ class Sequence:
         self.max_tokens = max_tokens
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = []  # per cache group; empty while not allocated
+        self.window_starts: list[int] = []  # per group: first block after the sinks still held
+        self.block_hashes: list[int] = []  # hash chain of the full blocks (prefix caching)
         self.num_cached_tokens = 0  # tokens whose KV came from the prefix cache at the last admission
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_hashed_blocks = 0  # leading blocks named in the prefix cache (or found there)
@@ -77,6 +82,17 @@ class Sequence:
     @property
     def num_blocks(self) -> int:
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def block_table(self) -> list[int]:
+        """Cache group 0's block table (the only one of a model with a single spec)."""
+        return self.block_tables[0] if self.block_tables else []
+
+    def num_held_blocks(self, group: int) -> int:
+        """Blocks the sequence holds in a cache group (placeholders excluded)."""
+        if not self.block_tables:
+            return 0
+        return sum(block_id != PLACEHOLDER_BLOCK for block_id in self.block_tables[group])
 
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]

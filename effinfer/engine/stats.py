@@ -24,6 +24,8 @@ class EngineStats:
     num_draft_tokens: int = 0  # speculative tokens proposed since start ...
     num_accepted_tokens: int = 0  # ... and accepted by the target
     num_verify_steps: int = 0  # sequence-steps that verified at least one draft token
+    # KV blocks held by each cache group (layers with one cache spec); they sum to num_used_blocks.
+    blocks_in_use_per_group: tuple[int, ...] = ()
 
     @property
     def speculation(self) -> SpeculationMetrics:

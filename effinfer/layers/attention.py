@@ -2,6 +2,9 @@
 
 Every token's key and value are first written into its slot of the cache (``slot_mapping``);
 queries then attend to their sequence's whole context, read back through its block table.
+Layers with the same cache spec form a cache group with its own slot mapping and block tables
+(``AttentionMetadata.for_group``); in a sliding-window group, blocks that left the window are
+given back and their table entries point at a placeholder block, which the window mask hides.
 A step gives each sequence any number of query tokens (variable length): a prompt or a chunk of
 one, a single decode token, or a token plus speculative ones to verify. Sequences with several
 queries run one at a time (each has its own length and cached prefix, causal within its queries);
@@ -18,6 +21,7 @@ prefill attends to its exact fresh keys (as vLLM does); cached prefixes and deco
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -55,8 +59,29 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence in this step
     block_size: int
     context_lens_tensor: torch.Tensor | None = None  # [num_seqs]; needed where a sequence has one query
+    # Per cache group (layers with one cache spec share block tables); None: one group, the above.
+    group_slot_mappings: list[torch.Tensor] | None = None
+    group_block_tables: list[torch.Tensor] | None = None
     _decode_masks: dict = field(default_factory=dict)
     _decode_part: tuple | None = None
+    _group_views: dict = field(default_factory=dict)
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """This step's metadata as seen by the layers of cache group ``group`` (its slots and tables)."""
+        if group == 0 or self.group_slot_mappings is None:
+            return self
+        if group not in self._group_views:
+            self._group_views[group] = dataclasses.replace(
+                self,
+                slot_mapping=self.group_slot_mappings[group],
+                block_tables=self.group_block_tables[group],
+                group_slot_mappings=None,
+                group_block_tables=None,
+                _decode_masks={},
+                _decode_part=None,
+                _group_views={},
+            )
+        return self._group_views[group]
 
     @functools.cached_property
     def query_start_locs(self) -> list[int]:
@@ -127,6 +152,20 @@ class PagedAttention(nn.Module):
         # int8 cache only: float32 [num_blocks, block_size, kv_heads], one scale per slot and head.
         self.k_scale_cache: torch.Tensor | None = None
         self.v_scale_cache: torch.Tensor | None = None
+        self.cache_group = 0  # whose slot mapping and block tables this layer reads
+
+    def bind_cache(
+        self,
+        group: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k_scale_cache: torch.Tensor | None = None,
+        v_scale_cache: torch.Tensor | None = None,
+    ) -> None:
+        """Attach the cache tensors this layer shares with the same-position layers of other groups."""
+        self.cache_group = group
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.k_scale_cache, self.v_scale_cache = k_scale_cache, v_scale_cache
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | DenseCausal
@@ -134,6 +173,7 @@ class PagedAttention(nn.Module):
         """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d]."""
         if isinstance(meta, DenseCausal):
             return self._dense(q, k, v, meta)
+        meta = meta.for_group(self.cache_group)
         self._store(k, v, meta.slot_mapping)
         if meta.is_prefill:
             out = self._prefill(q, k, v, meta)

@@ -18,7 +18,7 @@ import torch
 
 from effinfer.config import ConfigError
 from effinfer.engine.kv_cache import BlockManager
-from effinfer.engine.runner import ModelRunner
+from effinfer.engine.runner import ModelRunner, cache_layout
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
 from effinfer.loading.checkpoint import open_checkpoint
@@ -39,13 +39,15 @@ class DraftModelProposer:
         self.max_model_len = min(engine.max_model_len, checkpoint.model_config.max_position_embeddings)
         model = checkpoint.load_model(dtype, engine.device, self.max_model_len, config.show_progress)
         # The draft never holds more tokens than the target, so it gets the target's block count
-        # rather than a second share of the free memory.
+        # (per cache group) rather than a second share of the free memory.
+        target_groups = engine.runner.layout.num_groups
+        num_blocks = -(-engine.num_kv_blocks * cache_layout(model).num_groups // target_groups)
         self.runner = ModelRunner(
             model, checkpoint.model_config, config, engine.device, dtype, self.max_model_len,
-            num_blocks=engine.num_kv_blocks,
+            num_blocks=num_blocks,
         )  # fmt: skip
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, enable_prefix_caching=False
+            self.runner.num_blocks, config.block_size, False, self.runner.layout.group_specs
         )
         self.block_size = config.block_size
         self._shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's copy of it
@@ -84,6 +86,8 @@ class DraftModelProposer:
             agree += 1
         shadow.token_ids = list(new)
         shadow.num_computed_tokens = min(agree, len(seq) - 1)
+        # Only now is it known how far back the cached tokens agree: window KV before that can go.
+        self.block_manager.free_outside_window(shadow)
         return shadow
 
     def forget(self, seq: Sequence) -> None:
