@@ -33,6 +33,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": {"qk_norm": True},
 }
 
+# HF `architectures` names whose model family parses config.json itself (``config_from_hf``);
+# models/registry.py fills this, since config sits below models and cannot import them.
+HF_CONFIG_PARSERS: dict[str, Callable[[dict], ModelConfig]] = {}
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -130,11 +134,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
         architectures = hf.get("architectures") or []
+        family = next((a for a in architectures if a in HF_CONFIG_PARSERS), None)
+        if family is not None:
+            _check_hf_fields(hf)
+            return HF_CONFIG_PARSERS[family](hf)
         arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ConfigError(
                 f"unsupported architecture {architectures or hf.get('model_type')!r}; "
-                f"effinfer supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"effinfer supports {', '.join([*SUPPORTED_ARCHITECTURES, *HF_CONFIG_PARSERS])}"
             )
         flags = SUPPORTED_ARCHITECTURES[arch]
         _check_hf_fields(hf)

@@ -98,7 +98,10 @@ def finalize_model(
 
     ``prepare_kernels=False`` keeps plain float weights (what a compression pass works on).
     """
-    model.model.rotary.build_cache(device, dtype)
+    if hasattr(model, "prepare"):  # a model family with its own tables (models/gemma3.py)
+        model.prepare(device, dtype)
+    else:
+        model.model.rotary.build_cache(device, dtype)
     if not prepare_kernels:
         return model.eval()
     shared = {id(p) for name, p in model.named_parameters() if name == "model.embed_tokens.weight"}
