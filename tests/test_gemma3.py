@@ -5,6 +5,8 @@ sequences many windows long, batched, with prefix caching on and off.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from effinfer import LLM, SamplingParams
 from effinfer.config import ModelConfig
 
 from .conftest import TINY, copy_tokenizer
+from .test_models_vs_hf import _all_position_logits
 
 WINDOW = 8
 # Two configs: the pattern from layer_types, the default rope and no soft-capping; and the pattern
@@ -97,21 +100,6 @@ def test_prefill_logits_match_hf(hf_and_path):
     assert computed[2] < len(PROMPTS[2]) and computed[0] == len(PROMPTS[0])
 
 
-def _all_position_logits(llm, prompt):
-    from effinfer.engine.sequence import Sequence
-
-    engine = llm.engine
-    seq = Sequence("probe", 0, prompt, SamplingParams(), engine.config.block_size, 1)
-    engine.block_manager.allocate(seq)
-    try:
-        input_ids, positions, meta, _ = engine.runner.prepare_prefill([seq])
-        with torch.inference_mode():
-            hidden = engine.runner.model(input_ids, positions, meta)
-            return engine.runner.model.compute_logits(hidden).float()
-    finally:
-        engine.block_manager.free(seq)
-
-
 def test_dense_forward_matches_hf(hf_and_path):
     hf, path = hf_and_path
     model = _llm(path).engine.runner.model
@@ -122,30 +110,63 @@ def test_dense_forward_matches_hf(hf_and_path):
     assert (ours - expected).abs().max().item() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def hf_greedy(hf_and_path) -> list[list[int]]:
+    """HF generate's greedy continuation of each prompt (computed once for both cache settings)."""
+    hf, _ = hf_and_path
+    continuations = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            continuations.append(out[0, len(prompt) :].tolist())
+    return continuations
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_greedy_matches_hf_generate(hf_and_path, prefix_caching):
+def test_greedy_matches_hf_generate(hf_and_path, hf_greedy, prefix_caching):
     """Prompts of different lengths join the batch at different steps; the third shares the first's
     37-token prefix, which prefix caching serves from cache (blocks of 4 tokens, window 8)."""
-    hf, path = hf_and_path
-    llm = _llm(path, enable_prefix_caching=prefix_caching)
-    engine = llm.engine
+    engine = _llm(hf_and_path[1], enable_prefix_caching=prefix_caching).engine
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    expected = []
-    for prompt in PROMPTS:
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-            )
-        expected.append(out[0, len(prompt) :].tolist())
-    finished, ids, step = {}, [], 0
-    while len(finished) < len(PROMPTS):
-        if step % 3 == 0 and len(ids) < len(PROMPTS):
-            ids.append(engine.add_request(PROMPTS[len(ids)], params))
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output.outputs[0].token_ids
-        step += 1
-    assert [finished[i] for i in ids] == expected
+    arrivals = {3 * i: prompt for i, prompt in enumerate(PROMPTS)}  # prompt i joins at step 3i
+    request_ids, tokens = [], {}
+    for step in itertools.count():
+        if step in arrivals:
+            request_ids.append(engine.add_request(arrivals[step], params))
+        tokens.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+        if len(tokens) == len(PROMPTS):
+            break
+    assert [tokens[i] for i in request_ids] == hf_greedy
     # The shared prefix was served from cache (or, switched off, recomputed).
     assert (engine.block_manager.prefix_cache_hits > 0) == prefix_caching
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_transformers4_config_layout_reads_as_transformers_does():
+    """A config.json in the 4.x layout (as Gemma 3 270M ships it: rope_theta, rope_local_base_freq,
+    rope_scaling, sliding_window_pattern) gives the windows and rope bases transformers derives."""
+    import transformers
+
+    hf = {
+        "architectures": ["Gemma3ForCausalLM"],
+        **TINY,
+        "num_hidden_layers": 7,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "sliding_window": 512,
+        "sliding_window_pattern": 3,
+    }
+    config = ModelConfig.from_hf(hf)
+    reference = transformers.Gemma3TextConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+    assert config.sliding_windows == [
+        512 if t == "sliding_attention" else None for t in reference.layer_types
+    ]
+    full, local = reference.rope_parameters["full_attention"], reference.rope_parameters["sliding_attention"]
+    assert (config.rope_theta, config.rope_local_theta) == (full["rope_theta"], local["rope_theta"])
+    assert config.rope_scaling["rope_type"] == full["rope_type"] == "linear"
+    assert config.rope_scaling["factor"] == full["factor"]
+    assert config.hidden_act == reference.hidden_activation and config.tie_word_embeddings

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from effinfer.config import ConfigError, ModelConfig, parse_dtype
-from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
 from effinfer.layers.cache_spec import AttentionCacheSpec
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import OffsetRMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
+from effinfer.models.llama import LlamaForCausalLM, LlamaMLP
 
 
 @dataclass
@@ -34,6 +34,17 @@ class Gemma3Config(ModelConfig):
     query_pre_attn_scalar: float = 256.0
     rope_local_theta: float = 10000.0  # local (sliding-window) layers; global ones use rope_theta
     final_logit_softcapping: float | None = None
+    # Per layer: True for sliding_attention layers (local rope base), also when no window is set.
+    local_layers: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.local_layers:
+            self.local_layers = [w is not None for w in self.sliding_windows] or [False] * self.num_layers
+        if len(self.local_layers) != self.num_layers:
+            raise ConfigError(f"{len(self.local_layers)} layer types for {self.num_layers} layers")
+        if not self.query_pre_attn_scalar > 0:
+            raise ConfigError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
 
 
 class Gemma3Attention(nn.Module):
@@ -41,7 +52,7 @@ class Gemma3Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        self.is_local = config.sliding_windows[layer_index] is not None
+        self.is_local = config.local_layers[layer_index]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
@@ -65,17 +76,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, config: Gemma3Config) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-        self.act = get_activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.gate_up_proj(x), self.act))
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: Gemma3Config, layer_index: int) -> None:
         super().__init__()
@@ -84,7 +84,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(config, layer_index)
         self.post_attention_layernorm = OffsetRMSNorm(size, eps)
         self.pre_feedforward_layernorm = OffsetRMSNorm(size, eps)
-        self.mlp = Gemma3MLP(config)
+        self.mlp = LlamaMLP(config)  # act(gate) * up: GeGLU with config.hidden_act, tanh GELU
         self.post_feedforward_layernorm = OffsetRMSNorm(size, eps)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata | DenseCausal) -> torch.Tensor:
@@ -122,19 +122,14 @@ _GGUF_GLOBAL_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
+    **{f"attn_{x}": f"self_attn.{x}_proj" for x in "qkv"},
+    **{f"attn_{x}_norm": f"self_attn.{x}_norm" for x in "qk"},
+    **{f"ffn_{x}": f"mlp.{x}_proj" for x in ("gate", "up", "down")},
     "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",  # Llama's ffn_norm; Gemma has one after the MLP too
     "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
 }
 
 # Gemma's turn format, for GGUF files without ``tokenizer.chat_template``: a system message opens
@@ -158,14 +153,13 @@ class Gemma3ForCausalLM(nn.Module):
     hf_architectures = ("Gemma3ForCausalLM",)
     gguf_architectures = ("gemma3",)
     default_chat_template = GEMMA_TURN_TEMPLATE
-    # checkpoint name -> (our fused parameter's module name, shard index)
-    packed_modules = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    # The causal-LM plumbing is Llama's: fused q/k/v and gate/up checkpoint names, the tied output,
+    # a flat batch through the paged cache, whole sequences without it.
+    packed_modules = LlamaForCausalLM.packed_modules
+    checkpoint_target = LlamaForCausalLM.checkpoint_target
+    tie_weights = LlamaForCausalLM.tie_weights
+    forward = LlamaForCausalLM.forward
+    forward_dense = LlamaForCausalLM.forward_dense
 
     def __init__(self, config: Gemma3Config, max_positions: int) -> None:
         super().__init__()
@@ -186,6 +180,7 @@ class Gemma3ForCausalLM(nn.Module):
         heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         global_rope, local_rope = _rope_settings(hf)
+        local_layers, window = _local_layers(hf, layers), hf.get("sliding_window")
         eos = hf.get("eos_token_id", 1)
         return Gemma3Config(
             architecture="Gemma3ForCausalLM",
@@ -204,13 +199,14 @@ class Gemma3ForCausalLM(nn.Module):
             attention_bias=bool(hf.get("attention_bias", False)),
             qk_norm=True,
             hidden_act=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
-            sliding_windows=_sliding_windows(hf, layers),
+            sliding_windows=[window if local else None for local in local_layers],
             bos_token_id=hf.get("bos_token_id", 2),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             dtype=parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
             rope_local_theta=float(local_rope.get("rope_theta", 10000.0)),
             final_logit_softcapping=hf.get("final_logit_softcapping"),
+            local_layers=local_layers,
         )
 
     @classmethod
@@ -227,6 +223,7 @@ class Gemma3ForCausalLM(nn.Module):
             key("attention.head_count", None),
         )
         head_dim = key("attention.key_length", None) or hidden // heads
+        window = key("attention.sliding_window", None) or None
         hf = {
             "architectures": ["Gemma3ForCausalLM"],
             "head_dim": head_dim,
@@ -234,8 +231,9 @@ class Gemma3ForCausalLM(nn.Module):
             "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6),
             "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
             "rope_local_base_freq": key("rope.freq_base_swa", 10000.0),
-            "sliding_window": key("attention.sliding_window", None) or None,
-            "sliding_window_pattern": 6,
+            "sliding_window": window,
+            # Without a window llama.cpp treats every layer as global, rope base included.
+            "sliding_window_pattern": 6 if window else 1,
             "final_logit_softcapping": key("final_logit_softcapping", None) or None,
         }
         return hf
@@ -264,22 +262,6 @@ class Gemma3ForCausalLM(nn.Module):
             tensor = tensor - 1.0
         return hf_name, tensor
 
-    def checkpoint_target(self, name: str) -> tuple[str, int] | None:
-        """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""
-        if "rotary_emb." in name:
-            return None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return None
-        for ckpt_name, (ours, shard) in self.packed_modules.items():
-            if f".{ckpt_name}." in name:
-                return name.replace(f".{ckpt_name}.", f".{ours}."), shard
-        return name, 0
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the output projection; redone after ``to_empty``, which unties them."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         """After loading: both rotary tables, and the embedding scale rounded to ``dtype`` as HF rounds it."""
         self.model.local_rotary.build_cache(device, dtype)
@@ -287,19 +269,6 @@ class Gemma3ForCausalLM(nn.Module):
         self.model.embed_scale = torch.tensor(math.sqrt(self.config.hidden_size)).to(dtype).item()
 
     # ---------------------------------------------------------------- running
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled."""
-        return self.model(input_ids, positions, meta)
-
-    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, hidden] of whole sequences without the KV cache: training and scoring."""
-        batch, seq_len = input_ids.shape
-        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
-        hidden = self.model(input_ids.reshape(-1), positions, DenseCausal(batch, seq_len))
-        return hidden.view(batch, seq_len, -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -353,9 +322,8 @@ def _rope_settings(hf: dict) -> tuple[dict, dict]:
     return global_rope, local_rope
 
 
-def _sliding_windows(hf: dict, num_layers: int) -> list[int | None]:
-    """Per layer: the window for ``sliding_attention`` layers, None for ``full_attention`` ones."""
-    window = hf.get("sliding_window")
+def _local_layers(hf: dict, num_layers: int) -> list[bool]:
+    """Per layer: True for ``sliding_attention``, False for ``full_attention``."""
     layer_types = hf.get("layer_types")
     if layer_types is None:
         pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
@@ -369,4 +337,4 @@ def _sliding_windows(hf: dict, num_layers: int) -> list[int | None]:
         raise ConfigError(
             f"unsupported layer type(s) {unknown}; Gemma 3 has sliding_attention and full_attention"
         )
-    return [window if t == "sliding_attention" and window else None for t in layer_types]
+    return [t == "sliding_attention" for t in layer_types]
