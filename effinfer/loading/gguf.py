@@ -43,6 +43,7 @@ from effinfer.loading.gguf_quants import (
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
+from effinfer.models.registry import GGUF_FAMILIES
 from effinfer.quant.integer import QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
@@ -53,6 +54,7 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    **{arch: (family.hf_architectures[0], False) for arch, family in GGUF_FAMILIES.items()},
 }
 
 # GGUF tensor names -> HF names (llama.cpp's gguf-py tensor map, for the tensors these models have).
@@ -231,7 +233,11 @@ class GGUFFile:
     def tokenizer(self):
         from effinfer.loading.gguf_tokenizer import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.metadata)
+        tokenizer = tokenizer_from_gguf(self.metadata)
+        family = GGUF_FAMILIES.get(self.architecture)
+        if tokenizer.chat_template is None and getattr(family, "default_chat_template", None):
+            tokenizer.chat_template = tokenizer.chat_templates["default"] = family.default_chat_template
+        return tokenizer
 
     def load_model(
         self,
@@ -312,6 +318,8 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         hf["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise ConfigError(f"{gguf.path.name}: rope scaling {scaling!r} is not supported (supported: linear)")
+    if arch in GGUF_FAMILIES:  # the family's own hyper-parameters (sliding windows, norms, scales)
+        hf.update(GGUF_FAMILIES[arch].hf_config_from_gguf(arch, key))
     try:
         return ModelConfig.from_hf(hf)
     except ConfigError as e:  # name the file; the field names are HF's (see the mapping above)
@@ -328,8 +336,10 @@ def _working_dtype(gguf: GGUFFile) -> str:
 # -------------------------------------------------------------------- tensors -> HF tensors
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, arch: str = "llama") -> str | None:
     """The HF name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    if arch in GGUF_FAMILIES:
+        return GGUF_FAMILIES[arch].gguf_tensor_name(name)
     if name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[name]
     parts = name.split(".")
@@ -365,10 +375,11 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     weights, which come as ``QuantizedWeight`` (exactly the same numbers, still quantized).
     """
     permuted = ARCHITECTURES[gguf.architecture][1]
+    family = GGUF_FAMILIES.get(gguf.architecture)
     # A fused layer (q/k/v, gate/up) stays quantized only if all its tensors share one direct type.
     group_types: dict[str, set] = {}
     for name, info in gguf.tensors.items():
-        hf_name = hf_tensor_name(name)
+        hf_name = hf_tensor_name(name, gguf.architecture)
         if hf_name is not None and hf_name.endswith("_proj.weight"):
             group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
     direct = {
@@ -377,7 +388,7 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
-        hf_name = hf_tensor_name(name)
+        hf_name = hf_tensor_name(name, gguf.architecture)
         if hf_name is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         if quantized_linears and direct.get(_fusion_group(name)) == info.qtype:
@@ -391,6 +402,8 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
             tensor = unpermute(tensor, config.num_heads)
         elif permuted and ".self_attn.k_proj." in hf_name:
             tensor = unpermute(tensor, config.num_kv_heads)
+        if family is not None:  # renamed as above; the family undoes its converter's transforms
+            hf_name, tensor = family.gguf_tensor(name, tensor, config)
         if unpermute is _unpermute_quantized:
             tensor = QuantizedShard(tensor)
         yield hf_name, tensor, info.nbytes
@@ -399,7 +412,7 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
 def check_loadable(gguf: GGUFFile) -> None:
     """Every tensor has an HF name and a type effinfer dequantises; else a one-line error, nothing allocated."""
     for name, info in gguf.tensors.items():
-        if name != ROPE_FREQS and hf_tensor_name(name) is None:
+        if name != ROPE_FREQS and hf_tensor_name(name, gguf.architecture) is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         if info.qtype not in SUPPORTED_TYPES:
             raise WeightsError(
