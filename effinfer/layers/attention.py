@@ -138,13 +138,20 @@ class DenseCausal:
 
 class PagedAttention(nn.Module):
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        # Softmax temperature of q·k; head_dim ** -0.5 unless the model says otherwise (Gemma's
+        # query_pre_attn_scalar).
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache = torch.empty(0)

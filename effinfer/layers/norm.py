@@ -1,4 +1,5 @@
 """RMSNorm (Zhang & Sennrich 2019): scale by the root mean square, no mean subtraction.
+Gemma's variant (``OffsetRMSNorm``) multiplies by ``1 + weight``.
 
 Computed in float32 and cast back before the weight, exactly as HF Llama does: the PyTorch
 path (``reference``) matches HF bit for bit in float32 and closely in bfloat16; the fused CPU op
@@ -38,3 +39,23 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose weight is stored as an offset from one: ``norm(x) * (1 + weight)`` (Gemma).
+
+    The checkpoint keeps ``weight`` near zero (zero-initialised); the product is taken in float32
+    before casting back, as HF Gemma 3 does, so bfloat16 loses nothing to rounding ``1 + weight``.
+    """
+
+    weight_offset = 1.0  # what the output is multiplied by is weight_offset + weight
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)

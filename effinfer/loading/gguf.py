@@ -206,7 +206,11 @@ class GGUFFile:
     def tokenizer(self):
         from effinfer.loading.gguf_tokenizer import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.metadata)
+        tokenizer = tokenizer_from_gguf(self.metadata)
+        template = family_for_gguf(self.architecture).default_chat_template
+        if tokenizer.chat_template is None and template:
+            tokenizer.chat_template = tokenizer.chat_templates["default"] = template
+        return tokenizer
 
     def load_model(
         self,

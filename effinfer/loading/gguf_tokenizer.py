@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
+# Gemma's end of a turn: files often name no eot_token_id, and chat replies end with it, not EOS.
+END_OF_TURN = "<end_of_turn>"
+
+
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp); its engine lacks `(?i:...)`, hence the spelled-out cases.
 LLAMA3_REGEX = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -93,6 +97,8 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     }
     # End-of-turn / end-of-message tokens also end generation (llama.cpp's "end of generation" set).
     stop_ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    if stop_ids[1] is None and END_OF_TURN in tokens:
+        stop_ids.append(tokens.index(END_OF_TURN))  # as llama.cpp, which finds it by its text
     generation = {"eos_token_id": [i for i in stop_ids if isinstance(i, int) and 0 <= i < len(tokens)]}
     return Tokenizer(
         backend,

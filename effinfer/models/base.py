@@ -126,6 +126,8 @@ class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, int]] = {}
     gguf_global_tensors: dict[str, str] = GGUF_GLOBAL_TENSORS
     gguf_layer_tensors: dict[str, str] = GGUF_LAYER_TENSORS
+    # The chat template of a GGUF file that carries none (HF directories ship their own).
+    default_chat_template: str | None = None
 
     config: ModelConfig
 

@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 from effinfer.config import ConfigError, register_hf_config_parser
 from effinfer.models.base import CausalLM
+from effinfer.models.gemma3 import Gemma3ForCausalLM
 from effinfer.models.llama import LlamaForCausalLM
 
 FAMILIES: list[type[CausalLM]] = [
     LlamaForCausalLM,
+    Gemma3ForCausalLM,
 ]
 
 for _family in FAMILIES:
