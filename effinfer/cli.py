@@ -13,6 +13,7 @@ import argparse
 import logging
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 from effinfer import (
@@ -26,6 +27,7 @@ from effinfer import (
     train,
 )
 from effinfer.bench import BenchError, BenchServeError
+from effinfer.compress.gqa import convert_to_gqa
 from effinfer.compress.quant import pipeline as quantize
 from effinfer.config import EngineArgs
 from effinfer.eval import perplexity
@@ -198,7 +200,7 @@ COMMANDS = (
     serve.register,
     register_eval,
     quantize.register,
-    convert.register,
+    partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,
     train.register,
 )

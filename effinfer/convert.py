@@ -11,6 +11,9 @@ Q8_0 / Q4_0 (norms stay F32; a matrix whose rows do not split into 32-value bloc
 F16).
 
     effinfer convert MODEL_DIR --to gguf --outtype q8_0 -o model.gguf
+
+``effinfer convert --to-gqa N MODEL_DIR OUT_DIR`` (MHA -> GQA) is ``compress/gqa.py``'s; this module
+only parses its flags.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -271,22 +276,45 @@ def _check_output(model_dir: Path, output: Path) -> None:
         raise ConvertError(f"output {str(output)!r} would overwrite a file of the model being converted")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``convert`` to the ``effinfer`` command's subparsers."""
-    parser = subparsers.add_parser("convert", help="convert an HF model directory to another format (GGUF)")
+def register(subparsers, to_gqa: Callable[..., object] | None = None) -> argparse.ArgumentParser:
+    """Add ``convert`` to the ``effinfer`` command's subparsers.
+
+    ``to_gqa`` (``compress.gqa.convert_to_gqa``, which this floor may not import) adds ``--to-gqa N``.
+    """
+    parser = subparsers.add_parser(
+        "convert", help="convert an HF model directory to another format (GGUF, GQA)"
+    )
     parser.add_argument("model", help="HF model directory (config.json, *.safetensors, tokenizer.json)")
-    parser.add_argument("--to", choices=["gguf"], default="gguf", help="target format")
+    parser.add_argument("out", nargs="?", help="output: the GGUF file, or the directory --to-gqa writes")
+    parser.add_argument("--to", choices=["gguf"], help="target format (default: gguf)")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight type (default: f16)")
     parser.add_argument("-o", "--output", help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
-    parser.set_defaults(func=run)
+    if to_gqa is not None:
+        parser.add_argument(
+            "--to-gqa",
+            type=int,
+            metavar="N",
+            help="mean-pool the KV heads into N groups (MHA -> GQA, Ainslie et al. 2023); writes OUT",
+        )
+    parser.set_defaults(func=partial(run, to_gqa=to_gqa))
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, to_gqa: Callable[..., object] | None = None) -> int:
+    if args.out and args.output:
+        raise ConvertError(f"give the output once: {args.out!r} or -o {args.output!r}")
+    if getattr(args, "to_gqa", None) is not None:
+        if args.to is not None:
+            raise ConvertError("--to-gqa and --to are two conversions; run them one after the other")
+        if not (args.out or args.output):
+            raise ConvertError(
+                "--to-gqa needs an output directory: effinfer convert --to-gqa N MODEL_DIR OUT_DIR"
+            )
+        print(to_gqa(args.model, args.out or args.output, args.to_gqa))
+        return 0
     model_dir = Path(args.model)
-    output = (
-        Path(args.output) if args.output else model_dir / f"{model_dir.resolve().name}-{args.outtype}.gguf"
-    )
+    output = args.out or args.output
+    output = Path(output) if output else model_dir / f"{model_dir.resolve().name}-{args.outtype}.gguf"
     path = convert_to_gguf(model_dir, output, args.outtype)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
