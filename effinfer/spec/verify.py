@@ -9,7 +9,7 @@ Proposers here are deterministic (prompt lookup, greedy draft): q_i is one-hot a
 reads: accept with probability p_i(d_i), else draw from p_i with d_i removed. For a greedy target p_i
 is one-hot too, so a draft is kept exactly when it is the target's argmax.
 Tokens are drawn by inverting the float64 cumulative distribution: on CPU ``torch.multinomial``
-over a 49k vocabulary took 20-70 ms a call (torch 2.13, 2 shared cores), which at one call per
+over a 49k vocabulary took 55-70 ms a call (torch 2.13, 2 busy cores), which at one call per
 sequence per step cost more than the batch-16 decode step itself.
 """
 
