@@ -254,9 +254,9 @@ class EngineConfig:
     # Prompt lookup matches the longest n-gram in [min, max] that ends the sequence.
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
-    # Pick each step's draft count in [0, num_speculative_tokens] from acceptance and step cost.
-    # Adapt each step's draft length to measured acceptance and step cost (spec/adaptive.py); opt-in
-    # while a sequence whose acceptance drifted down is not re-probed (docs/speculative-decoding.md).
+    # Pick each step's draft count in [0, num_speculative_tokens] from measured acceptance and step
+    # cost (spec/adaptive.py); opt-in until a quiet-machine crossover run shows it never loses to
+    # fixed k at batch 1 nor to plain decoding at batch 16 (docs/speculative-decoding.md).
     speculative_adaptive: bool = False
 
     def __post_init__(self) -> None:

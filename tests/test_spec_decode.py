@@ -224,6 +224,16 @@ def test_acceptance_rule_gives_the_target_distribution(rule):
         assert min(p_first, p_second) < 1e-6, (p_first, p_second)
 
 
+def test_draws_follow_the_weights_and_never_pick_a_zero_weight_token():
+    """The inverse-CDF draw behind every emitted token: zero weights (the residual's removed draft,
+    a filtered-out tail) are never drawn, and the others come at their share (unnormalised weights)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 0.6, 0.0, 0.0, 1.4, 0.0])
+    draws = [verify.draw_token(weights, gen) for _ in range(5000)]
+    assert set(draws) == {1, 4}
+    assert draws.count(4) / len(draws) == pytest.approx(0.7, abs=0.03)
+
+
 @pytest.mark.parametrize("rule", ["correct", "broken"])
 def test_sampling_with_speculation_matches_plain_sampling(stories260k, plain, monkeypatch, rule):
     """Next four tokens of a repetitive prompt at temperature 1 with top-k, drawn many times with

@@ -157,3 +157,18 @@ def test_streaming_with_speculation_sends_several_tokens_per_event(spec_server, 
     ]
     assert sum(tokens_per_event) == 50
     assert max(tokens_per_event) > 1
+
+
+def test_an_output_keeps_its_logprobs_after_later_steps(spec_llm):
+    """A streamed update is read by the server thread while the engine runs on: its logprobs must
+    line up with its tokens however many steps later it is read (the live list did not, and the
+    stream's delta then looked up a token in another token's alternatives)."""
+    engine = spec_llm.engine
+    engine.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0))
+    updates = []
+    while engine.has_unfinished_requests():
+        updates += engine.step()
+    for update in updates:
+        completion = update.outputs[0]
+        assert len(completion.logprobs) == len(completion.token_ids)
+        assert all(t in lp for t, lp in zip(completion.token_ids, completion.logprobs))

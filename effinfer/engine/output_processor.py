@@ -131,7 +131,8 @@ class OutputProcessor:
                     token_ids=output_ids,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
-                    logprobs=out.logprobs if request.params.logprobs is not None else None,
+                    # A snapshot: a server thread may read this output after later steps appended more.
+                    logprobs=list(out.logprobs) if request.params.logprobs is not None else None,
                     delta_text=visible[out.text_sent :],
                     delta_token_ids=output_ids[out.tokens_sent :],
                 )

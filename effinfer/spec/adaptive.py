@@ -7,7 +7,9 @@ k per sequence from the batch's load.
 Idea: keep each sequence's acceptance rate as a moving average and a measured model of step time
 against the step's query tokens; each step, give the next draft slot to the sequence whose next
 draft is the likeliest to be accepted, as long as the batch's expected tokens per second rises.
-A sequence whose acceptance falls below a floor stops drafting and is re-probed now and then.
+A sequence that has drafted nothing for a while (its acceptance fell, or the batch made drafts too
+dear) is re-probed: for one step it competes at the prior rate, so its estimate is refreshed
+whenever drafting could pay, and never while the step cost rules drafts out for any rate.
 Switch on: ``LLM(model, speculative_model=..., speculative_adaptive=True)`` or
 ``--speculative-adaptive``; without it ``num_speculative_tokens`` are drafted every step.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class _Acceptance:
@@ -24,50 +28,70 @@ class _Acceptance:
 
     accepted: float
     trials: float
-    steps_off: int = 0  # steps since the sequence last drafted while switched off
+    steps_idle: int = 0  # consecutive steps it was given no draft
 
     @property
     def rate(self) -> float:
         return self.accepted / self.trials
 
 
+@dataclass
+class StepCost:
+    """Seconds of one step: ``fixed + per_token * query_tokens + per_verifier * verifying_seqs``."""
+
+    fixed: float
+    per_token: float
+    per_verifier: float
+
+    def __call__(self, num_tokens: int, num_verifiers: int) -> float:
+        return self.fixed + self.per_token * num_tokens + self.per_verifier * num_verifiers
+
+
 class StepCostModel:
-    """Step time as ``fixed + per_token * query_tokens``, fitted by weighted least squares.
+    """Step time against the step's query tokens and its verifying sequences, fitted by
+    exponentially weighted ridge regression on measured steps.
 
     On a CPU a decode step first pays for reading the weights (``fixed``); past a few query
-    tokens the matrix products become compute-bound and each token adds ``per_token``.
-    Until the fit has seen steps whose sizes spread by a few tokens it assumes
-    ``prior_token_share``: one more query token costs that fraction of a one-token step.
+    tokens the matrix products become compute-bound and each token adds ``per_token``; and a
+    sequence that verifies drafts leaves the batched one-token attention for a call of its own
+    (``per_verifier``). The ridge pulls the two slopes towards a prior (one more token costs
+    ``prior_token_share`` of a one-token step; a verifier costs nothing beyond its tokens) with the
+    weight of a spread of a few tokens, so steps of nearly one size (batch 1 under a noisy shared
+    CPU) leave the prior in charge and steps of many sizes (drafting batches) overrule it.
     """
 
-    def __init__(self, decay: float = 0.98, prior_token_share: float = 0.05) -> None:
+    def __init__(
+        self, decay: float = 0.98, prior_token_share: float = 0.05, prior_weight: float = 4.0
+    ) -> None:
         self.decay = decay
         self.prior_token_share = prior_token_share
-        self._sums = [0.0] * 5  # weight, sum n, sum t, sum n*n, sum n*t
+        self.prior_weight = prior_weight
+        self._xtx = torch.zeros(3, 3, dtype=torch.float64)  # features: 1, tokens, verifiers
+        self._xty = torch.zeros(3, dtype=torch.float64)
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        d = self.decay
-        for i, value in enumerate((1.0, num_tokens, seconds, num_tokens * num_tokens, num_tokens * seconds)):
-            self._sums[i] = d * self._sums[i] + value
+    def observe(self, num_tokens: int, seconds: float, num_verifiers: int = 0) -> None:
+        x = torch.tensor([1.0, num_tokens, num_verifiers], dtype=torch.float64)
+        self._xtx.mul_(self.decay).add_(torch.outer(x, x))
+        self._xty.mul_(self.decay).add_(x * seconds)
 
-    def coefficients(self) -> tuple[float, float]:
-        """``(fixed, per_token)`` in seconds; relative units (1, prior share) before any data."""
-        w, sn, st, snn, snt = self._sums
-        if w == 0:
-            return 1.0, self.prior_token_share
-        mean_n, mean_t = sn / w, st / w
-        var_n = snn / w - mean_n * mean_n
-        # Under a noisy (shared) CPU a slope over steps of nearly the same size is mostly noise:
-        # trust the fit only once the step sizes spread by a few tokens (large batches do).
-        if w < 8 or var_n < 4.0:
-            fixed = mean_t / (1 + self.prior_token_share * mean_n)
-            return fixed, self.prior_token_share * fixed
-        per_token = max(0.0, (snt / w - mean_n * mean_t) / var_n)
-        fixed = max(mean_t - per_token * mean_n, 1e-3 * mean_t)
-        return fixed, per_token
-
-    def cost(self, num_tokens: int, fixed: float, per_token: float) -> float:
-        return fixed + per_token * num_tokens
+    def coefficients(self) -> StepCost:
+        """The fitted cost in seconds; relative units (a one-token step costs about 1) before data."""
+        weight = float(self._xtx[0, 0])
+        if weight < 1.0:
+            return StepCost(1.0, self.prior_token_share, 0.0)
+        mean_n, mean_t = float(self._xtx[0, 1]) / weight, float(self._xty[0]) / weight
+        fixed_prior = mean_t / (1 + self.prior_token_share * mean_n)
+        prior = torch.tensor([fixed_prior, self.prior_token_share * fixed_prior, 0.0], dtype=torch.float64)
+        # Verifier counts spread less than token counts: their prior weighs a spread of one.
+        ridge = torch.diag(torch.tensor([0.0, self.prior_weight, 1.0], dtype=torch.float64)) * weight
+        fixed, per_token, per_verifier = torch.linalg.solve(
+            self._xtx + ridge, self._xty + ridge @ prior
+        ).tolist()
+        # Noise can tilt a slope below zero; a step never gets cheaper for more work.
+        per_token, per_verifier = max(per_token, 0.0), max(per_verifier, 0.0)
+        mean_m = float(self._xtx[0, 2]) / weight
+        fixed = max(mean_t - per_token * mean_n - per_verifier * mean_m, 1e-3 * mean_t)
+        return StepCost(fixed, per_token, per_verifier)
 
 
 class AdaptiveSpeculationLength:
@@ -89,7 +113,7 @@ class AdaptiveSpeculationLength:
         self.cost_model = StepCostModel()
         self._acceptance: dict[int, _Acceptance] = {}
         self._step_started: float | None = None
-        self._step_tokens = 0
+        self._step_shape = (0, 0)  # query tokens, verifying sequences
 
     def rate(self, key: int) -> float:
         state = self._acceptance.get(key)
@@ -98,45 +122,86 @@ class AdaptiveSpeculationLength:
     def choose(self, keys: list[int], limits: list[int], other_tokens: int) -> list[int]:
         """Draft counts (each at most its limit) for the sequences ``keys``, which each verify one
         token of their own; ``other_tokens`` are the step's remaining (prefill) query tokens."""
-        ks = [0] * len(keys)
-        # The marginal draft j of a sequence is accepted with probability rate^j: candidates in
-        # falling order are the greedy allocation, whose best prefix maximises tokens per second.
-        candidates = []
-        for i, (key, limit) in enumerate(zip(keys, limits)):
+        rates = [self._planning_rate(key) for key in keys]
+        cost = self.cost_model.coefficients()
+        base_tokens = other_tokens + len(keys)
+        best_value, ks = len(keys) / cost(base_tokens, 0), [0] * len(keys)
+        for shape in (self._spread, self._concentrated):
+            allocation = shape(rates, limits, cost, base_tokens)
+            gained = sum(sum(rates[i] ** j for j in range(1, k + 1)) for i, k in enumerate(allocation))
+            value = (len(keys) + gained) / cost(base_tokens + sum(allocation), sum(k > 0 for k in allocation))
+            if value > best_value:
+                best_value, ks = value, allocation
+        for key, k in zip(keys, ks):
             state = self._acceptance.get(key)
-            rate = self.rate(key)
-            if state is not None and rate < self.min_rate:
-                state.steps_off += 1
-                if state.steps_off < self.probe_interval:
-                    continue
-                state.steps_off = 0  # re-probe with the full length: one step measures up to k trials
-                ks[i] = limit
-                continue
-            candidates += [(rate**j, i) for j in range(1, limit + 1)]
+            if state is not None:
+                state.steps_idle = 0 if k else state.steps_idle + 1
+        return ks
+
+    @staticmethod
+    def _spread(rates: list[float], limits: list[int], cost: StepCost, base_tokens: int) -> list[int]:
+        """Draft slots one at a time to the likeliest next draft (rate^j for a sequence's j-th),
+        cut where the expected tokens per second peak: the best allocation when a draft costs
+        only its token."""
+        candidates = [
+            (rate**j, i) for i, (rate, limit) in enumerate(zip(rates, limits)) for j in range(1, limit + 1)
+        ]
         candidates.sort(key=lambda c: -c[0])
-        fixed, per_token = self.cost_model.coefficients()
-        num_tokens = other_tokens + len(keys) + sum(ks)
-        expected = len(keys) + sum(
-            sum(self.rate(keys[i]) ** j for j in range(1, k + 1)) for i, k in enumerate(ks)
-        )
-        best, best_count = expected / self.cost_model.cost(num_tokens, fixed, per_token), 0
-        for count, (gain, _) in enumerate(candidates, start=1):
+        expected, best_value, best_count = float(len(rates)), 0.0, 0
+        verifiers: set[int] = set()
+        for count, (gain, i) in enumerate(candidates, start=1):
             expected += gain
-            value = expected / self.cost_model.cost(num_tokens + count, fixed, per_token)
-            if value > best:
-                best, best_count = value, count
+            verifiers.add(i)
+            value = expected / cost(base_tokens + count, len(verifiers))
+            if value > best_value:
+                best_value, best_count = value, count
+        ks = [0] * len(rates)
         for _, i in candidates[:best_count]:
             ks[i] += 1
         return ks
 
-    def step_started(self, num_tokens: int, decode_only: bool) -> None:
+    @staticmethod
+    def _concentrated(rates: list[float], limits: list[int], cost: StepCost, base_tokens: int) -> list[int]:
+        """The likeliest sequences draft their full limit, the others none, as many as maximise
+        expected tokens per second: the better shape when each verifying sequence is dear."""
+        order = sorted(range(len(rates)), key=lambda i: -rates[i])
+        expected, tokens, best_value, best_count = float(len(rates)), base_tokens, 0.0, 0
+        for count, i in enumerate(order, start=1):
+            expected += sum(rates[i] ** j for j in range(1, limits[i] + 1))
+            tokens += limits[i]
+            value = expected / cost(tokens, count)
+            if value > best_value:
+                best_value, best_count = value, count
+        ks = [0] * len(rates)
+        for i in order[:best_count]:
+            ks[i] = limits[i]
+        return ks
+
+    def _planning_rate(self, key: int) -> float:
+        """The rate a sequence competes with this step: its estimate, with two exceptions.
+
+        Below ``min_rate`` it is 0 (a draft is a near-certain loss); after ``probe_interval`` steps
+        without a draft it is at least the prior, so a sequence whose text turned repetitive, or
+        that the batch's load switched off, gets drafts again once they would pay, and the
+        verification refreshes its estimate. Where the cost rules out drafts even at the prior
+        (a large compute-bound batch), no probe is spent.
+        """
+        state = self._acceptance.get(key)
+        if state is None:
+            return self.initial_rate
+        if state.steps_idle >= self.probe_interval:
+            return max(state.rate, self.initial_rate)
+        return state.rate if state.rate >= self.min_rate else 0.0
+
+    def step_started(self, num_tokens: int, num_verifiers: int, decode_only: bool) -> None:
         # Prefill chunks run other kernels over longer contexts: only decode steps feed the fit.
         self._step_started = time.perf_counter() if decode_only else None
-        self._step_tokens = num_tokens
+        self._step_shape = (num_tokens, num_verifiers)
 
     def step_verified(self) -> None:
         if self._step_started is not None:
-            self.cost_model.observe(self._step_tokens, time.perf_counter() - self._step_started)
+            num_tokens, num_verifiers = self._step_shape
+            self.cost_model.observe(num_tokens, time.perf_counter() - self._step_started, num_verifiers)
             self._step_started = None
 
     def observe(self, key: int, num_drafts: int, num_accepted: int) -> None:

@@ -53,7 +53,10 @@ class SpeculativeDecoder:
         for entry, drafts in zip(entries, self.proposer.propose([e.seq for e in entries], limits)):
             entry.draft_token_ids = drafts
         if self.adaptive is not None:
-            self.adaptive.step_started(sum(e.num_query_tokens for e in batch), other_tokens == 0)
+            num_verifiers = sum(1 for e in entries if e.draft_token_ids)
+            self.adaptive.step_started(
+                sum(e.num_query_tokens for e in batch), num_verifiers, other_tokens == 0
+            )
 
     def accept(
         self,
