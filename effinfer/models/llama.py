@@ -14,6 +14,7 @@ from torch import nn
 from effinfer.config import ModelConfig
 from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, DenseCausal, PagedAttention
+from effinfer.layers.attention_sinks import cache_positions
 from effinfer.layers.cache_spec import AttentionCacheSpec
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
@@ -35,11 +36,18 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_windows[layer_index]
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            config.sliding_windows[layer_index],
+            config.attention_sinks,
         )
         self._split = [q_size, kv_size, kv_size]
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata, sink_cos_sin: tuple | None = None
+    ) -> torch.Tensor:
+        """``sink_cos_sin``: with attention sinks, the rotation at each query's cache position."""
         qkv = self.qkv_proj(x)
         num_tokens, (q_size, kv_size, _) = qkv.shape[0], self._split
         heads, kv_heads = self.num_heads, self.num_kv_heads
@@ -47,8 +55,10 @@ class LlamaAttention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        # Attention sinks score the sink keys with the query at its cache position (a second rotation).
+        q_at_cache = None if sink_cos_sin is None else apply_rotary_(qk[:, :heads].clone(), sink_cos_sin)
         q, k = apply_rotary_(qk, cos_sin).split([heads, kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, q_at_cache))
 
 
 class LlamaMLP(nn.Module):
@@ -70,8 +80,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos_sin, meta)
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata, sink_cos_sin: tuple | None = None
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos_sin, meta, sink_cos_sin)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm
         return x + self.mlp(h)
 
@@ -84,14 +96,19 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_sinks = config.attention_sinks
+        self.sliding_window = config.sliding_windows[0] if config.attention_sinks else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions)
+        sink_cos_sin = None
+        if self.attention_sinks:
+            sink_cos_sin = self.rotary(cache_positions(positions, self.attention_sinks, self.sliding_window))
         for layer in self.layers:
-            x = layer(x, cos_sin, meta)
+            x = layer(x, cos_sin, meta, sink_cos_sin)
         return self.norm(x)
 
 
@@ -135,7 +152,8 @@ class LlamaForCausalLM(nn.Module):
 
     def cache_specs(self) -> list[AttentionCacheSpec]:
         """What each decoder layer caches per sequence (the engine sizes and frees KV from these)."""
-        return [AttentionCacheSpec(sliding_window=w) for w in self.config.sliding_windows]
+        sinks = self.config.attention_sinks
+        return [AttentionCacheSpec(w, sinks if w else 0) for w in self.config.sliding_windows]
 
     def checkpoint_target(self, name: str) -> tuple[str, int] | None:
         """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""
