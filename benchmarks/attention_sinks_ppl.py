@@ -37,6 +37,7 @@ from effinfer.layers.attention import PagedAttention
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIR = ROOT.parent / "shared" / "data" / "text"
+RUNS = ("dense", "dense-past", "window", "sinks", "recompute")
 
 
 def long_text_ids(tokenizer, text_path: Path, num_tokens: int) -> list[int]:
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bin", type=int, default=256, help="plot bin width in tokens")
     parser.add_argument(
+        "--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)"
+    )
+    parser.add_argument(
         "--attention-only", action="store_true", help="only measure the attention on the first token"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "attention_sinks_ppl")
@@ -163,6 +167,7 @@ def main() -> None:
         return streaming_nll(llm, ids, args.chunk, show_progress=True)
 
     runs: dict[str, torch.Tensor] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def timed(name: str, fn) -> None:
@@ -171,27 +176,32 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
         print(f"{name}: {timings[name]:.0f} s, ppl {math.exp(runs[name].nanmean().item()):.2f}", flush=True)
 
-    timed(f"dense, {trained}-token windows", lambda: windowed_dense_nll(base, ids, trained, trained))
+    if "dense" in args.runs:
+        timed(f"dense, {trained}-token windows", lambda: windowed_dense_nll(base, ids, trained, trained))
     dense_ids = ids[: args.dense_tokens]
-    timed(
-        "dense past the context",
-        lambda: streaming_nll(
-            LLM(args.model, **common, sliding_window=len(dense_ids), max_model_len=len(dense_ids),
-                kv_cache_memory=kv_bytes),
-            dense_ids, args.chunk,
-        ),
-    )  # fmt: skip
-    timed(f"window {args.window}", lambda: streaming(sliding_window=args.window))
-    timed(
-        f"window {args.window} + {args.sinks} sinks",
-        lambda: streaming(sliding_window=args.window, attention_sinks=args.sinks),
-    )
-    if args.recompute_stride:
+    if "dense-past" in args.runs:
+        timed(
+            "dense past the context",
+            lambda: streaming_nll(
+                LLM(args.model, **common, sliding_window=len(dense_ids), max_model_len=len(dense_ids),
+                    kv_cache_memory=kv_bytes),
+                dense_ids, args.chunk,
+            ),
+        )  # fmt: skip
+    if "window" in args.runs:
+        timed(f"window {args.window}", lambda: streaming(sliding_window=args.window))
+    if "sinks" in args.runs:
+        timed(
+            f"window {args.window} + {args.sinks} sinks",
+            lambda: streaming(sliding_window=args.window, attention_sinks=args.sinks),
+        )
+    if "recompute" in args.runs and args.recompute_stride:
         stride = args.recompute_stride
         timed(
             f"window {args.window}, re-computed every {stride}",
             lambda: windowed_dense_nll(base, ids, args.window, stride),
         )
+    torch.save({name: nll.half() for name, nll in runs.items()}, args.out.with_suffix(".nll.pt"))
 
     edges = [0, trained, 2 * trained, 4 * trained, 8192, 16384, len(ids)]
     edges = sorted({e for e in edges if e <= len(ids) - 1} | {len(ids) - 1})
@@ -214,7 +224,6 @@ def main() -> None:
         "first_token_attention": sink_share,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     name = Path(args.model).name if args.model else "default model"
     plot(
