@@ -83,6 +83,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     # Per layer: None for full attention, else the number of most recent tokens a query may see.
     sliding_windows: list[int | None] = field(default_factory=list)
+    # First positions every windowed layer keeps visible (StreamingLLM); set by EngineConfig.model_layout.
+    attention_sinks: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
@@ -117,6 +119,8 @@ class ModelConfig:
         bad_windows = [w for w in self.sliding_windows if w is not None and not _is_positive_int(w)]
         if bad_windows:
             raise ConfigError(f"sliding_window must be a positive integer, got {bad_windows[0]!r}")
+        if self.attention_sinks and (None in self.sliding_windows or len(set(self.sliding_windows)) != 1):
+            raise ConfigError("attention sinks need the same sliding window on every layer")
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ModelConfig:
@@ -258,6 +262,10 @@ class EngineConfig:
     # cost (spec/adaptive.py); opt-in until a quiet-machine crossover run shows it never loses to
     # fixed k at batch 1 nor to plain decoding at batch 16 (docs/speculative-decoding.md).
     speculative_adaptive: bool = False
+    # Every layer attends to the last sliding_window tokens plus the first attention_sinks
+    # (StreamingLLM, layers/attention_sinks.py); max_model_len may then pass the trained context.
+    sliding_window: int | None = None
+    attention_sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
@@ -296,9 +304,41 @@ class EngineConfig:
                 "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
                 f"{self.ngram_prompt_lookup_min!r} and {self.ngram_prompt_lookup_max!r}"
             )
+        if self.sliding_window is not None and not _is_positive_int(self.sliding_window):
+            raise ConfigError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.attention_sinks != 0 and not _is_positive_int(self.attention_sinks):
+            raise ConfigError(f"attention_sinks must be a positive integer, got {self.attention_sinks!r}")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ConfigError("attention_sinks needs a sliding window: give --sliding-window W as well")
         if self.device == "auto":
             self.device = default_device()
         _check_device(self.device)
+
+    def model_layout(self, model_config: ModelConfig) -> ModelConfig:
+        """``model_config`` with ``sliding_window`` and ``attention_sinks`` applied to every layer."""
+        if self.sliding_window is None:
+            return model_config
+        windows = [self.sliding_window] * model_config.num_layers
+        return dataclasses.replace(
+            model_config, sliding_windows=windows, attention_sinks=self.attention_sinks
+        )
+
+    def context_length(self, model_config: ModelConfig) -> int:
+        """The longest sequence to serve: ``max_model_len``, by default the trained context.
+
+        Past the trained context only a model whose layers all attend to a window keeps its
+        attention within the distances it was trained on.
+        """
+        trained = model_config.max_position_embeddings
+        if self.max_model_len is None or self.max_model_len <= trained:
+            return self.max_model_len or trained
+        if not model_config.sliding_windows or None in model_config.sliding_windows:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's trained context of {trained} "
+                "tokens; that needs a sliding window on every layer (--sliding-window W, best with "
+                "--attention-sinks 4)"
+            )
+        return self.max_model_len
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
         if self.dtype == "auto":
@@ -361,6 +401,16 @@ class EngineArgs:
         _EngineFlag("max_num_seqs", "--max-num-seqs", "most sequences in a batch", int),
         _EngineFlag("max_model_len", "--max-model-len", "context length limit (default: the model's)", int),
         _EngineFlag("block_size", "--block-size", "tokens per KV block", int),
+        _EngineFlag(
+            "sliding_window", "--sliding-window", "every layer attends to the last W tokens only", int
+        ),
+        _EngineFlag(
+            "attention_sinks",
+            "--attention-sinks",
+            "also keep the first N tokens visible (StreamingLLM; needs --sliding-window): "
+            "generation past the trained context with bounded KV",
+            int,
+        ),
         _EngineFlag("enable_prefix_caching", "--no-prefix-caching", "disable prefix caching", disables=True),
         _EngineFlag("num_threads", "--threads", "CPU threads (default: the cores available)", int),
         _EngineFlag(

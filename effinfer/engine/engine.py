@@ -8,6 +8,7 @@ into text, stop strings and deltas is ``output_processor.py``'s.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -51,6 +52,9 @@ class LLMEngine:
     def __init__(self, model: str | os.PathLike, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         checkpoint = open_checkpoint(model, config.quantization)
+        checkpoint = dataclasses.replace(
+            checkpoint, model_config=config.model_layout(checkpoint.model_config)
+        )
         self.model_path = checkpoint.path
         self.model_config = checkpoint.model_config
         self.tokenizer = checkpoint.tokenizer
@@ -58,10 +62,7 @@ class LLMEngine:
         self.dtype = config.resolve_dtype(self.model_config)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or physical_core_count())
-        max_model_len = min(
-            config.max_model_len or self.model_config.max_position_embeddings,
-            self.model_config.max_position_embeddings,
-        )
+        max_model_len = config.context_length(self.model_config)
         loaded = checkpoint.load_model(self.dtype, self.device, max_model_len, config.show_progress)
         self.runner = ModelRunner(loaded, self.model_config, config, self.device, self.dtype, max_model_len)
         # A whole prompt needs its blocks in every cache group before a sliding window frees any.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +145,37 @@ def paged_perplexity(
         window = token_ids[begin : begin + ctx]
         if len(window) < 2:
             break
-        scored = 0
-        for logits in engine.teacher_forced_logits(window, chunk):
-            targets = torch.tensor(window[scored + 1 : scored + 1 + len(logits)], device=logits.device)
-            total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
-            scored += len(logits)
-        total_tokens += scored
+        for nll in _fed_nll(engine, window, chunk):
+            total_nll += nll.sum().item()
+            total_tokens += len(nll)
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, total_tokens, len(starts), ctx, ctx)
+
+
+def _fed_nll(engine, token_ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
+    """Per chunk, the negative log-likelihoods of the tokens it predicts, fed through the paged cache."""
+    scored = 0
+    for logits in engine.teacher_forced_logits(token_ids, chunk):
+        targets = torch.tensor(token_ids[scored + 1 : scored + 1 + len(logits)], device=logits.device)
+        yield F.cross_entropy(logits, targets, reduction="none")
+        scored += len(logits)
+
+
+def streaming_nll(llm, token_ids: list[int], chunk: int = 128, show_progress: bool = True) -> torch.Tensor:
+    """Negative log-likelihood (nats, float32 [n - 1]) of each of ``token_ids[1:]``, the text fed as one
+    sequence through the paged KV cache ``chunk`` tokens at a time.
+
+    With ``sliding_window`` (and ``attention_sinks``) set on the engine this is streaming evaluation
+    (StreamingLLM, layers/attention_sinks.py): each token sees exactly what the bounded cache keeps,
+    whatever the chunk, so the text may run far past the trained context.
+    """
+    engine = llm.engine
+    if len(token_ids) > engine.max_model_len:
+        raise EvalError(
+            f"{len(token_ids)} tokens exceed the engine's max_model_len of {engine.max_model_len}"
+        )
+    chunks = tqdm(
+        _fed_nll(engine, token_ids, chunk), total=-(-(len(token_ids) - 1) // chunk),
+        desc="streaming nll", unit="chunk", disable=not show_progress,
+    )  # fmt: skip
+    return torch.cat([nll.float().cpu() for nll in chunks])

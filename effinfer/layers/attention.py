@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effinfer.kernels.cpu import fused
+from effinfer.layers.attention_sinks import attend_with_sinks
 
 FUSED_MAX_HEAD_DIM = 256  # the fused decode attention keeps one query row in 16 registers
 
@@ -144,6 +145,7 @@ class PagedAttention(nn.Module):
         head_dim: int,
         sliding_window: int | None = None,
         scale: float | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -153,6 +155,8 @@ class PagedAttention(nn.Module):
         # query_pre_attn_scalar).
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        # Attention sinks (layers/attention_sinks.py): these first positions stay visible beside the window.
+        self.sink_tokens = sink_tokens
         # Bound by the runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -175,17 +179,29 @@ class PagedAttention(nn.Module):
         self.k_scale_cache, self.v_scale_cache = k_scale_cache, v_scale_cache
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | DenseCausal
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata | DenseCausal,
+        q_at_cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d]."""
+        """q: [T, heads, d]; k, v: [T, kv_heads, d]. Returns [T, heads * d].
+
+        ``q_at_cache``: with attention sinks, the queries rotated at their cache positions.
+        """
+        if self.sink_tokens and q_at_cache is None:
+            raise ValueError(
+                "a layer with attention sinks needs the queries rotated at their cache positions"
+            )
         if isinstance(meta, DenseCausal):
-            return self._dense(q, k, v, meta)
+            return self._dense(q, k, v, meta, q_at_cache)
         meta = meta.for_group(self.cache_group)
         self._store(k, v, meta.slot_mapping)
         if meta.is_prefill:
-            out = self._prefill(q, k, v, meta)
+            out = self._prefill(q, k, v, meta, q_at_cache)
         else:
-            out = self._decode(q, meta)
+            out = self._decode(q, meta, q_at_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -200,9 +216,19 @@ class PagedAttention(nn.Module):
             slots.index_copy_(0, slot_mapping, codes)
             scales.view(-1, self.num_kv_heads).index_copy_(0, slot_mapping, scale)
 
-    def _dense(self, q, k, v, meta: DenseCausal) -> torch.Tensor:
+    def _dense(self, q, k, v, meta: DenseCausal, q_at_cache=None) -> torch.Tensor:
         def heads_first(x):
             return x.view(meta.batch, meta.seq_len, -1, self.head_dim).transpose(1, 2)
+
+        if self.sink_tokens:
+            positions = torch.arange(meta.seq_len, device=q.device).expand(meta.batch, -1)
+            keys, values = heads_first(k), heads_first(v)
+            sinks = (keys[:, :, : self.sink_tokens], values[:, :, : self.sink_tokens])
+            out = attend_with_sinks(
+                heads_first(q), heads_first(q_at_cache), positions, (keys, values), positions, sinks,
+                self.sliding_window, self.scale,
+            )  # fmt: skip
+            return out.transpose(1, 2).reshape(q.shape[0], self.num_heads * self.head_dim)
 
         mask = self._prefill_mask(meta.seq_len, meta.seq_len, q.device)
         out = self._attend(heads_first(q), heads_first(k), heads_first(v), mask)
@@ -222,24 +248,28 @@ class PagedAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )
 
-    def _prefill(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _prefill(self, q, k, v, meta: AttentionMetadata, q_at_cache=None) -> torch.Tensor:
         """Any number of queries per sequence; the one-query sequences of a mixed step run as one
         decode batch, the others one sequence at a time."""
         decode = meta.decode_part() if len(meta.query_lens) > 1 else None
         if decode is None:
-            outputs = [self._one_sequence(q, k, v, meta, i) for i in range(len(meta.query_lens))]
+            outputs = [self._one_sequence(q, k, v, meta, i, q_at_cache) for i in range(len(meta.query_lens))]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         rows, decode_meta = decode
         out = q.new_empty(q.shape)
-        out[rows] = self._decode(q.index_select(0, rows), decode_meta).reshape(len(rows), *q.shape[1:])
+        decode_q_at_cache = None if q_at_cache is None else q_at_cache.index_select(0, rows)
+        decoded = self._decode(q.index_select(0, rows), decode_meta, decode_q_at_cache)
+        out[rows] = decoded.reshape(len(rows), *q.shape[1:])
         starts = meta.query_start_locs
         for i, q_len in enumerate(meta.query_lens):
             if q_len > 1:
-                out[starts[i] : starts[i + 1]] = self._one_sequence(q, k, v, meta, i)
+                out[starts[i] : starts[i + 1]] = self._one_sequence(q, k, v, meta, i, q_at_cache)
         return out
 
-    def _one_sequence(self, q, k, v, meta: AttentionMetadata, i: int) -> torch.Tensor:
+    def _one_sequence(self, q, k, v, meta: AttentionMetadata, i: int, q_at_cache=None) -> torch.Tensor:
         """Sequence i's queries [q_len, heads, d] against its context, causal among themselves."""
+        if self.sink_tokens:
+            return self._one_sequence_with_sinks(q, k, v, q_at_cache, meta, i)
         start = meta.query_start_locs[i]
         q_len, ctx_len = meta.query_lens[i], meta.context_lens[i]
         q_i = q[start : start + q_len].transpose(0, 1)[None]
@@ -262,7 +292,9 @@ class PagedAttention(nn.Module):
             visible &= k_pos > q_pos - self.sliding_window
         return visible
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, q_at_cache=None) -> torch.Tensor:
+        if self.sink_tokens:  # the fused kernel knows no sinks
+            return self._decode_with_sinks(q, q_at_cache, meta)
         fits = self.head_dim % 2 == 0 and self.head_dim <= FUSED_MAX_HEAD_DIM
         if self.k_scale_cache is None and self.k_cache.dtype == q.dtype and fits and fused.usable(q):
             # Reads keys and values in place from their blocks: no gathered copy of every context.
@@ -302,3 +334,60 @@ class PagedAttention(nn.Module):
         if length is not None:
             k_scale, v_scale = k_scale[:, :length], v_scale[:, :length]
         return dequantize_kv(k, k_scale, dtype), dequantize_kv(v, v_scale, dtype)
+
+    def _one_sequence_with_sinks(self, q, k, v, q_at_cache, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        """``_one_sequence`` reading only the sinks and the blocks the chunk's windows touch."""
+        start, q_len, ctx_len = meta.query_start_locs[i], meta.query_lens[i], meta.context_lens[i]
+        first_query = ctx_len - q_len
+        if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
+            key_start, keys, values = 0, k[start : start + q_len][None], v[start : start + q_len][None]
+        else:
+            first_block = max(0, first_query - self.sliding_window + 1) // meta.block_size
+            key_start = first_block * meta.block_size
+            keys, values = self._gather(
+                meta.block_tables[i : i + 1, first_block:], ctx_len - key_start, q.dtype
+            )
+        num_sinks = min(self.sink_tokens, ctx_len)
+        if key_start == 0:
+            sinks = keys[:, :num_sinks], values[:, :num_sinks]
+        else:
+            sinks = self._gather(
+                meta.block_tables[i : i + 1, : -(-num_sinks // meta.block_size)], num_sinks, q.dtype
+            )
+        device = q.device
+        out = attend_with_sinks(
+            q[start : start + q_len].transpose(0, 1)[None],
+            q_at_cache[start : start + q_len].transpose(0, 1)[None],
+            torch.arange(first_query, ctx_len, device=device)[None],
+            (keys.transpose(1, 2), values.transpose(1, 2)),
+            torch.arange(key_start, ctx_len, device=device)[None],
+            (sinks[0].transpose(1, 2), sinks[1].transpose(1, 2)),
+            self.sliding_window,
+            self.scale,
+        )
+        return out[0].transpose(0, 1)
+
+    def _decode_with_sinks(self, q, q_at_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence over its sinks and the blocks its window touches, [B, heads, d]."""
+        block_size, tables = meta.block_size, meta.block_tables
+        device, lens = q.device, meta.context_lens_tensor
+        # Blocks that cover any window of W positions; columns past a table's end read padding
+        # whose positions lie past the query, hence masked.
+        span = min(-(-self.sliding_window // block_size) + 1, tables.shape[1])
+        first_block = (lens - self.sliding_window).clamp(min=0) // block_size
+        columns = (first_block[:, None] + torch.arange(span, device=device)).clamp(max=tables.shape[1] - 1)
+        keys, values = self._gather(tables.gather(1, columns), None, q.dtype)
+        key_positions = first_block[:, None] * block_size + torch.arange(keys.shape[1], device=device)
+        num_sinks = min(self.sink_tokens, tables.shape[1] * block_size)
+        sink_k, sink_v = self._gather(tables[:, : -(-num_sinks // block_size)], num_sinks, q.dtype)
+        out = attend_with_sinks(
+            q[:, :, None],
+            q_at_cache[:, :, None],
+            (lens - 1)[:, None],
+            (keys.transpose(1, 2), values.transpose(1, 2)),
+            key_positions,
+            (sink_k.transpose(1, 2), sink_v.transpose(1, 2)),
+            self.sliding_window,
+            self.scale,
+        )
+        return out[:, :, 0]

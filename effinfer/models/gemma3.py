@@ -43,6 +43,8 @@ class Gemma3Config(ModelConfig):
             self.local_layers = [w is not None for w in self.sliding_windows] or [False] * self.num_layers
         if len(self.local_layers) != self.num_layers:
             raise ConfigError(f"{len(self.local_layers)} layer types for {self.num_layers} layers")
+        if self.attention_sinks:
+            raise ConfigError("attention sinks are implemented for the Llama family, not for Gemma 3")
         if not self.query_pre_attn_scalar > 0:
             raise ConfigError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
 

@@ -16,6 +16,8 @@ from torch import nn
 from effinfer.config import ModelConfig
 from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
+from effinfer.layers.attention_sinks import cache_positions
+from effinfer.layers.cache_spec import AttentionCacheSpec
 from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
@@ -38,10 +40,17 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_windows[layer_index]
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            config.sliding_windows[layer_index],
+            sink_tokens=config.attention_sinks,
         )
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata, sink_cos_sin: tuple | None = None
+    ) -> torch.Tensor:
+        """``sink_cos_sin``: with attention sinks, the rotation at each query's cache position."""
         qkv = self.qkv_proj(x)
         num_tokens, (q_size, kv_size, _) = qkv.shape[0], self.qkv_proj.shard_sizes
         heads, kv_heads = self.num_heads, self.num_kv_heads
@@ -49,8 +58,10 @@ class LlamaAttention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(num_tokens, kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        # Attention sinks score the sink keys with the query at its cache position (a second rotation).
+        q_at_cache = None if sink_cos_sin is None else apply_rotary_(qk[:, :heads].clone(), sink_cos_sin)
         q, k = apply_rotary_(qk, cos_sin).split([heads, kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, q_at_cache))
 
 
 class LlamaMLP(nn.Module):
@@ -72,8 +83,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos_sin, meta)
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, meta: AttentionMetadata, sink_cos_sin: tuple | None = None
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos_sin, meta, sink_cos_sin)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm
         return x + self.mlp(h)
 
@@ -86,14 +99,19 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_sinks = config.attention_sinks
+        self.sliding_window = config.sliding_windows[0] if config.attention_sinks else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions)
+        sink_cos_sin = None
+        if self.attention_sinks:
+            sink_cos_sin = self.rotary(cache_positions(positions, self.attention_sinks, self.sliding_window))
         for layer in self.layers:
-            x = layer(x, cos_sin, meta)
+            x = layer(x, cos_sin, meta, sink_cos_sin)
         return self.norm(x)
 
 
@@ -185,6 +203,11 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def cache_specs(self) -> list[AttentionCacheSpec]:
+        """What each decoder layer caches per sequence (the engine sizes and frees KV from these)."""
+        sinks = self.config.attention_sinks
+        return [AttentionCacheSpec(w, sinks if w else 0) for w in self.config.sliding_windows]
 
     # ---------------------------------------------------------------- what compression sees
 
