@@ -60,7 +60,7 @@ def rotated_inputs(length: int, sinks: int, window: int, seed: int = 0):
 
 
 def paged_layer(sinks: int, window: int | None, num_blocks: int = 64) -> PagedAttention:
-    layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, window, sinks)
+    layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, window, sink_tokens=sinks)
     layer.k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     layer.v_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     return layer

@@ -144,6 +144,7 @@ class PagedAttention(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         sliding_window: int | None = None,
+        *,
         scale: float | None = None,
         sink_tokens: int = 0,
     ) -> None:
