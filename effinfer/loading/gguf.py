@@ -44,7 +44,7 @@ from effinfer.loading.gguf_quants import (
 from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
-from effinfer.models.registry import family_for_gguf, model_class
+from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -207,9 +207,11 @@ class GGUFFile:
         from effinfer.loading.gguf_tokenizer import tokenizer_from_gguf
 
         tokenizer = tokenizer_from_gguf(self.metadata)
-        template = family_for_gguf(self.architecture).default_chat_template
-        if tokenizer.chat_template is None and template:
-            tokenizer.chat_template = tokenizer.chat_templates["default"] = template
+        # A vocabulary-only file may name an architecture effinfer cannot run; its tokenizer still works.
+        if tokenizer.chat_template is None and self.architecture in gguf_architectures():
+            template = family_for_gguf(self.architecture).default_chat_template
+            if template:
+                tokenizer.chat_template = tokenizer.chat_templates["default"] = template
         return tokenizer
 
     def load_model(
