@@ -176,3 +176,27 @@ def test_a_dear_verifying_sequence_concentrates_the_drafts():
 
     chosen = value(sum(k > 0 for k in ks), 4)
     assert all(chosen >= value(s, k) - 1e-9 for s in range(17) for k in range(5))
+
+
+def test_one_stalled_step_does_not_tilt_the_cost_fit():
+    """A step that stalls (another process took the CPU) counts at most twice its prediction, so
+    the fitted slopes stay near the truth instead of following the outlier for dozens of steps."""
+    adaptive = AdaptiveSpeculationLength(max_k=4)
+    for n in range(1, 40):
+        adaptive.cost_model.observe(n, 1 + n / 8)
+    adaptive.cost_model.observe(20, 100.0)
+    cost = adaptive.cost_model.coefficients()
+    assert cost.fixed == pytest.approx(1, rel=0.3) and cost.per_token == pytest.approx(1 / 8, rel=0.3)
+
+
+def test_new_sequence_starts_from_the_pooled_rate():
+    """Where drafts have been accepted almost always, a new sequence's prior is that rate, and one
+    rejected first draft leaves it drafting instead of idle until the next probe."""
+    adaptive = AdaptiveSpeculationLength(max_k=4)
+    for key in range(8):
+        for _ in range(5):
+            adaptive.observe(key, 4, 4)
+    assert adaptive.pooled_rate > 0.9
+    assert adaptive.rate(100) == adaptive.pooled_rate
+    adaptive.observe(100, 4, 0)
+    assert adaptive.rate(100) > 0.4  # from the fixed prior of 0.6 one rejection gave 0.27

@@ -221,9 +221,10 @@ class LLMEngine:
         sampling = [entry for entry in batch if entry.samples]
         for entry in batch:
             entry.seq.num_computed_tokens += entry.num_new_tokens
+        accepted = None
         if self.speculator is not None:
             accepted = self.speculator.accept(sampling, logits, self._sampling_row)
-        else:
+        if accepted is None:
             sampled = self.sampler(logits, [self._sampling_row(entry.seq) for entry in sampling])
             accepted = [AcceptedTokens([t], [lp], 0, 0) for t, lp in zip(sampled.token_ids, sampled.logprobs)]
         for entry, result in zip(sampling, accepted):

@@ -43,8 +43,9 @@ class Speculator(Protocol):
         batch: list[ScheduledSeq],
         logits: torch.Tensor,
         sampling_row: Callable[[Sequence, list[int]], SamplingRow],
-    ) -> list[AcceptedTokens]:
-        """Tokens for every sampling entry of ``batch``, from its 1 + len(drafts) logit rows in order.
+    ) -> list[AcceptedTokens] | None:
+        """Tokens for every sampling entry of ``batch``, from its 1 + len(drafts) logit rows in order,
+        or None when no entry carries drafts: then the engine samples as without speculation.
 
         ``sampling_row(seq, extra)`` is how the engine would sample ``seq`` after ``extra`` more tokens.
         """

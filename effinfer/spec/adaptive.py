@@ -7,9 +7,11 @@ k per sequence from the batch's load.
 Idea: keep each sequence's acceptance rate as a moving average and a measured model of step time
 against the step's query tokens; each step, give the next draft slot to the sequence whose next
 draft is the likeliest to be accepted, as long as the batch's expected tokens per second rises.
-A sequence that has drafted nothing for a while (its acceptance fell, or the batch made drafts too
-dear) is re-probed: for one step it competes at the prior rate, so its estimate is refreshed
-whenever drafting could pay, and never while the step cost rules drafts out for any rate.
+A new sequence starts from the rate pooled over all recent verifications (what this proposer
+achieves on this workload), so one unlucky first draft does not switch it off. A sequence that has
+drafted nothing for a while (its acceptance fell, or the batch made drafts too dear) is re-probed:
+for one step it competes at least at the prior rate, so its estimate is refreshed whenever
+drafting could pay, and never while the step cost rules drafts out for any rate.
 Switch on: ``LLM(model, speculative_model=..., speculative_adaptive=True)`` or
 ``--speculative-adaptive``; without it ``num_speculative_tokens`` are drafted every step.
 """
@@ -61,15 +63,25 @@ class StepCostModel:
     """
 
     def __init__(
-        self, decay: float = 0.98, prior_token_share: float = 0.05, prior_weight: float = 4.0
+        self,
+        decay: float = 0.98,
+        prior_token_share: float = 0.05,
+        prior_weight: float = 4.0,
+        outlier_factor: float = 2.0,
     ) -> None:
         self.decay = decay
         self.prior_token_share = prior_token_share
         self.prior_weight = prior_weight
+        self.outlier_factor = outlier_factor
         self._xtx = torch.zeros(3, 3, dtype=torch.float64)  # features: 1, tokens, verifiers
         self._xty = torch.zeros(3, dtype=torch.float64)
 
     def observe(self, num_tokens: int, seconds: float, num_verifiers: int = 0) -> None:
+        """One measured step. Once a few steps are in, a step is counted at most ``outlier_factor``
+        times its prediction: one stall (another process, a collection) would otherwise tilt the
+        slopes for dozens of steps, and while no one drafts, no step of another size corrects them."""
+        if float(self._xtx[0, 0]) >= 3.0:
+            seconds = min(seconds, self.outlier_factor * self.coefficients()(num_tokens, num_verifiers))
         x = torch.tensor([1.0, num_tokens, num_verifiers], dtype=torch.float64)
         self._xtx.mul_(self.decay).add_(torch.outer(x, x))
         self._xty.mul_(self.decay).add_(x * seconds)
@@ -104,12 +116,16 @@ class AdaptiveSpeculationLength:
         decay: float = 0.8,
         min_rate: float = 0.1,
         probe_interval: int = 16,
+        pooled_decay: float = 0.95,
     ) -> None:
         self.max_k = max_k
         self.initial_rate = initial_rate
         self.decay = decay
         self.min_rate = min_rate
         self.probe_interval = probe_interval
+        self.pooled_decay = pooled_decay
+        # Every sequence's trials together, weighted as a few trials at the prior to begin with.
+        self._pooled = _Acceptance(initial_rate * 4, 4.0)
         self.cost_model = StepCostModel()
         self._acceptance: dict[int, _Acceptance] = {}
         self._step_started: float | None = None
@@ -117,7 +133,12 @@ class AdaptiveSpeculationLength:
 
     def rate(self, key: int) -> float:
         state = self._acceptance.get(key)
-        return state.rate if state else self.initial_rate
+        return state.rate if state else self.pooled_rate
+
+    @property
+    def pooled_rate(self) -> float:
+        """The acceptance rate over all sequences' recent verifications: a new sequence's prior."""
+        return self._pooled.rate
 
     def choose(self, keys: list[int], limits: list[int], other_tokens: int) -> list[int]:
         """Draft counts (each at most its limit) for the sequences ``keys``, which each verify one
@@ -188,9 +209,9 @@ class AdaptiveSpeculationLength:
         """
         state = self._acceptance.get(key)
         if state is None:
-            return self.initial_rate
+            return self.pooled_rate
         if state.steps_idle >= self.probe_interval:
-            return max(state.rate, self.initial_rate)
+            return max(state.rate, self.pooled_rate, self.initial_rate)
         return state.rate if state.rate >= self.min_rate else 0.0
 
     def step_started(self, num_tokens: int, num_verifiers: int, decode_only: bool) -> None:
@@ -209,8 +230,10 @@ class AdaptiveSpeculationLength:
         if num_drafts == 0:
             return
         trials = num_accepted + (num_accepted < num_drafts)
-        # A new sequence starts from one pseudo-trial at the initial rate, so one step cannot zero it.
-        state = self._acceptance.setdefault(key, _Acceptance(self.initial_rate, 1.0))
+        # A new sequence starts from one pseudo-trial at the pooled rate, so one step cannot zero it.
+        state = self._acceptance.setdefault(key, _Acceptance(self.pooled_rate, 1.0))
+        self._pooled.accepted = self.pooled_decay * self._pooled.accepted + num_accepted
+        self._pooled.trials = self.pooled_decay * self._pooled.trials + trials
         state.accepted = self.decay * state.accepted + num_accepted
         state.trials = self.decay * state.trials + trials
 

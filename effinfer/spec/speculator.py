@@ -63,14 +63,18 @@ class SpeculativeDecoder:
         batch: list[ScheduledSeq],
         logits: torch.Tensor,
         sampling_row: Callable[[Sequence, list[int]], SamplingRow],
-    ) -> list[AcceptedTokens]:
+    ) -> list[AcceptedTokens] | None:
+        if self.adaptive is not None:
+            self.adaptive.step_verified()  # logits are in hand: the target's step is over
+        if not any(e.draft_token_ids for e in batch):
+            # Nothing to verify (adaptive k switched drafting off): the batched sampler is faster
+            # than the per-sequence acceptance loop below, which cost ~13% at batch 16.
+            return None
         rows = [
             sampling_row(e.seq, e.draft_token_ids[:j])
             for e in batch
             for j in range(len(e.draft_token_ids) + 1)
         ]
-        if self.adaptive is not None:
-            self.adaptive.step_verified()  # logits are in hand: the target's step is over
         probs = next_token_probs(logits, rows)
         results, start = [], 0
         for entry in batch:
