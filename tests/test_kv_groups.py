@@ -156,7 +156,7 @@ def test_prefill_logits_match_hf(model):
         {},
         {"enable_prefix_caching": False},
         {"enable_chunked_prefill": True, "max_num_batched_tokens": 8},
-        {"speculative_model": "ngram", "num_speculative_tokens": 3},
+        {"speculative_model": "ngram", "num_speculative_tokens": 3, "speculative_adaptive": False},
     ],
     ids=["prefix-caching", "no-prefix-caching", "chunked-prefill", "ngram-speculation"],
 )
@@ -180,7 +180,7 @@ def test_sliding_window_draft_model_keeps_greedy_tokens(model, tmp_path):
     other = "qwen2-mixed" if name == "mistral" else "mistral"
     arch, overrides = MODELS[other]
     _, draft = make_hf_model(arch, tmp_path / other, seed=1, **overrides)
-    llm = _llm(path, speculative_model=str(draft), num_speculative_tokens=3)
+    llm = _llm(path, speculative_model=str(draft), num_speculative_tokens=3, speculative_adaptive=False)
     outputs = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine.stats().num_draft_tokens > 0

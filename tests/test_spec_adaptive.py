@@ -101,13 +101,13 @@ def test_cost_model_shortens_drafts_as_the_batch_grows():
     assert value(batched) >= best_uniform - 1e-3
 
 
-def test_flag_switches_adaptation_on():
+def test_adaptation_is_the_default_and_a_flag_pins_k():
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)
-    assert EngineArgs.from_cli_args(parser.parse_args([])).speculative_adaptive is False
-    on = parser.parse_args(["--speculative-adaptive"])
-    assert EngineArgs.cli_kwargs(on)["speculative_adaptive"] is True
-    assert EngineArgs.from_cli_args(on).speculative_adaptive is True
+    assert EngineArgs.from_cli_args(parser.parse_args([])).speculative_adaptive is True
+    fixed = parser.parse_args(["--no-speculative-adaptive"])
+    assert EngineArgs.cli_kwargs(fixed)["speculative_adaptive"] is False
+    assert EngineArgs.from_cli_args(fixed).speculative_adaptive is False
 
 
 def _compute_bound(adaptive: AdaptiveSpeculationLength) -> None:

@@ -115,7 +115,10 @@ def test_greedy_speculation_is_token_identical(stories260k, plain, llama2xs, pro
     params = [GREEDY] * len(PROMPTS) + [SamplingParams(temperature=0, max_tokens=37, n=2, ignore_eos=True)]
     reference = _tokens(plain.generate(prompts, params))
     model = "ngram" if proposer == "ngram" else str(llama2xs)
-    llm = LLM(str(stories260k), speculative_model=model, num_speculative_tokens=4, show_progress=False)
+    llm = LLM(
+        str(stories260k), speculative_model=model, num_speculative_tokens=4, speculative_adaptive=False,
+        show_progress=False,
+    )  # fmt: skip
     assert _tokens(llm.generate(prompts, params)) == reference
     stats = llm.engine.stats()
     assert stats.num_accepted_tokens > 0 and stats.spec_mean_accepted_length > 1
@@ -129,7 +132,7 @@ def test_speculation_with_chunked_prefill_stop_strings_and_streaming(stories260k
     stop = reference[0].outputs[0].text[20:26]
     stopped = SamplingParams(temperature=0, max_tokens=50, stop=[stop], ignore_eos=True)
     llm = LLM(
-        str(stories260k), speculative_model="ngram", num_speculative_tokens=3,
+        str(stories260k), speculative_model="ngram", num_speculative_tokens=3, speculative_adaptive=False,
         enable_chunked_prefill=True, max_num_batched_tokens=16, show_progress=False,
     )  # fmt: skip
     assert _tokens(llm.generate(PROMPTS, GREEDY)) == _tokens(reference)
@@ -154,7 +157,11 @@ def test_draft_model_survives_preemption(stories260k, plain, llama2xs):
     reference = _tokens(plain.generate(PROMPTS * 2, GREEDY))
     per_block = kv_bytes_per_block(plain.engine.model_config, 16, plain.engine.dtype)
     llm = LLM(
-        str(stories260k), speculative_model=str(llama2xs), kv_cache_memory=12 * per_block, show_progress=False
+        str(stories260k),
+        speculative_model=str(llama2xs),
+        speculative_adaptive=False,
+        kv_cache_memory=12 * per_block,
+        show_progress=False,
     )
     assert _tokens(llm.generate(PROMPTS * 2, GREEDY)) == reference
     stats = llm.engine.stats()

@@ -20,7 +20,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def spec_llm(stories260k):
-    return LLM(str(stories260k), speculative_model="ngram", num_speculative_tokens=4, show_progress=False)
+    return LLM(
+        str(stories260k), speculative_model="ngram", num_speculative_tokens=4, speculative_adaptive=False,
+        show_progress=False,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,9 @@ def spec_server(stories260k):
     pytest.importorskip("openai")
     from tests.test_serve import start_server
 
-    running = start_server(stories260k, speculative_model="ngram", num_speculative_tokens=4)
+    running = start_server(
+        stories260k, speculative_model="ngram", num_speculative_tokens=4, speculative_adaptive=False
+    )
     yield running
     running.stop()
 
