@@ -106,6 +106,41 @@ def decode_speed(models: dict[str, Path], batch: int, context: int, repeats: int
     }
 
 
+def with_max_positions(model_dir: Path, out: Path, max_positions: int) -> Path:
+    """The same weights with ``max_position_embeddings`` raised, for timing contexts past the
+    512 tokens the default model was trained on: a step's cost does not depend on the weights'
+    values, only on shapes and context, so the text past 512 tokens may be nonsense."""
+    out.mkdir(parents=True, exist_ok=True)
+    for file in model_dir.iterdir():
+        target = out / file.name
+        if file.name == "config.json":
+            config = json.loads(file.read_text()) | {"max_position_embeddings": max_positions}
+            target.write_text(json.dumps(config, indent=2))
+        elif file.is_file() and not target.exists():
+            target.symlink_to(file.resolve())
+    return out
+
+
+def speed_only(work: Path, kv_heads: list[int], contexts: list[int], batch: int, repeats: int) -> int:
+    """Decode speed of MHA vs the converted models at each context, ratios within one run."""
+    max_positions = max(contexts)
+    models = {"MHA": with_max_positions(DEFAULT_MODEL_DIR, work / f"mha-{max_positions}", max_positions)}
+    for heads in kv_heads:
+        converted = work / f"gqa{heads}"
+        if not converted.is_dir():
+            convert_to_gqa(DEFAULT_MODEL_DIR, converted, heads, show_progress=False)
+        name = "MQA-1" if heads == 1 else f"GQA-{heads}"
+        models[name] = with_max_positions(converted, work / f"gqa{heads}-{max_positions}", max_positions)
+    print("| context | " + " | ".join(f"{n} tok/s (ratio)" for n in models) + " |")
+    print("|---:|" + "---:|" * len(models))
+    for context in contexts:
+        speeds = decode_speed(models, batch, context, repeats)
+        mha = speeds["MHA"]["median"]
+        cells = " | ".join(f"{speeds[n]['median']:.1f} ({speeds[n]['median'] / mha:.2f})" for n in models)
+        print(f"| {context} | {cells} |", flush=True)
+    return 0
+
+
 def kv_bytes_per_token(path: Path, dtype: torch.dtype) -> int:
     llm = LLM(str(path), device="cpu", dtype=str(dtype).removeprefix("torch."), show_progress=False)
     block_size = llm.engine.config.block_size
@@ -155,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=8.0, help="cap on each uptraining run")
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--decode-context", type=int, default=496)
+    parser.add_argument(
+        "--speed-only", type=int, nargs="+", metavar="CONTEXT",
+        help="only decode speed, at these contexts (past 512: the same weights with more positions)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -164,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(args.replot.read_text()), args.plot)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.speed_only:
+        return speed_only(args.work, args.kv_heads, args.speed_only, args.decode_batch, args.repeats)
     models = {"MHA (4 KV heads)": {"path": DEFAULT_MODEL_DIR, "color": "tab:blue"}}
     uptraining = {}
     for heads in args.kv_heads:
