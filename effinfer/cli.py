@@ -31,6 +31,7 @@ from effinfer.compress.gqa import convert_to_gqa
 from effinfer.compress.quant import pipeline as quantize
 from effinfer.config import EngineArgs
 from effinfer.eval import perplexity
+from effinfer.report import cli as report
 from effinfer.serve import cli as serve
 from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError
 
@@ -203,6 +204,7 @@ COMMANDS = (
     partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,
     train.register,
+    report.register,
 )
 
 
