@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from effinfer.config import parse_bytes
+from effinfer.config import EngineConfig, parse_bytes
 from effinfer.default_model import default_model_path, heldout_text_path
 from effinfer.report.measure import MeasureSettings
 from effinfer.report.render import compare_html, compare_markdown, write_report
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="directory for index.html, report.json, report.md and the charts")
     parser.add_argument("--budget-minutes", type=float, help="stop starting techniques that would not fit")
     parser.add_argument("--techniques", help=f"comma-separated, default all: {', '.join(TECHNIQUES)}")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the engine's)")
     parser.add_argument("--dtype", default="auto", help="activation dtype (default: the model's)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens timed in batch-1 decode")
@@ -77,7 +77,8 @@ def run_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
     command = getattr(args, "command_line", None) or shlex.join(["effinfer", *sys.argv[1:]])
     budget = None if args.budget_minutes is None else args.budget_minutes * 60
-    report = run_report(args.model or default_model_path(), settings, names, budget, args.device, command,
+    device = EngineConfig(device=args.device).device  # checked, and "auto" resolved
+    report = run_report(args.model or default_model_path(), settings, names, budget, device, command,
                         show_progress=not args.no_progress)  # fmt: skip
     files = write_report(report.to_dict(), Path(args.out))
     print(Path(files[1]).read_text())

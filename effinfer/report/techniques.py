@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from effinfer.compress.quant.pipeline import QuantizeOptions, quantize
 from effinfer.config import ConfigError, EngineArgs, ModelConfig
 from effinfer.loading.gguf import GGUFFile, is_gguf_file
 from effinfer.quant.registry import SCHEMES
@@ -147,6 +148,18 @@ register_technique(Technique(
 ))  # fmt: skip
 
 
+def _float_applies(target: Target) -> str | None:
+    if not target.is_gguf:
+        return "the model already has float weights (the baseline)"
+    return _needs_float_weights(target)
+
+
+register_technique(Technique(
+    "float", "float (dequantized)", "the GGUF file's weights dequantized to bfloat16: what quantization saves",
+    58, 1.5, lambda t: Prepared(t.float_checkpoint(), {}, _float_copy_setup(t)), _float_applies,
+))  # fmt: skip
+
+
 def _online_scheme(name: str, description: str, value: int, cost: float) -> Technique:
     def prepare(target: Target) -> Prepared:
         model = target.float_checkpoint()
@@ -197,8 +210,6 @@ def _calibrated(method: str, label: str, value: int, cost: float) -> Technique:
     """GPTQ / AWQ: ``effinfer quantize`` writes a checkpoint from a calibration text, then it is loaded."""
 
     def prepare(target: Target) -> Prepared:
-        from effinfer.compress.quant.pipeline import QuantizeOptions, quantize
-
         source = target.float_checkpoint()
         out = target.workdir / f"{method}-int4"
         # A short calibration (32 rows of 256 tokens) keeps the report's budget; see docs/report.md.
