@@ -4,7 +4,10 @@ a distilled stories260K student that effinfer and transformers load, and one-lin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +274,17 @@ def test_hidden_matching_trains_and_checkpoints_its_projection(stories260k, stor
     state = torch.load(tmp_path / "full" / "training" / "checkpoint.pt", weights_only=True)
     assert state["objective"]["projection.weight"].shape == (64, 32)
     assert not any("projection" in name for name in load_file(tmp_path / "full" / "model.safetensors"))
+
+
+def test_two_processes_follow_the_single_process_curve(stories260k, stories_files, tmp_path):
+    flags = ["--data", str(stories_files), "--teacher", str(stories260k), *STUDENT, *RUN, "--max-steps", "4"]
+    flags += ["--warmup-steps", "1", "--lr", "1e-2", "--kd-weight", "0.7", "--kd-temperature", "2"]
+    assert distill_main([*flags, "--out", str(tmp_path / "single")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "effinfer.train.distill", *flags, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, parallel = summary(tmp_path / "single"), summary(tmp_path / "ddp")
+    assert parallel["hardware"]["processes"] == 2 and parallel["global_batch_rows"] == 4
+    np.testing.assert_allclose(parallel["step_losses"], single["step_losses"], rtol=1e-4)

@@ -227,7 +227,17 @@ def teacher_tokenizer_dir(teacher: Checkpoint, gguf_target: Path) -> Path:
     return gguf_target
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+DESCRIPTION = __doc__.split("\n")[0].replace("``", "")
+# (flag, DistillConfig field, help) of the loss's numbers.
+LOSS_FLAGS = (
+    ("--kd-weight", "kd_weight", "share of the KL term; the rest is cross-entropy on the text (0: no teacher)"),
+    ("--kd-temperature", "kd_temperature", "softmax temperature T of teacher and student"),
+    ("--hidden-weight", "hidden_weight", "add this times the MSE of the final hidden states (a learned "
+     "projection maps the student's width to the teacher's); 0: off"),
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``effinfer train``'s flags (data, student model, optimisation, output) plus the teacher and the loss."""
     add_train_arguments(parser)
     kd = parser.add_argument_group("distillation")
@@ -239,28 +249,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the student from this HF model directory (same as --init; default: a fresh model "
         "from the model flags); it must have the teacher's vocabulary",
     )
-    kd.add_argument(
-        "--kd-weight",
-        type=float,
-        default=DistillConfig.kd_weight,
-        help="share of the KL term; the rest is cross-entropy on the text (0: plain training, no teacher)",
-    )
-    kd.add_argument(
-        "--kd-temperature", type=float, default=DistillConfig.kd_temperature, help="softmax temperature T"
-    )
+    for flag, field_name, text in LOSS_FLAGS:
+        kd.add_argument(flag, type=float, default=getattr(DistillConfig, field_name), help=text)
     kd.add_argument(
         "--kd-loss",
         choices=KD_LOSSES,
         default=DistillConfig.kd_loss,
         help="forward: KL(teacher || student) (Hinton et al.); reverse: KL(student || teacher) (MiniLLM)",
     )
-    kd.add_argument(
-        "--hidden-weight",
-        type=float,
-        default=DistillConfig.hidden_weight,
-        help="add this times the MSE between final hidden states (through a learned projection "
-        "when the widths differ); 0: off",
-    )
+    return parser
 
 
 run = partial(
@@ -270,21 +267,14 @@ run = partial(
 
 def register(subparsers) -> None:
     """Adds ``distill`` to the ``effinfer`` subcommands."""
-    parser = subparsers.add_parser(
-        "distill",
-        help="distill a teacher model into a smaller student (also under torchrun)",
-        description=__doc__.split("\n")[0].replace("``", ""),
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+    help_text = "distill a teacher model into a smaller student (also under torchrun)"
+    parser = subparsers.add_parser("distill", help=help_text, description=DESCRIPTION)
+    add_arguments(parser).set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="effinfer distill", description=__doc__.split("\n")[0].replace("``", "")
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser = argparse.ArgumentParser(prog="effinfer distill", description=DESCRIPTION)
+    return run(add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":
