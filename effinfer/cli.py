@@ -1,4 +1,4 @@
-"""The ``effinfer`` command line: generate, chat, serve, eval, quantize, convert, bench, train.
+"""The ``effinfer`` command line: generate, chat, serve, eval, quantize, convert, bench, train, distill.
 
 Every command registers itself the same way: its module has ``register(subparsers)``, which adds its
 parser and sets ``func``; ``main`` builds the parser from ``COMMANDS`` and calls ``args.func(args)``.
@@ -34,6 +34,7 @@ from effinfer.eval import perplexity
 from effinfer.report import cli as report
 from effinfer.serve import cli as serve
 from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE, TokenizerError
+from effinfer.train import distill
 
 # What a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (
@@ -204,6 +205,7 @@ COMMANDS = (
     partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,
     train.register,
+    distill.register,
     report.register,
 )
 

@@ -137,6 +137,23 @@ class Tokenizer:
             chat_templates=_load_chat_templates(path, tokenizer_config),
         )
 
+    def save(self, directory: str | Path) -> Path:
+        """Write it as an HF tokenizer directory that ``from_dir`` reads back (e.g. a GGUF file's vocabulary)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+        if self._explicit_bos_eos is not None:
+            config["add_bos_token"], config["add_eos_token"] = self._explicit_bos_eos
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if self.chat_template:
+            (directory / "chat_template.jinja").write_text(self.chat_template)
+        return directory
+
     def _register_config_special_tokens(self, tok_cfg: dict[str, Any]) -> None:
         # transformers marks the config's special tokens as special in the backend, which makes them match as
         # whole tokens in input text and get skipped by decode; do the same for those already in the vocabulary.

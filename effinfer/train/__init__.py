@@ -110,16 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+def run(
+    args: argparse.Namespace,
+    config_class: type[TrainConfig] = TrainConfig,
+    trainer_class: type[Trainer] = Trainer,
+    command: str = "effinfer train",
+) -> int:
+    """Build the config from the flags and train; ``effinfer distill`` passes its own config and trainer."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
     options = {key: value for key, value in vars(args).items() if key in fields}
     options["include"] = _comma_list(args.include)
     options["exclude"] = _comma_list(args.exclude)
     try:
-        config = TrainConfig(**options)
-        Trainer(config).run()
+        config = config_class(**options)
+        trainer_class(config).run()
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"effinfer train: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

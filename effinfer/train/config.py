@@ -44,6 +44,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     init: Path | None = None
+    tokenizer_dir: Path | None = None  # encode the data with this HF tokenizer (default: --init's)
     resume: bool = False
     save_dtype: str = "bfloat16"
     precision: str = "bf16"
@@ -53,6 +54,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.init = Path(self.init) if self.init else None
+        self.tokenizer_dir = Path(self.tokenizer_dir) if self.tokenizer_dir else None
         self.kv_heads = self.heads if self.kv_heads is None else self.kv_heads
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)

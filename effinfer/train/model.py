@@ -98,7 +98,8 @@ def load_init_model(path: Path, max_positions: int, device: torch.device) -> tup
     hf_config = json.loads((path / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
     positions = max(max_positions, config.max_position_embeddings)
-    model = load_model(path, config, torch.float32, device, positions, show_progress=False)
+    # Plain float weights: the kernels' inference copy of a finalized Linear is outside autograd.
+    model = load_model(path, config, torch.float32, device, positions, show_progress=False, finalize=False)
     return model, hf_config
 
 

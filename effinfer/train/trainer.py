@@ -65,7 +65,7 @@ class Trainer:
             max_line_chars=cfg.max_line_chars,
             val_fraction=cfg.val_fraction,
             seq_len=cfg.seq_len,
-            init=str(cfg.init) if cfg.init else None,
+            init=str(cfg.tokenizer_dir or cfg.init) if cfg.tokenizer_dir or cfg.init else None,
         )
         # Rank 0 tokenizes; the others wait and then read its cache.
         if self.dist.is_main:
@@ -85,13 +85,15 @@ class Trainer:
             self.hf_config = checkpoint["hf_config"] if checkpoint else self._scratch_config()
             self.model = build_model(self.hf_config, cfg.seq_len, self.device, cfg.seed)
         self.model.train()
-        self.loss_fn: torch.nn.Module = NextTokenLoss(self.model)
+        # The loss holds the model, and any parameters it learns besides (distillation's projection).
+        self.objective = self.build_loss()
+        self.loss_fn: torch.nn.Module = self.objective
         if self.dist.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_fn = DistributedDataParallel(self.loss_fn, device_ids=device_ids)
         # Fuses the many small element-wise ops (norms, rotary, SwiGLU) that dominate a tiny model's step.
         self.compiled_loss = torch.compile(self.loss_fn) if cfg.compile else self.loss_fn
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.objective, cfg.lr, cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.step = 0
         self.position = 0  # training rows consumed so far
@@ -100,6 +102,10 @@ class Trainer:
         self.train_seconds = 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def build_loss(self) -> torch.nn.Module:
+        """The objective of ``loss(inputs, targets)``; a subclass brings its own (``distill.py``'s KD loss)."""
+        return NextTokenLoss(self.model)
 
     def _scratch_config(self) -> dict:
         cfg = self.cfg
@@ -261,6 +267,7 @@ class Trainer:
             return
         state = {
             "model": self.model.state_dict(),
+            "objective": {k: v for k, v in self.objective.state_dict().items() if not k.startswith("model.")},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
@@ -288,6 +295,7 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state.get("objective", {}), strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.position = state["step"], state["position"]
