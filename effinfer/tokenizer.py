@@ -137,6 +137,19 @@ class Tokenizer:
             chat_templates=_load_chat_templates(path, tokenizer_config),
         )
 
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json, which ``from_dir`` reads back as this tokenizer
+        (a GGUF file's vocabulary as an HF directory; its end-of-generation ids go in generation_config.json)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = dict(self.special_tokens)
+        if self._explicit_bos_eos is not None:
+            config["add_bos_token"], config["add_eos_token"] = self._explicit_bos_eos
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
     def _register_config_special_tokens(self, tok_cfg: dict[str, Any]) -> None:
         # transformers marks the config's special tokens as special in the backend, which makes them match as
         # whole tokens in input text and get skipped by decode; do the same for those already in the vocabulary.
