@@ -19,12 +19,12 @@ from effinfer.compress.prune.structured import load_float, main, prune_structure
 from effinfer.config import ConfigError
 
 from .conftest import make_hf_model
+from .test_mha_to_gqa import TOKENS, effinfer_logits
 
 transformers = pytest.importorskip("transformers")
 
 # hidden 96 = 8 heads of 12: every kept head count (1, 2, 3, 4, 6, 8) divides it, as transformers' Llama needs.
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 96, 8, 4, 12, 160
-TOKENS = [[1, 17, 99, 305, 12, 400, 7, 63, 200, 5, 88, 301, 44, 9, 150, 260]]
 # (sparsity, query_sparsity, importance) -> (KV heads, query heads, MLP channels) kept
 CASES = {
     (0.5, 0.0, "activation"): (2, 4, 80),
@@ -51,13 +51,6 @@ def calibration_ids() -> torch.Tensor:
 def hf_logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor(TOKENS)).logits[0]
-
-
-def effinfer_logits(path: Path) -> torch.Tensor:
-    llm = LLM(str(path), dtype="float32", device="cpu", show_progress=False)
-    model = llm.engine.runner.model
-    with torch.no_grad():
-        return model.compute_logits(model.forward_dense(torch.tensor(TOKENS)))[0].float()
 
 
 def module_input(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
