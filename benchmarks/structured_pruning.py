@@ -32,7 +32,7 @@ from effinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path("~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 TEXTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
-# Every engine gets a small KV cache (six are alive at once during the speed rounds) and no prefix
+# Every engine gets a small KV cache (seven are alive at once during the speed rounds) and no prefix
 # cache (the timed prefill repeats a prompt).
 ENGINE = dict(
     device="cpu",
@@ -46,6 +46,7 @@ SETTINGS: dict[str, tuple[float, float, float, str] | None] = {
     "dense": None,
     "mlp 25%": (0.0, 0.25, 0.0, "activation"),
     "mlp 25% (fluctuation)": (0.0, 0.25, 0.0, "fluctuation"),
+    "mlp 25% (taylor)": (0.0, 0.25, 0.0, "taylor"),
     "mlp 50%": (0.0, 0.5, 0.0, "activation"),
     "q-heads 1/3 + mlp 25%": (0.0, 0.25, 1 / 3, "activation"),
     "kv-groups 1/3 + mlp 25%": (1 / 3, 0.25, 0.0, "activation"),

@@ -29,6 +29,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 96, 8, 4, 12, 160
 CASES = {
     (0.5, 0.0, "activation"): (2, 4, 80),
     (0.25, 0.5, "fluctuation"): (3, 3, 120),
+    (0.5, 0.5, "taylor"): (2, 2, 80),
 }
 
 
@@ -73,17 +74,51 @@ def highest(values: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.topk(values, count).indices.tolist())
 
 
+def taylor_terms(hf, ids) -> dict[torch.nn.Module, torch.Tensor]:
+    """LLM-Pruner's |w * dL/dw| of each projection's weight, L the summed next-token loss on ``ids``."""
+    model = copy.deepcopy(hf)
+    logits = model(ids).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    originals = dict(zip(model.modules(), hf.modules()))
+    return {
+        originals[m]: (m.weight.double() * m.weight.grad.double()).abs()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.grad is not None
+    }
+
+
+def attention_scores(hf, layer, ids, importance: str, taylor: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score per query head, score per KV group besides its query heads') as the papers define them:
+    activation scores on the current (already masked) model, Taylor terms of the unpruned one."""
+    attn = layer.self_attn
+    if importance != "taylor":
+        heads = scores(attn.o_proj.weight, module_input(hf, attn.o_proj, ids), importance)
+        return heads.view(HEADS, HEAD_DIM).sum(dim=1), torch.zeros(KV_HEADS, dtype=torch.float64)
+    heads = taylor[attn.q_proj].sum(dim=1) + taylor[attn.o_proj].sum(dim=0)
+    kv = taylor[attn.k_proj].sum(dim=1) + taylor[attn.v_proj].sum(dim=1)
+    return heads.view(HEADS, HEAD_DIM).sum(dim=1), kv.view(KV_HEADS, HEAD_DIM).sum(dim=1)
+
+
+def mlp_scores(hf, layer, ids, importance: str, taylor: dict) -> torch.Tensor:
+    mlp = layer.mlp
+    if importance != "taylor":
+        return scores(mlp.down_proj.weight, module_input(hf, mlp.down_proj, ids), importance)
+    return (
+        taylor[mlp.gate_proj].sum(dim=1) + taylor[mlp.up_proj].sum(dim=1) + taylor[mlp.down_proj].sum(dim=0)
+    )
+
+
 def reference_pruning(hf, ids, kept: tuple[int, int, int], importance: str):
     """Per layer (kept KV heads, kept query heads, kept channels) chosen on transformers' model, which
     is left with the removed heads' o_proj columns and channels' down_proj columns zeroed."""
     kv_kept, heads_kept, channels_kept = kept
     per_group, group = heads_kept // kv_kept, HEADS // KV_HEADS
+    taylor = taylor_terms(hf, ids) if importance == "taylor" else {}
     plans = []
     for layer in hf.model.layers:
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        head_scores = scores(o_proj.weight, module_input(hf, o_proj, ids), importance)
-        head_scores = head_scores.view(HEADS, HEAD_DIM).sum(dim=1)
-        groups = highest(head_scores.view(KV_HEADS, group).sum(dim=1), kv_kept)
+        head_scores, group_extra = attention_scores(hf, layer, ids, importance, taylor)
+        groups = highest(head_scores.view(KV_HEADS, group).sum(dim=1) + group_extra, kv_kept)
         heads = [
             g * group + h
             for g in groups
@@ -92,8 +127,7 @@ def reference_pruning(hf, ids, kept: tuple[int, int, int], importance: str):
         with torch.no_grad():
             for h in set(range(HEADS)) - set(heads):
                 o_proj.weight[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] = 0
-        channel_scores = scores(down_proj.weight, module_input(hf, down_proj, ids), importance)
-        channels = highest(channel_scores, channels_kept)
+        channels = highest(mlp_scores(hf, layer, ids, importance, taylor), channels_kept)
         with torch.no_grad():
             down_proj.weight[:, sorted(set(range(INTERMEDIATE)) - set(channels))] = 0
         plans.append((groups, heads, channels))
@@ -157,7 +191,7 @@ def test_zero_sparsity_keeps_the_model(gqa_llama):
         (dict(sparsity="half"), "sparsity must be a number in [0, 1)"),
         (dict(sparsity=0.9), "would remove all 4 KV groups"),
         (dict(sparsity=0.2, query_sparsity=0.5, mlp_sparsity=1.5), "MLP sparsity must be"),
-        (dict(sparsity=0.2, importance="taylor"), "unknown importance 'taylor'"),
+        (dict(sparsity=0.2, importance="gradient"), "unknown importance 'gradient'"),
     ],
 )
 def test_bad_settings_fail_before_anything_changes(gqa_llama, kwargs, message):

@@ -14,7 +14,10 @@ q/k/v and gate/up Linears consistently. Layers are pruned in order, each one sco
 activations of the already-pruned layers before it (``compress/calibration.py``). Importance
 ``"activation"`` (the default) is ``‖W[:, j]‖² · E[x_j²]``, the expected energy the channel adds
 to the residual stream; FLAP's ``"fluctuation"`` ignores the mean because FLAP adds it back as
-a bias, which Llama's o_proj/down_proj do not have (so no bias compensation here).
+a bias, which Llama's o_proj/down_proj do not have (so no bias compensation here). ``"taylor"``
+is LLM-Pruner's gradient-based first-order term, ``Σ |w · ∂L/∂w|`` over every weight of the
+structure (q/k/v rows, o_proj columns; gate/up rows, down_proj column), from the language-model
+loss of the unpruned model on the calibration rows.
 
 Switch on: ``effinfer prune --method structured --sparsity 0.25 --model M --out DIR``, or before
 that command exists ``python -m effinfer.compress.prune.structured --model M --sparsity 0.25 --out DIR``
@@ -45,7 +48,9 @@ from effinfer.loading.gguf import ROPE_FREQS, GGUFFile, check_loadable, hf_tenso
 from effinfer.models.base import CausalLM
 from effinfer.tokenizer import Tokenizer
 
-IMPORTANCE = ("activation", "fluctuation")
+IMPORTANCE = ("activation", "fluctuation", "taylor")
+# Calibration rows per forward/backward pass of the Taylor importance (bounds the logits' memory).
+TAYLOR_ROWS_PER_PASS = 2
 # Checkpoint tensors (``CausalLM.split_sizes``) of the four Linears a decoder layer must have.
 _ROLES = {
     ("q_proj", "k_proj", "v_proj"): "qkv",
@@ -192,14 +197,26 @@ def prune_structured(
         layer_linears(model, layer)  # every layer is prunable before any is touched
 
     plans: list[LayerPlan] = []
+    taylor = taylor_scores(model, calib_ids) if importance == "taylor" else {}
+    q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
 
     def prune_layer(step: LayerCalibration) -> None:
         linears = layer_linears(model, step.layer)
         o_proj, down_proj = linears["o"], linears["down"]
-        attention_stats = _observe(step, o_proj)
-        head_scores = channel_importance(o_proj.weight, attention_stats, importance)
+        if taylor:  # the query head's q rows and o columns; its KV head's k and v rows
+            qkv_rows = taylor[id(linears["qkv"])]
+            head_scores = qkv_rows[:q_size] + taylor[id(o_proj)]
+            kv_scores = (
+                (qkv_rows[q_size : q_size + kv_size] + qkv_rows[q_size + kv_size :])
+                .view(config.num_kv_heads, config.head_dim)
+                .sum(dim=1)
+            )
+        else:
+            head_scores = channel_importance(o_proj.weight, _observe(step, o_proj), importance)
+            kv_scores = torch.zeros(config.num_kv_heads, dtype=torch.float64)
         head_scores = head_scores.view(config.num_heads, config.head_dim).sum(dim=1)
-        groups = top_indices(head_scores.view(config.num_kv_heads, group_size).sum(dim=1), kv_kept)
+        group_scores = head_scores.view(config.num_kv_heads, group_size).sum(dim=1) + kv_scores
+        groups = top_indices(group_scores, kv_kept)
         query_heads = [
             g * group_size + h
             for g in groups
@@ -207,8 +224,13 @@ def prune_structured(
         ]
         _zero_columns(o_proj, _complement(query_heads, config.num_heads), config.head_dim)
         # The MLP is scored on the output of the already-pruned attention.
-        mlp_stats = _observe(step, down_proj)
-        channels = top_indices(channel_importance(down_proj.weight, mlp_stats, importance), channels_kept)
+        if taylor:
+            gate_up_rows = taylor[id(linears["gate_up"])]
+            inter = config.intermediate_size
+            channel_scores = gate_up_rows[:inter] + gate_up_rows[inter:] + taylor[id(down_proj)]
+        else:
+            channel_scores = channel_importance(down_proj.weight, _observe(step, down_proj), importance)
+        channels = top_indices(channel_scores, channels_kept)
         _zero_columns(down_proj, _complement(channels, config.intermediate_size), 1)
         plans.append(LayerPlan(groups, query_heads, channels))
 
@@ -222,6 +244,46 @@ def prune_structured(
         )
         shrink_layers(model, plans, new_config)
     return plans
+
+
+def taylor_scores(model: CausalLM, calib_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """LLM-Pruner's first-order importance ``|w · ∂L/∂w|`` of every weight of the decoder layers'
+    Linears, summed per output row for q/k/v and gate/up and per input column for o_proj and
+    down_proj (keyed by ``id`` of the Linear). L is the summed next-token cross-entropy of the
+    unpruned model on the calibration rows."""
+    by_role = [layer_linears(model, layer) for layer in model.decoder_layers()]
+    linears = [linear for roles in by_role for linear in roles.values()]
+    tracked = {id(p) for linear in linears for p in linear.parameters()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in tracked)
+        p.grad = None
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for rows in calib_ids.to(device).split(TAYLOR_ROWS_PER_PASS):
+                logits = model.compute_logits(model.forward_dense(rows))[:, :-1].float()
+                loss = nn.functional.cross_entropy(
+                    logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"
+                )
+                loss.backward()
+        scores = {}
+        for roles in by_role:
+            for role, linear in roles.items():
+                first_order = (linear.weight.detach().double() * linear.weight.grad.double()).abs()
+                if role in ("o", "down"):
+                    scores[id(linear)] = first_order.sum(dim=0).cpu()
+                    continue
+                if linear.bias is not None:
+                    first_order = torch.cat(
+                        [first_order, (linear.bias.double() * linear.bias.grad.double()).abs()[:, None]], 1
+                    )
+                scores[id(linear)] = first_order.sum(dim=1).cpu()
+    finally:
+        for p, flag in requires_grad.items():
+            p.grad = None
+            p.requires_grad_(flag)
+    return scores
 
 
 def _observe(step: LayerCalibration, linear: Linear) -> _ChannelStats:
@@ -397,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--query-sparsity", type=float, default=0.0, help="share of query heads removed per group"
     )
-    parser.add_argument("--importance", choices=IMPORTANCE, default="activation")
+    parser.add_argument(
+        "--importance", choices=IMPORTANCE, default="activation", help="how structures are ranked"
+    )
     parser.add_argument("--calib", help="calibration text (default: the default model's calibration text)")
     parser.add_argument("--num-samples", type=int, default=64, help="calibration rows")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
