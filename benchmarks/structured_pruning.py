@@ -7,6 +7,9 @@ validation text) and is written with the same writer as the dense baseline, in b
 models differ only in what was removed. Perplexity is scored on the first half of that text (held
 out from calibration) and on Tiny Shakespeare (another domain); speed is batch-1 decode and a
 512-token prefill, the models taking turns so a busy moment of the shared machine hits each alike.
+With ``--recover-steps N``, the dense model and the pruned ones named by ``--recover`` are each
+fine-tuned for N steps with ``effinfer train --init`` on the calibration half (same flags and seed),
+so a recovered model is compared with a dense model that saw the same text.
 
     python benchmarks/structured_pruning.py --work /tmp/structured \\
         --json docs/results/structured_pruning.json --plot docs/structured_pruning.png
@@ -29,6 +32,7 @@ from effinfer.compress.prune.structured import load_float, prune_structured, sav
 from effinfer.eval.perplexity import perplexity
 from effinfer.sampling_params import SamplingParams
 from effinfer.tokenizer import Tokenizer
+from effinfer.train import main as train_main
 
 DEFAULT_MODEL = Path("~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 TEXTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
@@ -94,6 +98,20 @@ def measure_quality(path: Path, texts: dict[str, str], windows: int) -> dict:
     return result
 
 
+def recover(init: Path, out: Path, data: Path, steps: int, minutes: float) -> dict:
+    """``effinfer train --init``: a short fine-tune on ``data``; what it ran."""
+    if not (out / "config.json").is_file():
+        args = ["--data", str(data), "--val-fraction", "0", "--seq-len", "256", "--batch-size", "4"]
+        args += ["--lr", "5e-5", "--warmup-steps", str(max(1, steps // 10)), "--max-steps", str(steps)]
+        args += ["--eval-every", "0", "--save-every", "0", "--max-time-minutes", str(minutes), "--seed", "0"]
+        start = time.perf_counter()
+        if train_main([*args, "--save-dtype", "bfloat16", "--init", str(init), "--out", str(out)]) != 0:
+            raise SystemExit(f"fine-tuning {init} failed")
+        print(f"fine-tuned {init.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"steps": summary["steps"], "tokens": summary["tokens_seen"]}
+
+
 def measure_speed(paths: dict[str, Path], prompt_text: str, repeats: int, decode_tokens: int) -> dict:
     runners = {name: EffinferRunner(str(p), **ENGINE) for name, p in paths.items()}
     tokens = next(iter(runners.values())).llm.tokenizer.encode(prompt_text)
@@ -119,6 +137,14 @@ def measure_speed(paths: dict[str, Path], prompt_text: str, repeats: int, decode
     }
 
 
+def paired_bars(ax, rows: dict, names: list[str], left: tuple[str, str], right: tuple[str, str]) -> None:
+    x = range(len(names))
+    for shift, (key, label) in ((-0.2, left), (0.2, right)):
+        ax.bar([i + shift for i in x], [rows[n][key] for n in names], 0.4, label=label)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.legend()
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -128,28 +154,26 @@ def plot(results: dict, path: Path) -> None:
     rows = results["models"]
     names = list(rows)
     fig, (ppl_ax, speed_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
-    x = range(len(names))
-    ppl_ax.bar(
-        [i - 0.2 for i in x], [rows[n]["ppl_stories"] for n in names], 0.4, label="TinyStories (held out)"
+    paired_bars(
+        ppl_ax,
+        rows,
+        names,
+        ("ppl_stories", "TinyStories (held out)"),
+        ("ppl_shakespeare", "Tiny Shakespeare"),
     )
-    ppl_ax.bar(
-        [i + 0.2 for i in x], [rows[n]["ppl_shakespeare"] for n in names], 0.4, label="Tiny Shakespeare"
-    )
-    ppl_ax.set_xticks(list(x), names, rotation=30, ha="right")
     ppl_ax.set_ylabel("perplexity (lower is better)")
     ppl_ax.set_yscale("log")
-    ppl_ax.legend()
     ppl_ax.set_title("quality")
-    speed_ax.bar(
-        [i - 0.2 for i in x], [rows[n]["decode_speedup"] for n in names], 0.4, label="decode (batch 1)"
-    )
-    speed_ax.bar(
-        [i + 0.2 for i in x], [rows[n]["prefill_speedup"] for n in names], 0.4, label="prefill (512 tokens)"
+    timed = [n for n in names if "decode_speedup" in rows[n]]
+    paired_bars(
+        speed_ax,
+        rows,
+        timed,
+        ("decode_speedup", "decode (batch 1)"),
+        ("prefill_speedup", "prefill (512 tokens)"),
     )
     speed_ax.axhline(1.0, color="gray", lw=0.8)
-    speed_ax.set_xticks(list(x), names, rotation=30, ha="right")
     speed_ax.set_ylabel("speed vs dense (same run)")
-    speed_ax.legend()
     speed_ax.set_title("CPU speed")
     fig.suptitle(f"structured pruning of {results['model']}")
     fig.tight_layout()
@@ -165,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="512-token perplexity windows per text")
     parser.add_argument("--repeats", type=int, default=3, help="speed rounds (models take turns)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps (0: none)")
+    parser.add_argument("--recover-minutes", type=float, default=4.0, help="time cap per fine-tune")
+    parser.add_argument("--recover", nargs="+", default=["mlp 25%"], help="pruned settings to fine-tune")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
@@ -187,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}, flush=True
         )
     speed = measure_speed(paths, stories[:20_000], args.repeats, args.decode_tokens)
-    for name in rows:
+    for name in speed:
         rows[name].update(speed[name])
         rows[name]["decode_speedup"] = (
             speed[name]["decode_tokens_per_s"] / speed["dense"]["decode_tokens_per_s"]
@@ -196,13 +223,19 @@ def main(argv: list[str] | None = None) -> int:
             speed[name]["prefill_tokens_per_s"] / speed["dense"]["prefill_tokens_per_s"]
         )
         print(name, {k: round(v, 2) for k, v in speed[name].items()}, flush=True)
+    if args.recover_steps:
+        for name in ["dense", *args.recover]:
+            tuned = paths[name].with_name(paths[name].name + "_tuned")
+            run = recover(paths[name], tuned, calib_text, args.recover_steps, args.recover_minutes)
+            rows[f"{name} + fine-tune"] = {**measure_quality(tuned, texts, args.windows), "fine_tune": run}
+            print(f"{name} + fine-tune", rows[f"{name} + fine-tune"], flush=True)
     results = {
         "model": args.model.name,
-        "settings": {n: s for n, s in SETTINGS.items()},
+        "settings": SETTINGS,
+        "threads": torch.get_num_threads(),
         "calibration": f"{args.num_samples} x {args.seq_len} tokens, second half of tinystories_valid.txt",
         "perplexity": f"{args.windows} windows of 512 tokens per text",
         "speed": f"median of {args.repeats} rounds; decode {args.decode_tokens} tokens after a 32-token prompt",
-        "torch_threads": torch.get_num_threads(),
         "models": rows,
     }
     if args.json:
