@@ -19,6 +19,7 @@ from effinfer.compress.prune.structured import load_float, main, prune_structure
 from effinfer.config import ConfigError
 
 from .conftest import make_hf_model
+from .test_gemma3 import make_gemma3
 from .test_mha_to_gqa import TOKENS, effinfer_logits
 
 transformers = pytest.importorskip("transformers")
@@ -236,3 +237,15 @@ def test_gguf_model_is_dequantized_pruned_and_written_with_its_tokenizer(shared_
     original = LLM(str(gguf), dtype="float32", device="cpu", show_progress=False)
     text = "Once upon a time, there was a little girl"
     assert llm.tokenizer.encode(text) == original.tokenizer.encode(text)
+
+
+def test_gemma3_is_pruned_through_the_same_interface(tmp_path):
+    make_gemma3(tmp_path / "gemma")
+    model, hf_config, tokenizer = load_float(tmp_path / "gemma")
+    prune_structured(model, calibration_ids(), 0.5, show_progress=False)
+    out = tmp_path / "pruned"
+    save_pruned(model, hf_config, tokenizer, out, torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 32)
+    pruned_hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(effinfer_logits(out), hf_logits(pruned_hf), rtol=0, atol=1e-4)
