@@ -36,7 +36,7 @@ from effinfer.train import main as train_main
 
 DEFAULT_MODEL = Path("~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 TEXTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
-# Every engine gets a small KV cache (seven are alive at once during the speed rounds) and no prefix
+# Every engine gets a small KV cache (eight are alive at once during the speed rounds) and no prefix
 # cache (the timed prefill repeats a prompt).
 ENGINE = dict(
     device="cpu",
@@ -48,6 +48,7 @@ ENGINE = dict(
 # name -> (KV-group sparsity, MLP sparsity, query-head sparsity per group, importance); None: dense.
 SETTINGS: dict[str, tuple[float, float, float, str] | None] = {
     "dense": None,
+    "mlp 12.5%": (0.0, 0.125, 0.0, "activation"),
     "mlp 25%": (0.0, 0.25, 0.0, "activation"),
     "mlp 25% (fluctuation)": (0.0, 0.25, 0.0, "fluctuation"),
     "mlp 25% (taylor)": (0.0, 0.25, 0.0, "taylor"),
@@ -61,7 +62,8 @@ def write_models(args: argparse.Namespace, calib_text: Path) -> dict[str, Path]:
     base, hf_config, tokenizer = load_float(args.model)
     ids = calibration_batches(tokenizer, calib_text, args.num_samples, args.seq_len)
     paths = {}
-    for name, setting in SETTINGS.items():
+    for name in args.settings:
+        setting = SETTINGS[name]
         out = args.work / "".join(c if c.isalnum() else "_" for c in name)
         paths[name] = out
         if (out / "config.json").is_file():
@@ -189,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="512-token perplexity windows per text")
     parser.add_argument("--repeats", type=int, default=3, help="speed rounds (models take turns)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="which settings to write and measure (dense is always measured)")  # fmt: skip
     parser.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps (0: none)")
     parser.add_argument("--recover-minutes", type=float, default=4.0, help="time cap per fine-tune")
     parser.add_argument("--recover", nargs="+", default=["mlp 25%"], help="pruned settings to fine-tune")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
+    args.settings = ["dense", *(n for n in args.settings if n != "dense")]
     args.work.mkdir(parents=True, exist_ok=True)
 
     stories = (TEXTS / "tinystories_valid.txt").read_text()
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} + fine-tune", rows[f"{name} + fine-tune"], flush=True)
     results = {
         "model": args.model.name,
-        "settings": SETTINGS,
+        "settings": {name: SETTINGS[name] for name in args.settings},
         "threads": torch.get_num_threads(),
         "calibration": f"{args.num_samples} x {args.seq_len} tokens, second half of tinystories_valid.txt",
         "perplexity": f"{args.windows} windows of 512 tokens per text",
