@@ -124,9 +124,8 @@ class MambaMixer(nn.Module):
             decay = torch.exp(dt[part, :, None] * A)  # [c, intermediate, N]
             inputs = (dt[part] * xc[part].float())[:, :, None] * B[part, None, :]
             states = torch.empty_like(decay)
-            for t in range(decay.shape[0]):
-                h = decay[t] * h + inputs[t]
-                states[t] = h
+            for t in range(decay.shape[0]):  # h_t = decay_t * h_{t-1} + inputs_t, written in place
+                h = torch.addcmul(inputs[t], decay[t], h, out=states[t])
             scanned[part] = (states @ C[part, :, None])[..., 0]
         ssm_state.copy_(h)
         return self._finish(scanned, xc, gate)
