@@ -47,7 +47,8 @@ def write_models(directory: Path, max_positions: int) -> dict[str, Path]:
     for model_class, config in configs.items():
         name = config.model_type
         path = directory / name
-        if not (path / "config.json").is_file():
+        written = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if written.get("max_position_embeddings", max_positions) < max_positions or not written:
             torch.manual_seed(0)
             model_class(config).save_pretrained(path)
             write_byte_level_tokenizer(path, VOCAB)

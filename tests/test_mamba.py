@@ -4,6 +4,8 @@ bookkeeping (a slot per running sequence, given back on finish, abort and preemp
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -51,14 +53,16 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def expected(hf_mamba, prompts):
-    """transformers' greedy continuation of each prompt."""
+    """transformers' greedy continuation of each prompt (no end token: greedy may pick it, as ours may)."""
     model, _ = hf_mamba
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
     out = []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
             generated = model.generate(
-                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+                ids, generation_config=config, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
             )
             out.append(generated[0, len(prompt) :].tolist())
     return out
