@@ -162,6 +162,8 @@ _REQUIRED_HF_FIELDS = {
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",
 }
+# config.json ``model_type`` of families without attention -> the required keys they lack.
+_NO_ATTENTION_KEYS = {"mamba": ("num_attention_heads",)}
 _POSITIVE_MODEL_FIELDS = (
     *_REQUIRED_HF_FIELDS, "num_kv_heads", "head_dim", "max_position_embeddings",
 )  # fmt: skip
@@ -182,11 +184,13 @@ def _check_positive_int(name: str, value) -> None:
 
 def _check_hf_fields(hf: dict) -> None:
     """The required config.json fields are present and usable (before any arithmetic on them)."""
-    missing = [key for key in _REQUIRED_HF_FIELDS.values() if hf.get(key) is None]
+    lacking = _NO_ATTENTION_KEYS.get(hf.get("model_type"), ())
+    required = [key for key in _REQUIRED_HF_FIELDS.values() if key not in lacking]
+    missing = [key for key in required if hf.get(key) is None]
     if missing:
         raise ConfigError(f"missing required field(s) {', '.join(missing)}")
     optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
-    for key in (*_REQUIRED_HF_FIELDS.values(), *(k for k in optional if hf.get(k) is not None)):
+    for key in (*required, *(k for k in optional if hf.get(k) is not None)):
         _check_positive_int(key, hf[key])
 
 

@@ -7,8 +7,10 @@ each chunk is a cache group with its own block table per sequence. The cache hol
 (and g V tensors) of [num_blocks, block_size, kv_heads, head_dim]; the j-th layer of every group
 uses tensor j, so a block costs g layers' memory whichever group holds it, and a sliding group can
 give a block back to the pool that a full group then uses. A model whose layers all have one
-spec has one group of all its layers: the classic paged cache. Built from ``model.cache_specs()``
-only; nothing to switch on.
+spec has one group of all its layers: the classic paged cache. Recurrent layers (Mamba) take no
+blocks: the layout lists their state specs, and each running sequence owns one slot of a state pool
+holding every recurrent layer's state (``engine/state_pool.py``). A hybrid model mixes both. Built
+from ``model.cache_specs()`` only; nothing to switch on.
 """
 
 from __future__ import annotations
@@ -16,38 +18,47 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from effinfer.layers.cache_spec import AttentionCacheSpec
+from effinfer.layers.cache_spec import AttentionCacheSpec, CacheSpec, RecurrentStateSpec
 
 
 @dataclass(frozen=True)
 class CacheGroup:
     spec: AttentionCacheSpec
-    layers: tuple[int, ...]  # decoder layer indices; layers[j] keeps its K/V in cache tensor j
+    # attention layers by their order among the attention layers (the decoder layer index when every
+    # layer attends); layers[j] keeps its K/V in cache tensor j
+    layers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class KVCacheLayout:
     groups: tuple[CacheGroup, ...]
+    state_specs: tuple[RecurrentStateSpec, ...] = ()  # one per recurrent layer, in layer order
 
     @classmethod
-    def from_specs(cls, specs: list[AttentionCacheSpec]) -> KVCacheLayout:
+    def from_specs(cls, specs: list[CacheSpec]) -> KVCacheLayout:
         if not specs:
             raise ValueError("a model needs at least one cache spec (one per decoder layer)")
+        attention = [spec for spec in specs if isinstance(spec, AttentionCacheSpec)]
         layers_by_spec: dict[AttentionCacheSpec, list[int]] = {}
-        for layer, spec in enumerate(specs):
+        for layer, spec in enumerate(attention):
             layers_by_spec.setdefault(spec, []).append(layer)
-        size = math.gcd(*(len(layers) for layers in layers_by_spec.values()))
+        size = math.gcd(*(len(layers) for layers in layers_by_spec.values())) if attention else 0
         groups = [
             CacheGroup(spec, tuple(layers[start : start + size]))
             for spec, layers in layers_by_spec.items()
             for start in range(0, len(layers), size)
         ]
-        return cls(tuple(groups))
+        states = tuple(spec for spec in specs if isinstance(spec, RecurrentStateSpec))
+        return cls(tuple(groups), states)
 
     @property
     def layers_per_block(self) -> int:
-        """Cache tensors per K and per V: the layers whose KV one block holds."""
-        return len(self.groups[0].layers)
+        """Cache tensors per K and per V: the layers whose KV one block holds (0 without attention)."""
+        return len(self.groups[0].layers) if self.groups else 0
+
+    @property
+    def has_recurrent_state(self) -> bool:
+        return bool(self.state_specs)
 
     @property
     def num_groups(self) -> int:

@@ -65,9 +65,16 @@ class LLMEngine:
         max_model_len = config.context_length(self.model_config)
         loaded = checkpoint.load_model(self.dtype, self.device, max_model_len, config.show_progress)
         self.runner = ModelRunner(loaded, self.model_config, config, self.device, self.dtype, max_model_len)
+        layout = self.runner.layout
+        if config.speculative_model and layout.has_recurrent_state:
+            raise ConfigError(
+                "speculative decoding is not supported for models with recurrent layers (Mamba): rejected "
+                "draft tokens would have to be rolled back out of the recurrent state, which keeps no "
+                "per-token history"
+            )
         # A whole prompt needs its blocks in every cache group before a sliding window frees any.
-        kv_capacity = self.runner.num_blocks // self.runner.layout.num_groups * config.block_size
-        if kv_capacity < max_model_len:
+        kv_capacity = self.runner.num_blocks // max(layout.num_groups, 1) * config.block_size
+        if layout.groups and kv_capacity < max_model_len:
             logger.warning(
                 "KV cache holds %d tokens; limiting the context from %d to that", kv_capacity, max_model_len
             )
@@ -77,7 +84,8 @@ class LLMEngine:
             self.runner.num_blocks,
             config.block_size,
             config.enable_prefix_caching,
-            self.runner.layout.group_specs,
+            layout.group_specs,
+            self.runner.num_state_slots,
         )
         self.sampler = Sampler()
         eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
@@ -159,7 +167,7 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks; unknown or finished ids are ignored."""
+        """Stop a request and free its KV blocks and state slot; unknown or finished ids are ignored."""
         for seq in self.scheduler.abort(request_id):
             if self.speculator is not None:
                 self.speculator.forget(seq)

@@ -15,14 +15,21 @@ uncached position, so a prefix counts as cached when every group holds what it n
 Freed blocks keep their contents and name until they are needed again (also blocks freed for
 the window), and the least recently freed is reused first (LRU eviction). Switch off prefix
 caching with ``enable_prefix_caching=False``; window freeing follows ``model.cache_specs()``.
+A model with recurrent layers (Mamba) also needs a state slot per sequence (``StatePool``), taken
+with its blocks and given back with them. Its prefix cache stays off: a cached block holds KV, but
+the recurrent state after a prefix exists only for the sequence that computed it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
+from effinfer.engine.state_pool import StatePool
 from effinfer.layers.cache_spec import AttentionCacheSpec
+
+logger = logging.getLogger(__name__)
 
 BlockName = tuple[int, int]  # (cache group, hash of the token chain up to and including the block)
 
@@ -49,11 +56,17 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         group_specs: list[AttentionCacheSpec] | None = None,
+        num_state_slots: int = 0,
     ) -> None:
-        """``group_specs``: one spec per cache group (default: one full-attention group)."""
+        """``group_specs``: one spec per cache group (default: one full-attention group; none for a
+        model without attention). ``num_state_slots``: recurrent-state slots, for models with recurrent layers."""
         self.block_size = block_size
+        self.state_pool = StatePool(num_state_slots) if num_state_slots else None
+        if enable_prefix_caching and self.state_pool is not None:
+            logger.info("prefix caching is off: a recurrent state cannot be reused from cached blocks")
+            enable_prefix_caching = False
         self.enable_prefix_caching = enable_prefix_caching
-        self.group_specs = list(group_specs or [AttentionCacheSpec()])
+        self.group_specs = [AttentionCacheSpec()] if group_specs is None else list(group_specs)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in the order they were freed: the front is the least recently used.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -75,7 +88,15 @@ class BlockManager:
         return len(self.free_block_ids)
 
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def num_state_slots(self) -> int:
+        return self.state_pool.num_slots if self.state_pool else 0
+
+    @property
+    def num_free_state_slots(self) -> int:
+        return self.state_pool.num_free_slots if self.state_pool else 0
 
     # ---- which blocks a group needs ------------------------------------------------------------
     def _sink_blocks(self, group: int) -> int:
@@ -182,7 +203,10 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, max_new_tokens: int | None = None) -> bool:
         """Whether the free blocks cover ``seq``'s cached prefix and up to ``max_new_tokens`` more
-        (all its tokens by default), counting cached blocks too, as if nothing were shared."""
+        (all its tokens by default), counting cached blocks too, as if nothing were shared, and a
+        recurrent-state slot if the model has recurrent layers."""
+        if self.state_pool is not None and not self.state_pool.num_free_slots:
+            return False
         num_cached = self._cached_prefix(seq)[0] * self.block_size if self.enable_prefix_caching else 0
         num_blocks = -(-self._tokens_to_cover(seq, num_cached, max_new_tokens) // self.block_size)
         needed = sum(self._num_held(g, num_blocks, num_cached) for g in range(self.num_groups))
@@ -223,6 +247,8 @@ class BlockManager:
                 else:
                     table.append(PLACEHOLDER_BLOCK)
         seq.num_cached_tokens = seq.num_computed_tokens = num_cached
+        if self.state_pool is not None:
+            seq.state_slot = self.state_pool.take()
         # Without caching, pretend every block is named already so publish() names none.
         seq.num_hashed_blocks = num_cached_blocks if caching else 1 << 62
         if publish:
@@ -274,6 +300,9 @@ class BlockManager:
                     self._release(block_id)
         seq.block_tables = []
         seq.window_starts = []
+        if seq.state_slot is not None:
+            self.state_pool.give_back(seq.state_slot)
+            seq.state_slot = None
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         # num_cached_tokens stays: the request's last output reports it; allocate() sets it afresh.

@@ -4,6 +4,9 @@ returns the logits of the rows to sample: each sequence's last token, plus one r
 token under speculative decoding. The cache follows the model's per-layer specs
 (``model.cache_specs()``, grouped by ``engine/cache_groups.py``): slot mappings and block tables
 are built per cache group, and each attention layer is bound to its group's tables and tensor.
+Recurrent layers (Mamba) are bound to their share of a state pool instead: one slot per running
+sequence, told per step which slot each sequence has and which start from zero. One memory budget
+pays for the state slots first (one per sequence the batch may hold) and KV blocks from the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from effinfer.engine.cache_groups import KVCacheLayout
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
+from effinfer.layers.cache_spec import SSM_STATE_DTYPE, AttentionCacheSpec, RecurrentMetadata
+from effinfer.layers.mamba import MambaMixer
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +54,28 @@ def attention_layers(model: torch.nn.Module) -> list[PagedAttention]:
     return [m for m in model.modules() if isinstance(m, PagedAttention)]
 
 
+def recurrent_layers(model: torch.nn.Module) -> list[MambaMixer]:
+    """The model's recurrent (state-space) layers in decoder-layer order."""
+    return [m for m in model.modules() if isinstance(m, MambaMixer)]
+
+
 def cache_layout(model: torch.nn.Module) -> KVCacheLayout:
-    """Cache groups from the model's per-layer specs; refuses layers the shared tensors cannot hold."""
-    layers = attention_layers(model)
+    """Cache groups and state specs from the model's per-layer specs; refuses layers the shared tensors cannot hold."""
+    layers, recurrent = attention_layers(model), recurrent_layers(model)
     specs = model.cache_specs()
-    if len(specs) != len(layers):
-        raise ConfigError(f"the model lists {len(specs)} cache specs for {len(layers)} attention layers")
+    num_attention = sum(isinstance(spec, AttentionCacheSpec) for spec in specs)
+    if num_attention != len(layers) or len(specs) - num_attention != len(recurrent):
+        raise ConfigError(
+            f"the model lists {len(specs)} cache specs for {len(layers)} attention and "
+            f"{len(recurrent)} recurrent layers"
+        )
+    layout = KVCacheLayout.from_specs(specs)
+    if list(layout.state_specs) != [layer.state_spec() for layer in recurrent]:
+        raise ConfigError("the model's recurrent state specs do not match its recurrent layers")
     shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
     if len(shapes) > 1:
         raise ConfigError(f"attention layers with different KV shapes {sorted(shapes)} are not supported")
-    return KVCacheLayout.from_specs(specs)
+    return layout
 
 
 class ModelRunner:
@@ -72,7 +89,8 @@ class ModelRunner:
         max_model_len: int,
         num_blocks: int | None = None,
     ) -> None:
-        """``num_blocks``: the KV blocks to hold; by default as many as the engine's memory budget allows."""
+        """``num_blocks``: the KV blocks to hold; by default as many as the engine's memory budget
+        allows after the recurrent-state slots (one per sequence, for models with recurrent layers)."""
         self.model = model
         self.config = model_config
         self.block_size = engine_config.block_size
@@ -80,8 +98,14 @@ class ModelRunner:
         self.dtype = dtype
         self.kv_cache_dtype = engine_config.kv_cache_dtype
         self.layout = cache_layout(model)
-        self.num_blocks = num_blocks or self._num_blocks(engine_config, max_model_len)
-        self._allocate_kv_cache()
+        budget = self._cache_budget(engine_config, max_model_len)
+        self.num_state_slots = self._num_state_slots(budget, engine_config.max_num_seqs)
+        budget -= self.num_state_slots * self.state_bytes_per_slot
+        self.num_blocks = (num_blocks or self._num_blocks(budget)) if self.layout.groups else 0
+        if self.layout.groups:
+            self._allocate_kv_cache()
+        if self.num_state_slots:
+            self._allocate_state_pool()
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -89,15 +113,33 @@ class ModelRunner:
             self.config, self.block_size, self.dtype, self.kv_cache_dtype, self.layout.layers_per_block
         )
 
-    def _num_blocks(self, engine_config: EngineConfig, max_model_len: int) -> int:
-        per_block = self.kv_bytes_per_block
+    @property
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of one sequence's recurrent state over all recurrent layers (0 without any)."""
+        return sum(spec.bytes_per_sequence(self.dtype) for spec in self.layout.state_specs)
+
+    def _cache_budget(self, engine_config: EngineConfig, max_model_len: int) -> int:
         if engine_config.kv_cache_memory is not None:
-            budget = engine_config.kv_cache_memory
-        else:
-            budget = int(available_memory_bytes(self.device) * engine_config.kv_cache_memory_fraction)
-            # No point reserving more than every sequence at full length could use in every group.
-            blocks_per_seq = -(-max_model_len // self.block_size) * self.layout.num_groups
-            budget = min(budget, per_block * blocks_per_seq * engine_config.max_num_seqs)
+            return engine_config.kv_cache_memory
+        budget = int(available_memory_bytes(self.device) * engine_config.kv_cache_memory_fraction)
+        # No point reserving more than every sequence at full length could use in every group.
+        blocks_per_seq = -(-max_model_len // self.block_size) * self.layout.num_groups
+        per_seq = self.kv_bytes_per_block * blocks_per_seq + self.state_bytes_per_slot
+        return min(budget, per_seq * engine_config.max_num_seqs)
+
+    def _num_state_slots(self, budget: int, max_num_seqs: int) -> int:
+        per_slot = self.state_bytes_per_slot
+        if not per_slot:
+            return 0
+        if budget < per_slot:
+            raise ConfigError(
+                f"cache budget of {budget} bytes is smaller than one sequence's recurrent state ({per_slot} "
+                "bytes); raise kv_cache_memory (--kv-cache-memory) or kv_cache_memory_fraction"
+            )
+        return min(max_num_seqs, budget // per_slot)
+
+    def _num_blocks(self, budget: int) -> int:
+        per_block = self.kv_bytes_per_block
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ConfigError(
@@ -131,6 +173,18 @@ class ModelRunner:
             self.num_blocks * self.kv_bytes_per_block / 2**20,
         )  # fmt: skip
 
+    def _allocate_state_pool(self) -> None:
+        """Per recurrent layer, a conv and an SSM state for each slot (a slot serves one sequence)."""
+        slots = self.num_state_slots
+        for layer, spec in zip(recurrent_layers(self.model), self.layout.state_specs):
+            conv = torch.zeros(slots, *spec.conv_state_shape, dtype=self.dtype, device=self.device)
+            ssm = torch.zeros(slots, *spec.ssm_state_shape, dtype=SSM_STATE_DTYPE, device=self.device)
+            layer.bind_state(conv, ssm)
+        logger.info(
+            "recurrent state pool: %d slots of %.1f KiB (%.1f MiB)",
+            slots, self.state_bytes_per_slot / 2**10, slots * self.state_bytes_per_slot / 2**20,
+        )  # fmt: skip
+
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
@@ -157,6 +211,23 @@ class ModelRunner:
         slots = [[self._slot(seq, p, g) for p in range(start, stop)] for g in range(len(seq.block_tables))]
         assert all(s >= 0 for group in slots for s in group), "KV written to a block given back"
         return slots
+
+    def _recurrent_metadata(
+        self,
+        seqs: list[Sequence],
+        starts: list[int],
+        query_lens: list[int],
+        attention: AttentionMetadata | None,
+    ) -> RecurrentMetadata:
+        """Each sequence's state slot; those starting at their first token begin from a zero state."""
+        slots = [seq.state_slot for seq in seqs]
+        if None in slots:
+            raise ConfigError(
+                "a sequence of a model with recurrent layers holds no state slot: such a model can only run "
+                "under its own engine's block manager (not as a draft model)"
+            )
+        fresh = [slot for slot, start in zip(slots, starts) if start == 0]
+        return RecurrentMetadata(query_lens, self._tensor(slots), self._tensor(fresh), attention)
 
     def _metadata(self, slots: list[list[int]], tables: list[torch.Tensor], **fields) -> AttentionMetadata:
         slot_tensors = [self._tensor(group) for group in slots]
@@ -191,14 +262,20 @@ class ModelRunner:
                 group.extend(group_slots)
             query_lens.append(len(tokens))
             context_lens.append(stop)
-        meta = self._metadata(
-            slots,
-            self._block_tables([entry.seq for entry in batch]),
-            is_prefill=any(n != 1 for n in query_lens),
-            context_lens=context_lens,
-            query_lens=query_lens,
-            context_lens_tensor=self._tensor(context_lens),
-        )
+        seqs = [entry.seq for entry in batch]
+        meta = None
+        if self.layout.groups:
+            meta = self._metadata(
+                slots,
+                self._block_tables(seqs),
+                is_prefill=any(n != 1 for n in query_lens),
+                context_lens=context_lens,
+                query_lens=query_lens,
+                context_lens_tensor=self._tensor(context_lens),
+            )
+        if self.layout.state_specs:
+            starts = [stop - q_len for stop, q_len in zip(context_lens, query_lens)]
+            meta = self._recurrent_metadata(seqs, starts, query_lens, meta)
         return self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows)
 
     def prepare_prefill(self, seqs: list[Sequence]):
@@ -219,12 +296,16 @@ class ModelRunner:
         """Logits [stop - start, vocab] in float32 of tokens ``start:stop`` of ``seq``, whose KV before
         ``start`` is already in the cache (a prefill chunk: each row attends to all tokens up to it)."""
         positions = list(range(start, stop))
-        meta = self._metadata(
-            self._slots(seq, start, stop),
-            self._block_tables([seq]),
-            is_prefill=True,
-            context_lens=[stop],
-            query_lens=[stop - start],
-        )
+        meta = None
+        if self.layout.groups:
+            meta = self._metadata(
+                self._slots(seq, start, stop),
+                self._block_tables([seq]),
+                is_prefill=True,
+                context_lens=[stop],
+                query_lens=[stop - start],
+            )
+        if self.layout.state_specs:
+            meta = self._recurrent_metadata([seq], [start], [stop - start], meta)
         hidden = self.model(self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta)
         return self.model.compute_logits(hidden).float()

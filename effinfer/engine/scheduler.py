@@ -12,6 +12,8 @@ recently admitted sequence is preempted: its blocks are freed and it goes back t
 the queue, to be recomputed (often cheaply, from the prefix cache) once memory frees up.
 Block counts cover every cache group (``engine/cache_groups.py``); after a step, the engine gives
 back the sliding-window blocks its sequences no longer need (``BlockManager.free_outside_window``).
+A model with recurrent layers (Mamba) is admitted only while a state slot is free, which the block
+manager checks with the blocks; a preempted sequence gives its slot back and recomputes its state.
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ class Scheduler:
                     break
         self.running.extend(kept)
         return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        """Send a running sequence back to the front of the queue, freeing its cache; it is recomputed
+        when readmitted (what running out of blocks does; also for a caller that needs the room)."""
+        self.running.remove(seq)
+        self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

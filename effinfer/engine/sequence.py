@@ -1,7 +1,8 @@
 """Per-request state: one ``Sequence`` per generated completion (a request with n > 1 has n).
 
-A sequence carries its own token ids, block tables (one per cache group) and sampling state; the
-scheduler moves it between WAITING, RUNNING and FINISHED and the block manager fills in its tables.
+A sequence carries its own token ids, block tables (one per cache group), recurrent-state slot (if
+the model has recurrent layers) and sampling state; the scheduler moves it between WAITING, RUNNING
+and FINISHED and the block manager fills in its tables and slot.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_tables: list[list[int]] = []  # per cache group; empty while not allocated
         self.window_starts: list[int] = []  # per group: first block after the sinks still held
+        self.state_slot: int | None = None  # its recurrent-state slot (models with recurrent layers)
         self.block_hashes: list[int] = []  # hash chain of the full blocks (prefix caching)
         self.num_cached_tokens = 0  # tokens whose KV came from the prefix cache at the last admission
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
