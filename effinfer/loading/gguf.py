@@ -310,7 +310,7 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
-        layout = layouts.get(_fusion_group(name))
+        layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
         if layout is QuantizedWeight:
             tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
