@@ -21,6 +21,7 @@ from effinfer.loading.gguf import GGUFFile, load_model
 from effinfer.loading.gguf_quants import AFFINE_TYPES, BLOCK_FORMATS, to_affine_weight
 from effinfer.quant.affine import AffineGroupWeight
 from tests.conftest import cpu_kernel_missing
+from tests.test_gguf import SCALE_OFFSETS
 from tests.test_quant_kernels import assert_close_to_reference
 
 gguf = pytest.importorskip("gguf")
@@ -30,19 +31,6 @@ requires_kernel = pytest.mark.skipif(
     cpu_kernel_missing(woq.extension), reason="CPU weight-only kernel unavailable"
 )
 
-# Byte offsets of each block type's float16 scales (d, dmin): random bytes there could be inf / NaN.
-SCALE_OFFSETS = {
-    QType.Q8_0: [0],
-    QType.Q4_0: [0],
-    QType.Q4_1: [0, 2],
-    QType.Q5_0: [0],
-    QType.Q5_1: [0, 2],
-    QType.Q2_K: [80, 82],
-    QType.Q3_K: [108],
-    QType.Q4_K: [0, 2],
-    QType.Q5_K: [0, 2],
-    QType.Q6_K: [208],
-}
 # fp16 extremes next to ordinary scales: the largest finite, subnormals, zero, negative.
 EXTREME_SCALES = np.array([65504.0, -65504.0, 6e-8, -3e-5, 0.0, 1e-4, 2.0, -0.5], dtype=np.float16)
 TYPES = list(AFFINE_TYPES)
@@ -130,8 +118,8 @@ def test_kernel_on_a_fused_mixed_layer():
 
 MODELS = Path(os.environ.get("EFFINFER_MODELS", Path.home() / ".cache" / "effinfer-models"))
 REAL_FILES = ["SmolLM2-135M-Instruct.Q4_1.gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"]
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, a little robot"]
 NEW_TOKENS = 32
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, a little robot"]
 
 
 @requires_kernel
