@@ -347,7 +347,8 @@ def test_q8_0_and_q4_0_layers_stay_quantized(stories_gguf, tmp_path, qtype):
     config = quantized_file.model_config()
     model = load_model(quantized_file, config, torch.float32, CPU, 64, show_progress=False)
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.quantized is not None]
-    assert len(layers) == 3 * config.num_layers  # qkv, o, gate_up (down is F32)
+    # qkv, o, gate_up (down is F32), and lm_head
+    assert len(layers) == 3 * config.num_layers + 1
     assert {m.quantized.bits for m in layers} == {8 if qtype == QType.Q8_0 else 4}
     dequantised = build_model(config, torch.float32, CPU, 64)
     fill_model(dequantised, config, hf_tensors(quantized_file, config), 1, "q.gguf", show_progress=False)

@@ -7,8 +7,9 @@ Idea: the metadata says what the model is (``general.architecture`` picks the mo
 ``models/registry.py``; its ``{arch}.*`` hyper-parameters, rope settings and the vocabulary follow),
 so it becomes a ``ModelConfig`` and a ``Tokenizer``; the family renames each tensor to its Hugging
 Face name (``CausalLM.gguf_tensor``), it is dequantised to float32 (``gguf_quants``), cast to the working
-dtype and copied into the model exactly as a safetensors tensor would be; Q8_0 / Q4_0 layer
-weights instead stay quantized (``QuantizedWeight``, group 32) and run on the quantized kernels.
+dtype and copied into the model exactly as a safetensors tensor would be; block-quantized layer
+weights instead stay quantized (Q8_0 / Q4_0 as ``QuantizedWeight``, Q4_1, Q5_x and the K-quants as
+``AffineGroupWeight``, see docs/gguf-kernels.md) and run on the quantized kernels.
 Use it with ``LLM("model.gguf")`` or ``effinfer generate --model model.gguf``.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: that reader builds a Python object
@@ -33,18 +34,22 @@ from gguf import GGUFValueType
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.gguf_quants import (
+    AFFINE_TYPES,
     BLOCK_FORMATS,
     DIRECT_TYPES,
     FLOAT_TYPES,
     SUPPORTED_TYPES,
     block_values,
     dequantize,
+    to_affine_weight,
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
+from effinfer.quant.affine import AffineGroupWeight
+from effinfer.quant.integer import QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -294,26 +299,23 @@ def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
 def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
     """Yield (HF name, tensor, bytes read) for every weight in the file.
 
-    Tensors are dequantised to float32, except, with ``quantized_linears``, Q8_0 / Q4_0 layer
-    weights, which come as ``QuantizedWeight`` (exactly the same numbers, still quantized).
+    Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
+    weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
+    same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
+    block types (``quantized_layouts``).
     """
     family = model_class(config.architecture)
-    # A fused layer (q/k/v, gate/up) stays quantized only if all its tensors share one direct type.
-    group_types: dict[str, set] = {}
-    for name, info in gguf.tensors.items():
-        hf_name = family.gguf_hf_name(name)
-        if hf_name is not None and hf_name.endswith("_proj.weight"):
-            group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
-    direct = {
-        g: next(iter(t)) for g, t in group_types.items() if len(t) == 1 and next(iter(t)) in DIRECT_TYPES
-    }
+    layouts = quantized_layouts(gguf, family) if quantized_linears else {}
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
-        keep_quantized = quantized_linears and direct.get(_fusion_group(name)) == info.qtype
-        if keep_quantized:
+        layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
+        keep_quantized = layout is not None
+        if layout is QuantizedWeight:
             tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+        elif layout is AffineGroupWeight:
+            tensor = to_affine_weight(gguf.raw(name).copy(), info.qtype, info.shape)
         else:
             tensor = gguf.tensor(name)
         mapped = family.gguf_tensor(name, tensor, config)
@@ -321,6 +323,29 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
         yield hf_name, QuantizedShard(tensor) if keep_quantized else tensor, info.nbytes
+
+
+def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]:
+    """Fusion group -> the weight type its block-quantized tensors load as (groups absent stay float).
+
+    A fused layer (q/k/v, gate/up) needs one weight type: one Q8_0 / Q4_0 type throughout is a
+    ``QuantizedWeight``; any other mix of block types (Q4_K_M puts Q6_K or Q8_0 next to Q4_K /
+    Q5_0) is an ``AffineGroupWeight``, whose ``cat_rows`` widens the parts to a common code width
+    and group size, still exactly. Float tensors in a group keep the whole group float.
+    """
+    group_types: dict[str, set] = {}
+    for name, info in gguf.tensors.items():
+        hf_name = family.gguf_hf_name(name)
+        if hf_name is not None and (hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight"):
+            if len(info.shape) == 2:
+                group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
+    layouts: dict[str, type] = {}
+    for group, types in group_types.items():
+        if len(types) == 1 and next(iter(types)) in DIRECT_TYPES:
+            layouts[group] = QuantizedWeight
+        elif all(t in AFFINE_TYPES for t in types):
+            layouts[group] = AffineGroupWeight
+    return layouts
 
 
 def check_loadable(gguf: GGUFFile) -> None:

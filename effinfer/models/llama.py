@@ -10,6 +10,8 @@ rewrites, cache specs) is ``models/base.py``'s ``CausalLM`` interface.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
 from effinfer.models.base import CausalLM, SmoothingPair, architecture_in, common_hf_fields
+from effinfer.quant.affine import AffineGroupWeight
 from effinfer.quant.integer import QuantizedWeight
 
 
@@ -268,13 +271,11 @@ def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def unpermute_rotary_rows(weight, num_heads: int):
     """llama.cpp layout -> HF layout (the inverse of ``permute_rotary_rows``), of a float tensor or of a
-    ``QuantizedWeight`` (its codes, scales and zeros move with their rows)."""
-    if isinstance(weight, QuantizedWeight):
-        return QuantizedWeight(
-            unpermute_rotary_rows(weight.qweight, num_heads),
-            unpermute_rotary_rows(weight.scales, num_heads),
-            unpermute_rotary_rows(weight.zeros, num_heads),
-            weight.bits,
-            weight.group_size,
-        )
+    ``QuantizedWeight`` / ``AffineGroupWeight`` (codes, scales, zeros or offsets move with their rows)."""
+    if isinstance(weight, (QuantizedWeight, AffineGroupWeight)):
+        per_row = ("qweight", "scales", "zeros", "offsets")
+        moved = {
+            f: unpermute_rotary_rows(getattr(weight, f), num_heads) for f in per_row if hasattr(weight, f)
+        }
+        return dataclasses.replace(weight, **moved)
     return _swap_rotary_pairs(weight, num_heads, from_interleaved=True)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from effinfer.kernels.cpu import build
+from effinfer.quant.affine import AffineGroupWeight
 from effinfer.quant.codebook import CodebookWeight, row_blocks
 from effinfer.quant.integer import QuantizedWeight
 from effinfer.quant.registry import Kernel, register_kernel
@@ -68,6 +69,7 @@ class WoqData:
     col_index: torch.Tensor | None  # int64 [padded_in]: source column of x (in_features = a zero)
     table: torch.Tensor | None = None  # int16 [32]: bf16 bits of the 16 levels the codes index (NF4 / FP4)
     table_lo: torch.Tensor | None = None  # the same for level - bf16(level), for float32 activations
+    group_cols: int = CHUNK  # columns per unit of ``chunks``: 32, or 16 for groups of 16 (no AMX)
 
 
 def column_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,26 +100,39 @@ def _blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows // BLOCK_N, BLOCK_N, -1).transpose(1, 2).contiguous()
 
 
+def _packed_codes(
+    qweight: torch.Tensor, bits: int, col_index: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """uint8 codes [out, in] -> AMX VNNI order per 16 output rows (``col_index``: column gather with padding)."""
+    n = qweight.shape[0]
+    q = qweight.cpu() if col_index is None else F.pad(qweight.cpu(), (0, 1))[:, col_index]
+    padded_in = q.shape[1]
+    q = F.pad(q, (0, 0, 0, rows - n))
+    # [blocks, 16 rows, column pairs, 2] -> [blocks, column pairs, 16 rows, 2]: two columns of one
+    # output row are adjacent, which is both AMX's B-tile layout and vdpbf16ps's pair order.
+    q = q.reshape(rows // BLOCK_N, BLOCK_N, padded_in // 2, 2).transpose(1, 2).contiguous()
+    if bits == 4:
+        q = q.reshape(rows // BLOCK_N, padded_in // 4, 2, 2 * BLOCK_N)  # quads of 4 columns, 2 rows each
+        q = q[:, :, 0] | (q[:, :, 1] << 4)
+    return q.contiguous()
+
+
+def _code_offset(bits: int) -> int:
+    """What the kernel adds to a code on conversion: bf16 128 + q (int4), q + 1 (int8); folded into zscales."""
+    return 128 if bits == 4 else 1
+
+
 def pack(weight: QuantizedWeight, bias: torch.Tensor | None) -> WoqData:
     """The kernel's layout: codes in AMX VNNI order per 16 output rows, scales per block and group."""
     n, k = weight.out_features, weight.in_features
     col_index, chunks = column_layout(weight)
     padded_in = col_index.numel()
     rows = -(-n // BLOCK_N) * BLOCK_N
-    q = F.pad(weight.qweight.cpu(), (0, 1))[:, col_index]  # the extra column is the zero padding
-    q = F.pad(q, (0, 0, 0, rows - n))
-    # [blocks, 16 rows, column pairs, 2] -> [blocks, column pairs, 16 rows, 2]: two columns of one
-    # output row are adjacent, which is both AMX's B-tile layout and vdpbf16ps's pair order.
-    q = q.reshape(rows // BLOCK_N, BLOCK_N, padded_in // 2, 2).transpose(1, 2).contiguous()
-    if weight.bits == 4:
-        q = q.reshape(rows // BLOCK_N, padded_in // 4, 2, 2 * BLOCK_N)  # quads of 4 columns, 2 rows each
-        q = q[:, :, 0] | (q[:, :, 1] << 4)
-    offset = 128 if weight.bits == 4 else 1  # codes enter the kernel as bf16 128 + q (int4), q + 1 (int8)
     scales = weight.scales.float().cpu()
-    zscales = (weight.zeros.float().cpu() + offset) * scales
+    zscales = (weight.zeros.float().cpu() + _code_offset(weight.bits)) * scales
     identity = torch.equal(col_index[:k], torch.arange(k)) and bool((col_index[k:] == k).all())
     return WoqData(
-        codes=q.contiguous(),
+        codes=_packed_codes(weight.qweight, weight.bits, col_index, rows),
         scales=_blocked(scales, rows),
         zscales=_blocked(zscales, rows),
         chunks=chunks,
@@ -151,13 +166,44 @@ def prepare_codebook(weight: CodebookWeight, bias: torch.Tensor | None, dtype: t
     return data
 
 
+def prepare_affine(
+    weight: AffineGroupWeight, bias: torch.Tensor | None, dtype: torch.dtype
+) -> WoqData | None:
+    """Pack GGUF-style groups (``W = scale * q - offset``, groups of 32 or 16); None where the kernel cannot run."""
+    n, k = weight.out_features, weight.in_features
+    if (
+        weight.group_size not in (16, CHUNK)
+        or k % CHUNK
+        or weight.device.type != "cpu"
+        or extension() is None
+    ):
+        return None
+    rows = -(-n // BLOCK_N) * BLOCK_N
+    scales = weight.scales.float().cpu()
+    # sum((q + c) * x) * scale - zscale * sum(x) = sum((scale * q - offset) * x) with zscale = c * scale + offset.
+    zscales = _code_offset(weight.bits) * scales + weight.offsets.float().cpu()
+    return WoqData(
+        codes=_packed_codes(weight.qweight, weight.bits, None, rows),
+        scales=_blocked(scales, rows),
+        zscales=_blocked(zscales, rows),
+        chunks=torch.arange(weight.num_groups + 1, dtype=torch.int32),
+        bias=None if bias is None else bias.detach().float().cpu().contiguous(),
+        bits=weight.bits,
+        out_features=n,
+        in_features=k,
+        padded_in=k,
+        col_index=None,
+        group_cols=weight.group_size,
+    )
+
+
 def _run(
     data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool, table: torch.Tensor | None
 ) -> torch.Tensor:
     amx_min_rows = AMX_MIN_ROWS["table" if table is not None else data.bits]
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
-        out_fp32, amx_min_rows, table,
+        out_fp32, amx_min_rows, table, data.group_cols,
     )  # fmt: skip
 
 
@@ -194,4 +240,7 @@ register_kernel(
 )
 register_kernel(
     Kernel("cpu-woq", CodebookWeight, "cpu", (None,), lambda w, b, a, dt: prepare_codebook(w, b, dt), apply)
+)
+register_kernel(
+    Kernel("cpu-woq", AffineGroupWeight, "cpu", (None,), lambda w, b, a, dt: prepare_affine(w, b, dt), apply)
 )

@@ -24,6 +24,8 @@
 //   int4 and table codes: 32 bytes, byte j = row0[j] | row1[j] << 4.
 // Groups are padded to multiples of 32 columns (zero codes, zero x), so a group is a whole
 // number of AMX K-steps; ``chunks[g]`` is the first 32-column chunk of group g.
+// Groups of 16 (GGUF's Q6_K / Q3_K / Q2_K sub-blocks) count ``chunks`` in 16-column units
+// instead and run only the AVX512-BF16 path (an AMX K-step spans two such groups).
 //
 // Two paths over the same layout (woq.AMX_MIN_ROWS picks one per call by the rows of x):
 //  * AVX512-BF16: per 16 output rows, dot products (vdpbf16ps) with the converted codes held
@@ -102,7 +104,8 @@ struct Problem {
   const uint8_t* codes;    // packed, see above
   const float* scales;     // [NB, G, 16]
   const float* zscales;    // [NB, G, 16]: (zero + offset) * scale; nullptr with a table
-  const int32_t* chunks;   // [G + 1]
+  const int32_t* chunks;   // [G + 1], in units of ``unit_cols`` columns
+  int64_t unit_cols;       // 32, or 16 for groups of 16 (AVX512-BF16 path only)
   const float* bias;       // [NB * 16] or nullptr
   const uint16_t* table;   // [32] bf16 levels (16 used), kTable4 only
   const float* xsum;       // [M, G]: sum of x over each group (not computed with a table)
@@ -150,8 +153,9 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
     __m512 acc[MB][NC];
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
-    const int64_t q_end = (int64_t)P.chunks[g + 1] * kQuadsPerChunk;
-    for (int64_t q = (int64_t)P.chunks[g] * kQuadsPerChunk; q < q_end; q += 2) {  // 8 columns
+    const int64_t unit_quads = P.unit_cols / 4;
+    const int64_t q_end = (int64_t)P.chunks[g + 1] * unit_quads;
+    for (int64_t q = (int64_t)P.chunks[g] * unit_quads; q < q_end; q += 2) {  // 8 columns
       _mm_prefetch((const char*)(w + q * QB + kPrefetchSmallM), _MM_HINT_T0);
       __m512bh wv[4];
       dequant_quad<Kind>(w + q * QB, wv[0], wv[1], table);
@@ -342,7 +346,7 @@ void group_sums(const Problem& P, float* xsum) {
       const uint16_t* row = P.x + m * P.Kp;
       for (int64_t g = 0; g < P.G; ++g) {
         __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = (int64_t)P.chunks[g] * kChunk; k < (int64_t)P.chunks[g + 1] * kChunk; k += 16) {
+        for (int64_t k = (int64_t)P.chunks[g] * P.unit_cols; k < (int64_t)P.chunks[g + 1] * P.unit_cols; k += 16) {
           __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + k)));
           acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));  // bf16 -> fp32
         }
@@ -361,9 +365,12 @@ bool amx_ready() { return amx::ready(); }
 // ``table`` (int16 [32], bf16 bit patterns of 16 levels then padding) makes 4-bit codes indices.
 torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales,
                          torch::Tensor chunks, c10::optional<torch::Tensor> bias, int64_t bits, int64_t n,
-                         bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table) {
+                         bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table,
+                         int64_t group_cols) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(group_cols == kChunk || (group_cols == 16 && !table.has_value()),
+              "group_cols must be 32, or 16 for integer codes");
   TORCH_CHECK(!table.has_value() || (bits == 4 && table->numel() == 32 && table->element_size() == 2 &&
                                       table->is_contiguous() && table->device().is_cpu()),
               "a code table needs 4-bit codes and 32 contiguous 16-bit entries on the CPU");
@@ -372,7 +379,7 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   const int64_t Kp = x.size(1);
   TORCH_CHECK(Kp % kChunk == 0, "padded width must be a multiple of 32");
   const int64_t G = chunks.size(0) - 1;
-  const bool use_amx = M >= amx_min_rows && amx_ready();
+  const bool use_amx = M >= amx_min_rows && group_cols == kChunk && amx_ready();
   torch::Tensor xtiles;
   if (use_amx) {  // [M, Kp] -> zero-padded whole tiles [M/16][Kp/32][16][32]
     const int64_t row_tiles = (M + 15) / 16;
@@ -404,6 +411,7 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.scales = scales.data_ptr<float>();
   P.zscales = table.has_value() ? nullptr : zscales.data_ptr<float>();  // no zero point with a table
   P.chunks = chunks.data_ptr<int32_t>();
+  P.unit_cols = group_cols;
   P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   P.table = table.has_value() ? (const uint16_t*)table->data_ptr() : nullptr;
   P.xsum = xsum.data_ptr<float>();

@@ -1,0 +1,161 @@
+"""GGUF blocks kept quantized (``AffineGroupWeight``) and run on the CPU weight-only kernels.
+
+Three outside references: ``gguf.quants`` (gguf-py, llama.cpp's own Python reader) for the
+repacked numbers, the weight's ``reference_linear`` (dequantize, then an fp32 matmul) for the
+kernels, and llama.cpp itself (llama-cpp-python) for whole real files, teacher-forced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effinfer.kernels import quant_linear
+from effinfer.kernels.cpu import woq
+from effinfer.layers.linear import Linear
+from effinfer.loading.gguf import GGUFFile, load_model
+from effinfer.loading.gguf_quants import AFFINE_TYPES, BLOCK_FORMATS, to_affine_weight
+from effinfer.quant.affine import AffineGroupWeight
+from tests.conftest import cpu_kernel_missing
+from tests.test_gguf import SCALE_OFFSETS
+from tests.test_quant_kernels import assert_close_to_reference
+
+gguf = pytest.importorskip("gguf")
+QType = gguf.GGMLQuantizationType
+
+requires_kernel = pytest.mark.skipif(
+    cpu_kernel_missing(woq.extension), reason="CPU weight-only kernel unavailable"
+)
+
+# fp16 extremes next to ordinary scales: the largest finite, subnormals, zero, negative.
+EXTREME_SCALES = np.array([65504.0, -65504.0, 6e-8, -3e-5, 0.0, 1e-4, 2.0, -0.5], dtype=np.float16)
+TYPES = list(AFFINE_TYPES)
+
+
+def random_blocks(qtype: QType, rows: int, cols: int, seed: int, extreme: bool) -> np.ndarray:
+    """Raw bytes of a [rows, cols] matrix: every bit pattern of the packed values, chosen fp16 scales."""
+    values, block_bytes, _ = BLOCK_FORMATS[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // values, block_bytes), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[qtype]:
+        scale = rng.normal(scale=0.02, size=(blocks.shape[0], 1)).astype(np.float16)
+        if extreme:
+            scale = rng.choice(EXTREME_SCALES, size=(blocks.shape[0], 1))
+        blocks[:, offset : offset + 2] = scale.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def affine(qtype: QType, rows: int, cols: int, seed: int = 0, extreme: bool = False) -> AffineGroupWeight:
+    return to_affine_weight(random_blocks(qtype, rows, cols, seed, extreme), qtype, (rows, cols))
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["ordinary", "extreme"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_repacked_blocks_equal_gguf_py(qtype, extreme):
+    raw = random_blocks(qtype, 8, 512, seed=int(qtype), extreme=extreme)
+    expected = gguf.quants.dequantize(raw, qtype)
+    weight = to_affine_weight(raw, qtype, (8, 512))
+    # Equal as float32 numbers: for the d * (q - zero) types a zero may come out as +0 where ggml has -0.
+    np.testing.assert_array_equal(weight.dequantize().numpy(), expected)
+    _, bits, group = AFFINE_TYPES[qtype]
+    assert (weight.bits, weight.group_size) == (bits, group)
+    assert int(weight.qweight.max()) < 2**bits
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q4_0, QType.Q8_0])
+def test_repacked_blocks_from_gguf_quantizer(qtype):
+    """Blocks made by gguf-py's own quantizer (real data distributions, not random bytes)."""
+    values = np.random.default_rng(1).standard_t(3, size=(16, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(values, qtype)
+    np.testing.assert_array_equal(
+        to_affine_weight(raw, qtype, values.shape).dequantize().numpy(), gguf.quants.dequantize(raw, qtype)
+    )
+
+
+def test_fusing_different_types_is_exact():
+    """Q4_K_M puts Q6_K (or Q8_0) next to Q4_K (or Q5_0) in one fused layer: the parts meet at 8-bit, groups of 16."""
+    parts = [affine(QType.Q4_K, 32, 512, 1), affine(QType.Q6_K, 16, 512, 2), affine(QType.Q5_0, 16, 512, 3)]
+    fused = AffineGroupWeight.cat_rows(parts)
+    assert (fused.bits, fused.group_size) == (8, 16)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert torch.equal(fused.rows(32, 48).dequantize(), parts[1].dequantize())
+
+
+@requires_kernel
+@pytest.mark.parametrize("path", ["default", "avx512", "amx"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_kernel_matches_reference(qtype, path, monkeypatch):
+    if path != "default":
+        for bits in (4, 8):
+            monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, 1 if path == "amx" else 10**9)
+    n, k = 40, 768  # 40 rows: two full 16-row blocks and a partial one
+    weight = affine(qtype, n, k, seed=int(qtype) + 7)
+    bias = torch.randn(n)
+    state = quant_linear.prepare(weight, bias, None, torch.bfloat16)
+    assert state.backend == "cpu-woq"
+    for rows in (1, 3, 16, 64):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
+    x = torch.randn(3, k)
+    assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
+
+
+@requires_kernel
+def test_kernel_on_a_fused_mixed_layer():
+    weight = AffineGroupWeight.cat_rows([affine(QType.Q4_K, 48, 512, 4), affine(QType.Q6_K, 24, 512, 5)])
+    state = quant_linear.prepare(weight, None, None, torch.bfloat16)
+    assert state.backend == "cpu-woq"
+    for rows in (1, 64):
+        x = torch.randn(rows, 512).to(torch.bfloat16)
+        assert_close_to_reference(quant_linear.apply(state, x), x, weight, None)
+
+
+# ---------------------------------------------------------------- real files against llama.cpp
+
+MODELS = Path(os.environ.get("EFFINFER_MODELS", Path.home() / ".cache" / "effinfer-models"))
+REAL_FILES = ["SmolLM2-135M-Instruct.Q4_1.gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"]
+NEW_TOKENS = 32
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, a little robot"]
+
+
+@requires_kernel
+@pytest.mark.parametrize("filename", REAL_FILES)
+def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = MODELS / filename
+    if not path.is_file():
+        pytest.skip(f"{path} is not present (../shared/data/fetch_models.sh fetches it)")
+    checkpoint = GGUFFile(path)
+    config = checkpoint.model_config()
+    # float32 activations, as llama.cpp keeps them (the kernel then runs x as two bf16 terms):
+    # the comparison is of the weights' arithmetic, not of a bf16 residual stream.
+    model = load_model(checkpoint, config, torch.float32, torch.device("cpu"), 512, show_progress=False)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    assert linears and all(isinstance(m.quantized, AffineGroupWeight) for m in linears)
+    assert {quant_linear.QuantState} == {type(m._kernel_state) for m in linears}
+    assert {m._kernel_state.backend for m in linears} == {"cpu-woq"}
+
+    reference = llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_threads=1, seed=0, verbose=False,  # one thread: correctness only
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )  # fmt: skip
+    agree = total = 0
+    for prompt in PROMPTS:
+        prompt_ids = reference.tokenize(prompt.encode(), add_bos=True, special=False)
+        generated: list[int] = []
+        for token in reference.generate(
+            prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+        ):
+            generated.append(token)
+            if len(generated) == NEW_TOKENS or token == reference.token_eos():
+                break
+        with torch.no_grad():
+            hidden = model.forward_dense(torch.tensor([prompt_ids + generated[:-1]]))
+            ours = model.compute_logits(hidden)[0, len(prompt_ids) - 1 :].argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(ours, generated))
+        total += len(generated)
+    assert agree / total >= 0.95, (agree, total)
