@@ -28,6 +28,8 @@ from effinfer.quant import registry
 from effinfer.quant.lowrank import LowRankWeight
 from tests.conftest import make_hf_model
 
+KV_BYTES = 16 * 2**20
+
 
 def random_low_rank(out_features: int, in_features: int, rank: int | None, seed: int) -> LowRankWeight:
     g = torch.Generator().manual_seed(seed)
@@ -238,7 +240,7 @@ def dense_from_factors(out) -> dict[str, torch.Tensor]:
 def test_compressed_model_equals_the_dense_product_of_its_saved_factors(tiny_llama, compressed):
     hf_model, _ = tiny_llama
     hf_model.load_state_dict(dense_from_factors(compressed), strict=False)
-    llm = LLM(str(compressed), dtype="float32", show_progress=False)
+    llm = LLM(str(compressed), dtype="float32", kv_cache_memory=KV_BYTES, show_progress=False)
     model = llm.engine.runner.model
     backends = {m._kernel_state.backend for _, m in model.compressible_linears() if m.quantized is not None}
     assert backends == {"low-rank"}
@@ -268,7 +270,13 @@ def test_compressed_model_holds_the_asked_share_of_parameters(tiny_llama, compre
 
 def test_low_rank_checkpoint_refuses_quantization_on_top(compressed):
     with pytest.raises(ConfigError, match="already stored as low_rank"):
-        LLM(str(compressed), dtype="float32", quantization="int8", show_progress=False)
+        LLM(
+            str(compressed),
+            dtype="float32",
+            quantization="int8",
+            kv_cache_memory=KV_BYTES,
+            show_progress=False,
+        )
 
 
 @pytest.mark.parametrize(
@@ -285,3 +293,34 @@ def test_bad_arguments_are_one_line(tiny_llama, tmp_path, capsys, extra, message
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_a_gguf_model_is_factorized_from_its_float_weights(tiny_llama, tmp_path):
+    """GGUF in (q/k rows permuted as llama.cpp stores them): the factors approximate the HF weights
+    with exactly the truncated-SVD error, and the written directory has its own tokenizer and config."""
+    from effinfer.convert import convert_to_gguf
+
+    _, src = tiny_llama
+    gguf_file = convert_to_gguf(src, tmp_path / "tiny.gguf", "f32")
+    out = tmp_path / "out"
+    assert cli_main(["compress", "--model", str(gguf_file), "--out", str(out), "--low-rank", "0.6",
+                     "--method", "svd"]) == 0  # fmt: skip
+    source = load_file(str(src / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    for name in (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+        "model.layers.2.mlp.down_proj",
+    ):
+        w = source[f"{name}.weight"].double()
+        u, v = saved.get(f"{name}.u0"), saved[f"{name}.v0"]
+        if u is None:
+            continue
+        error = torch.linalg.matrix_norm(w - u.double() @ v.double()) ** 2
+        torch.testing.assert_close(
+            error, torch.linalg.svdvals(w)[u.shape[1] :].square().sum(), rtol=1e-3, atol=1e-6
+        )
+    assert layers and (out / "tokenizer.json").is_file()
+    llm = LLM(str(out), dtype="float32", kv_cache_memory=KV_BYTES, show_progress=False)
+    assert len(llm.generate(["Once upon a time"], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4
