@@ -81,6 +81,18 @@ def plot(results: list[dict], base: float, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict) -> None:
+    """Write what is measured so far (JSON and plot), so an interrupted run keeps its points."""
+    summary = {"model": str(args.model), "dense_perplexity": base, "windows": args.windows,
+               "num_samples": args.num_samples, "machine": platform.processor() or platform.machine(),
+               "results": results, "speed": speed}  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(results, base, args.plot)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF model directory or GGUF file")
@@ -99,8 +111,9 @@ def main() -> int:
         base = evaluate(Path(args.model), text, args.windows)
         print(f"dense: {base:.3f}", flush=True)
         results, speed = [], {}
-        for method in args.methods.split(","):
-            for ratio in (float(r) for r in args.ratios.split(",")):
+        # Ratio by ratio, both methods each time, so a run cut short still compares them.
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for method in args.methods.split(","):
                 start = time.perf_counter()
                 out = Path(work) / f"{method}-{ratio}"
                 options = LowRankOptions(ratio, method)
@@ -115,13 +128,7 @@ def main() -> int:
                     speed = {"model": args.speed, "dense_tok_s": decode_speed(Path(args.model)),
                              "low_rank_tok_s": decode_speed(out)}  # fmt: skip
                     print(json.dumps(speed), flush=True)
-    summary = {"model": str(args.model), "dense_perplexity": base, "windows": args.windows,
-               "machine": platform.processor() or platform.machine(), "results": results, "speed": speed}  # fmt: skip
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    if args.plot:
-        plot(results, base, args.plot)
+                save(args, base, results, speed)
     print("| method | kept | perplexity | vs dense |\n|---|---|---|---|")
     for r in results:
         print(

@@ -130,8 +130,7 @@ class Whitening:
 
 def energy_shares(weight: torch.Tensor, whitening: Whitening | None = None) -> torch.Tensor:
     """Each singular value's share of ||W M||_F^2 (descending): what keeping that component retains."""
-    s = torch.linalg.svdvals(_whitened(weight, whitening))
-    energy = s.square()
+    energy, _, _ = _gram_eigen(_whitened(weight, whitening))
     return energy / energy.sum().clamp_min(1e-300)
 
 
@@ -140,20 +139,33 @@ def _whitened(weight: torch.Tensor, whitening: Whitening | None) -> torch.Tensor
     return whitening.whiten(w) if whitening is not None else w
 
 
+def _gram_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(squared singular values, singular vectors, right) of ``a`` from its smaller Gram matrix, descending.
+
+    The eigenvectors of a^T a are a's right singular vectors (of a a^T its left ones), and the
+    eigenvalues the squared singular values: an eigh of min(out, in)^2 in float64 instead of an SVD
+    of out x in, about 10x faster for the 576 x 1536 matrices of a 135M model.
+    """
+    right = a.shape[1] <= a.shape[0]
+    eigenvalues, vectors = torch.linalg.eigh(a.T @ a if right else a @ a.T)
+    return eigenvalues.flip(0).clamp_min(0), vectors.flip(1), right
+
+
 def truncated_svd(
     weight: torch.Tensor, rank: int, whitening: Whitening | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [out, rank], V [rank, in]) in float32 with U V ~= W: the top ``rank`` components of W M, V M^-1.
 
-    The singular values are split evenly between the factors (sqrt on each side) so neither
-    factor's range is extreme when it is run in bfloat16.
+    With right singular vectors R of A = W M, the rank-r truncation is (A R_r) R_r^T; with left
+    ones L, it is L_r (L_r^T A). Either way it is the Eckart-Young optimum of A.
     """
-    u, s, vh = torch.linalg.svd(_whitened(weight, whitening), full_matrices=False)
-    root = s[:rank].sqrt()
-    v = root[:, None] * vh[:rank]
+    a = _whitened(weight, whitening)
+    _, vectors, right = _gram_eigen(a)
+    top = vectors[:, :rank]
+    u, v = (a @ top, top.T) if right else (top, top.T @ a)
     if whitening is not None:
         v = whitening.unwhiten(v)
-    return (u[:, :rank] * root).float(), v.float()
+    return u.float(), v.float()
 
 
 # -------------------------------------------------------------------- rank allocation

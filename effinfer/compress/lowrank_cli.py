@@ -48,6 +48,9 @@ def compress_low_rank(
     _check_out_dir(source, out)
     if num_samples < 1 or seq_len < 2:
         raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
+    path = Path(calib) if calib else heldout_text_path("calibration")
+    if options.needs_calibration and not path.is_file():  # before minutes of loading
+        raise ConfigError(f"calibration file {str(path)!r} does not exist")
     start = time.perf_counter()
     checkpoint = open_checkpoint(source)
     config = checkpoint.model_config
@@ -55,9 +58,6 @@ def compress_low_rank(
                                         show_progress)  # fmt: skip
     calib_ids = None
     if options.needs_calibration:
-        path = Path(calib) if calib else heldout_text_path("calibration")
-        if not path.is_file():
-            raise ConfigError(f"calibration file {str(path)!r} does not exist")
         try:
             calib_ids = calibration_batches(checkpoint.tokenizer, path, num_samples, seq_len, seed, "auto")
         except ValueError as e:
