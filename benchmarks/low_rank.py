@@ -30,13 +30,17 @@ sys.path.insert(0, str(REPO))
 from effinfer import LLM, SamplingParams  # noqa: E402
 from effinfer.compress.lowrank import LowRankOptions  # noqa: E402
 from effinfer.compress.lowrank_cli import compress_low_rank  # noqa: E402
+from effinfer.default_model import heldout_text_path  # noqa: E402
 from effinfer.eval.perplexity import perplexity  # noqa: E402
 
 CALIB_BYTES = 200_000
 KV_CACHE_BYTES = 256 * 2**20  # plenty for one 512-token window; the machine is shared
 
 
-def texts(shared: Path, work: Path) -> tuple[Path, str]:
+def texts(shared: Path, work: Path, which: str) -> tuple[Path, str]:
+    """(calibration file, evaluation text): disjoint parts of TinyStories, or the default model's held-out files."""
+    if which == "heldout":
+        return heldout_text_path("calibration"), heldout_text_path("evaluation").read_text()
     valid = (shared / "text" / "tinystories_valid.txt").read_text()
     calib = work / "calib.txt"
     calib.write_text(valid[-CALIB_BYTES:])
@@ -83,7 +87,7 @@ def plot(results: list[dict], base: float, path: str) -> None:
 
 def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict) -> None:
     """Write what is measured so far (JSON and plot), so an interrupted run keeps its points."""
-    summary = {"model": str(args.model), "dense_perplexity": base, "windows": args.windows,
+    summary = {"model": str(args.model), "texts": args.texts, "dense_perplexity": base, "windows": args.windows,
                "num_samples": args.num_samples, "machine": platform.processor() or platform.machine(),
                "results": results, "speed": speed}  # fmt: skip
     if args.json:
@@ -99,6 +103,8 @@ def main() -> int:
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6", help="parameter shares to keep")
     parser.add_argument("--methods", default="svd,svd-llm", help="comma-separated: svd, asvd, svd-llm")
+    parser.add_argument("--texts", choices=("tinystories", "heldout"), default="tinystories",
+                        help="heldout: the default model's held-out Python files (calibration / evaluation)")  # fmt: skip
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration rows of 256 tokens")
     parser.add_argument("--speed", help="RATIO:METHOD of the model whose decode speed is compared with dense")
@@ -107,7 +113,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as work:
-        calib, text = texts(Path(args.shared), Path(work))
+        calib, text = texts(Path(args.shared), Path(work), args.texts)
         base = evaluate(Path(args.model), text, args.windows)
         print(f"dense: {base:.3f}", flush=True)
         results, speed = [], {}
