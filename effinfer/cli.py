@@ -27,6 +27,7 @@ from effinfer import (
     train,
 )
 from effinfer.bench import BenchError, BenchServeError
+from effinfer.compress import lowrank_cli
 from effinfer.compress.gqa import convert_to_gqa
 from effinfer.compress.quant import pipeline as quantize
 from effinfer.config import EngineArgs
@@ -202,6 +203,7 @@ COMMANDS = (
     serve.register,
     register_eval,
     quantize.register,
+    lowrank_cli.register,
     partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,
     train.register,

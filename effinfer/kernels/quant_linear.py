@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 # Imported for their registrations (each kernel module registers itself in quant/registry.py).
-from effinfer.kernels import codebook_linear, dense_linear, llm_int8, w8a8  # noqa: F401
+from effinfer.kernels import codebook_linear, dense_linear, llm_int8, lowrank_linear, w8a8  # noqa: F401
 from effinfer.kernels.cpu import woq as cpu_woq  # noqa: F401
 from effinfer.kernels.triton import fp8 as triton_fp8  # noqa: F401
 from effinfer.quant.activations import fake_quantize_activations

@@ -245,6 +245,15 @@ def _tensor_nbytes(qtype: QType, dims: list[int]) -> int:
 
 def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     """Hyper-parameters from the family's ``{arch}.*`` keys and the file's vocabulary, through ``ModelConfig.from_hf``."""
+    hf = hf_config_from_gguf(gguf)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ConfigError as e:  # name the file; the field names are HF's (see the family's mapping)
+        raise ConfigError(f"{gguf.path.name}: {e}") from None
+
+
+def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
+    """The file's hyper-parameters as an HF config.json dict (what a checkpoint written from it carries)."""
     meta, arch = gguf.metadata, gguf.architecture
     try:
         family = family_for_gguf(arch)
@@ -276,7 +285,7 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             dtype=_working_dtype(gguf),
         )
-        return ModelConfig.from_hf(hf)
+        return hf
     except ConfigError as e:  # name the file; the field names are HF's (see the family's mapping)
         raise ConfigError(f"{gguf.path.name}: {e}") from None
 

@@ -12,7 +12,9 @@ pre-tokenizer regex that ``tokenizer.ggml.pre`` names (compiled into llama.cpp, 
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
@@ -51,6 +53,23 @@ BPE_PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
 
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     """Build effinfer's ``Tokenizer`` from GGUF metadata (``GGUFFile.metadata``)."""
+    backend, config, generation, templates = _tokenizer_parts(metadata)
+    return Tokenizer(backend, tokenizer_config=config, generation_config=generation, chat_templates=templates)
+
+
+def save_hf_tokenizer(metadata: dict[str, Any], directory: Path) -> None:
+    """Write the GGUF tokenizer as HF files (tokenizer.json, tokenizer_config.json, generation_config.json)."""
+    backend, config, generation, templates = _tokenizer_parts(metadata)
+    backend.save(str(directory / "tokenizer.json"))
+    config = {k: v for k, v in config.items() if v is not None}
+    if "default" in templates:
+        config["chat_template"] = templates["default"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _tokenizer_parts(metadata: dict[str, Any]) -> tuple[BackendTokenizer, dict, dict, dict[str, str]]:
+    """(backend, tokenizer_config, generation_config, chat templates) that the GGUF metadata describes."""
     kind = metadata.get("tokenizer.ggml.model")
     tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
     if not tokens:
@@ -100,12 +119,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     if stop_ids[1] is None and END_OF_TURN in tokens:
         stop_ids.append(tokens.index(END_OF_TURN))  # as llama.cpp, which finds it by its text
     generation = {"eos_token_id": [i for i in stop_ids if isinstance(i, int) and 0 <= i < len(tokens)]}
-    return Tokenizer(
-        backend,
-        tokenizer_config=config,
-        generation_config=generation,
-        chat_templates=_chat_templates(metadata),
-    )
+    return backend, config, generation, _chat_templates(metadata)
 
 
 def _sentencepiece_backend(tokens: list[str], metadata: dict[str, Any], types: list[int]) -> BackendTokenizer:

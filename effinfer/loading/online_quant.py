@@ -45,6 +45,12 @@ def quantize_on_load(model: torch.nn.Module, scheme: str, show_progress: bool = 
     """Replace every decoder Linear's float weight by its quantized form (before ``finalize_model``)."""
     entry = _scheme(scheme)
     linears = quantizable_linears(model)
+    compressed = [(name, linear.quantized) for name, linear in linears if linear.quantized is not None]
+    if compressed:  # re-quantizing U @ V or GPTQ codes would undo the compression, not add to it
+        name, weight = compressed[0]
+        raise ConfigError(
+            f"{name} is already stored as {weight.kind}; --quantization applies to float checkpoints only"
+        )
     for _, linear in tqdm(linears, desc=scheme, unit="layer", disable=not show_progress):
         linear.set_quantized(_quantize_linear(linear, entry.quantize), entry.act_quant)
     if entry.quantize_lm_head is not None:

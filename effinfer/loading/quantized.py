@@ -23,9 +23,10 @@ from effinfer.layers.linear import Linear
 from effinfer.loading import quant_formats as qf
 from effinfer.loading.bnb import BitsAndBytesFormat
 from effinfer.loading.builder import WeightsError
+from effinfer.loading.compressed import EffinferFormat
 from effinfer.loading.quant_formats import CheckpointFormat
 
-SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
+SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "bitsandbytes", "effinfer")
 _CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 
 
@@ -155,6 +156,8 @@ def checkpoint_format(quant: dict) -> CheckpointFormat:
         return _CompressedTensors(quant)
     if method == "bitsandbytes":
         return BitsAndBytesFormat(quant)
+    if method == "effinfer":  # any registered weight type by its state_dict (loading/compressed.py)
+        return EffinferFormat(quant)
     raise ConfigError(
         f"quantization method {method or '(none given)'!r} is not supported; "
         f"effinfer reads {', '.join(SUPPORTED_METHODS)} checkpoints"

@@ -25,6 +25,7 @@ from effinfer.quant.codebook import CodebookWeight, quantize_codebook
 from effinfer.quant.fp8 import Fp8Weight, quantize_fp8
 from effinfer.quant.integer import QuantizedWeight, quantize_rtn
 from effinfer.quant.llm_int8 import LLMInt8Weight, quantize_llm_int8
+from effinfer.quant.lowrank import LowRankWeight
 
 
 class UnknownScheme(ValueError):
@@ -71,6 +72,18 @@ def scheme(name: str) -> Scheme:
 def weight_types() -> list[type[CompressedWeight]]:
     """Every weight type a scheme uses, once each, in registry order."""
     return list(dict.fromkeys(s.weight_type for s in SCHEMES.values()))
+
+
+# Weight types no scheme makes: offline transforms write them (``effinfer compress --low-rank``).
+OFFLINE_WEIGHT_TYPES: tuple[type[CompressedWeight], ...] = (LowRankWeight,)
+
+
+def weight_type(kind: str) -> type[CompressedWeight]:
+    """The weight type a checkpoint names by its ``kind`` (``CompressedWeight.kind``)."""
+    types = {t.kind: t for t in (*weight_types(), *OFFLINE_WEIGHT_TYPES)}
+    if kind not in types:
+        raise ValueError(f"unknown compressed-weight kind {kind!r}; known: {', '.join(types)}")
+    return types[kind]
 
 
 # -------------------------------------------------------------------- kernels

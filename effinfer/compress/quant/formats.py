@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import save_file
 
 from effinfer.layers.linear import Linear
-from effinfer.loading import bnb
+from effinfer.loading import bnb, compressed
 from effinfer.loading import quant_formats as qf
 from effinfer.quant.integer import QuantizedWeight
 
-FORMATS = ("gptq", "awq", "compressed-tensors", "bitsandbytes")
+FORMATS = ("gptq", "awq", "compressed-tensors", "bitsandbytes", "effinfer")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -59,7 +59,7 @@ def save_quantized(
         raise ValueError("the model has no quantized Linear layers to save")
 
     other = sorted({type(qw).__name__ for _, qw, _ in quantized if not isinstance(qw, QuantizedWeight)})
-    if format != "bitsandbytes" and other:
+    if format not in ("bitsandbytes", "effinfer") and other:
         raise ValueError(f"the {format} layout stores integer codes; this model holds {', '.join(other)}")
     if format == "gptq":
         quant_config, pack = _gptq_config(quantized, method_info)
@@ -67,6 +67,8 @@ def save_quantized(
         quant_config, pack = _awq_config(quantized)
     elif format == "bitsandbytes":  # NF4 / FP4 and LLM.int8(), transformers' layout
         quant_config, pack = bnb.writer_config(quantized)
+    elif format == "effinfer":  # any weight type, as its state_dict (loading/compressed.py)
+        quant_config, pack = compressed.writer_config(quantized)
     else:
         quant_config, pack = _compressed_tensors_config(quantized, [n for n, qw, *_ in layers if qw is None])
     if method_info:

@@ -1,0 +1,147 @@
+"""Perplexity vs parameter reduction of low-rank factorization: plain SVD vs activation-aware (SVD-LLM, ASVD).
+
+Each point runs what a user runs: ``effinfer compress --low-rank RATIO --method M`` (the same
+``compress_low_rank`` function) writes a checkpoint, ``LLM(OUT)`` loads it, and sliding-window
+perplexity is measured on text the calibration never saw: calibration on the last 200 KB of
+``../shared/data/text/tinystories_valid.txt``, evaluation on the first ``--windows`` windows of 512
+tokens of the rest. The baseline is the source model itself (a GGUF file is dequantized to bf16;
+its factors are taken from those same dequantized weights). ``--speed`` also times greedy decoding
+(batch 1) of the dense model and of one factorized model on the CPU.
+
+    python benchmarks/low_rank.py --model ~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --ratios 0.9,0.8,0.7,0.6 --methods svd,svd-llm --json docs/results/low_rank.json \
+        --plot docs/low_rank_ppl.png --speed 0.7:svd-llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from effinfer import LLM, SamplingParams  # noqa: E402
+from effinfer.compress.lowrank import LowRankOptions  # noqa: E402
+from effinfer.compress.lowrank_cli import compress_low_rank  # noqa: E402
+from effinfer.default_model import heldout_text_path  # noqa: E402
+from effinfer.eval.perplexity import perplexity  # noqa: E402
+
+CALIB_BYTES = 200_000
+KV_CACHE_BYTES = 256 * 2**20  # plenty for one 512-token window; the machine is shared
+
+
+def texts(shared: Path, work: Path, which: str) -> tuple[Path, str]:
+    """(calibration file, evaluation text): disjoint parts of TinyStories, or the default model's held-out files."""
+    if which == "heldout":
+        return heldout_text_path("calibration"), heldout_text_path("evaluation").read_text()
+    valid = (shared / "text" / "tinystories_valid.txt").read_text()
+    calib = work / "calib.txt"
+    calib.write_text(valid[-CALIB_BYTES:])
+    return calib, valid[:-CALIB_BYTES]
+
+
+def evaluate(model: Path, text: str, windows: int) -> float:
+    llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
+    return perplexity(llm, text=text, ctx=512, max_windows=windows, show_progress=False).perplexity
+
+
+def decode_speed(model: Path, tokens: int = 64, runs: int = 3) -> float:
+    """Median tokens/s of greedy batch-1 decoding (after one warm-up run)."""
+    llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(["Once upon a time"], params)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        llm.generate(["Once upon a time"], params)
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def plot(results: list[dict], base: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["removed_pct"])
+        ax.plot([r["removed_pct"] for r in rows], [r["perplexity"] for r in rows], "o-", label=method)
+    ax.axhline(base, color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("parameters removed from the decoder Linears (%)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict) -> None:
+    """Write what is measured so far (JSON and plot), so an interrupted run keeps its points."""
+    summary = {"model": str(args.model), "texts": args.texts, "dense_perplexity": base, "windows": args.windows,
+               "num_samples": args.num_samples, "machine": platform.processor() or platform.machine(),
+               "results": results, "speed": speed}  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(results, base, args.plot)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="HF model directory or GGUF file")
+    parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6", help="parameter shares to keep")
+    parser.add_argument("--methods", default="svd,svd-llm", help="comma-separated: svd, asvd, svd-llm")
+    parser.add_argument("--texts", choices=("tinystories", "heldout"), default="tinystories",
+                        help="heldout: the default model's held-out Python files (calibration / evaluation)")  # fmt: skip
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration rows of 256 tokens")
+    parser.add_argument("--speed", help="RATIO:METHOD of the model whose decode speed is compared with dense")
+    parser.add_argument("--json", help="write the results as JSON")
+    parser.add_argument("--plot", help="perplexity vs parameters removed (png)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as work:
+        calib, text = texts(Path(args.shared), Path(work), args.texts)
+        base = evaluate(Path(args.model), text, args.windows)
+        print(f"dense: {base:.3f}", flush=True)
+        results, speed = [], {}
+        # Ratio by ratio, both methods each time, so a run cut short still compares them.
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for method in args.methods.split(","):
+                start = time.perf_counter()
+                out = Path(work) / f"{method}-{ratio}"
+                options = LowRankOptions(ratio, method)
+                _, report = compress_low_rank(args.model, out, options, calib, args.num_samples, 256)
+                ppl = evaluate(out, text, args.windows)
+                kept = report.parameters_after / report.parameters_before
+                row = {"method": method, "keep_ratio": ratio, "kept_pct": 100 * kept,
+                       "removed_pct": 100 * (1 - kept), "perplexity": ppl, "seconds": time.perf_counter() - start}  # fmt: skip
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                if args.speed == f"{ratio}:{method}":
+                    speed = {"model": args.speed, "dense_tok_s": decode_speed(Path(args.model)),
+                             "low_rank_tok_s": decode_speed(out)}  # fmt: skip
+                    print(json.dumps(speed), flush=True)
+                save(args, base, results, speed)
+    print("| method | kept | perplexity | vs dense |\n|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['method']} | {r['kept_pct']:.1f}% | {r['perplexity']:.2f} | {r['perplexity'] / base:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
