@@ -28,6 +28,7 @@ from effinfer import (
 )
 from effinfer.bench import BenchError, BenchServeError
 from effinfer.compress.gqa import convert_to_gqa
+from effinfer.compress.prune import pipeline as prune
 from effinfer.compress.quant import pipeline as quantize
 from effinfer.config import EngineArgs
 from effinfer.eval import perplexity
@@ -200,6 +201,7 @@ COMMANDS = (
     serve.register,
     register_eval,
     quantize.register,
+    prune.register,
     partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,
     train.register,

@@ -137,6 +137,20 @@ class Tokenizer:
             chat_templates=_load_chat_templates(path, tokenizer_config),
         )
 
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that ``from_dir`` (and transformers) read back
+        as this tokenizer: the same special tokens, BOS/EOS adding and chat template."""
+        directory = Path(directory)
+        self._backend.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+        if self._explicit_bos_eos is not None:
+            config["add_bos_token"], config["add_eos_token"] = self._explicit_bos_eos
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
     def _register_config_special_tokens(self, tok_cfg: dict[str, Any]) -> None:
         # transformers marks the config's special tokens as special in the backend, which makes them match as
         # whole tokens in input text and get skipped by decode; do the same for those already in the vocabulary.

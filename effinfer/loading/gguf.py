@@ -240,6 +240,15 @@ def _tensor_nbytes(qtype: QType, dims: list[int]) -> int:
 
 def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     """Hyper-parameters from the family's ``{arch}.*`` keys and the file's vocabulary, through ``ModelConfig.from_hf``."""
+    hf = hf_config_from_gguf(gguf)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ConfigError as e:  # name the file; the field names are HF's (see the family's mapping)
+        raise ConfigError(f"{gguf.path.name}: {e}") from None
+
+
+def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
+    """The config.json dict the file's metadata describes (what ``model_config_from_gguf`` parses)."""
     meta, arch = gguf.metadata, gguf.architecture
     try:
         family = family_for_gguf(arch)
@@ -271,8 +280,8 @@ def model_config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             dtype=_working_dtype(gguf),
         )
-        return ModelConfig.from_hf(hf)
-    except ConfigError as e:  # name the file; the field names are HF's (see the family's mapping)
+        return hf
+    except ConfigError as e:
         raise ConfigError(f"{gguf.path.name}: {e}") from None
 
 
@@ -358,16 +367,20 @@ def load_model(
     device: torch.device,
     max_positions: int,
     show_progress: bool = True,
+    finalize: bool = True,
 ) -> torch.nn.Module:
-    """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes."""
+    """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes.
+
+    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on.
+    """
     if not isinstance(gguf, GGUFFile):
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=True)
+    tensors = hf_tensors(gguf, config, quantized_linears=finalize)
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
-    finalize_model(model, device, dtype, rope_freq_factors=rope_freq_factors)
+    finalize_model(model, device, dtype, finalize, rope_freq_factors)
     return model
