@@ -50,6 +50,22 @@ def sparsegpt_prune_weight(
     h[dead, dead] = 1
     w[:, dead] = 0
     u = inverse_hessian_factor(h, damp)
+    threads = torch.get_num_threads()
+    # The column loop is thousands of tiny ops: one thread does them 7x faster than two on a busy
+    # 2-core machine (5.8 s against 43 s for a 3072 x 576 weight), where threads wait for each other.
+    torch.set_num_threads(1)
+    try:
+        return _prune_columns(w, u, pattern, block_size).to(weight.dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prune_columns(
+    w: torch.Tensor, u: torch.Tensor, pattern: SparsityPattern, block_size: int
+) -> torch.Tensor:
+    """Algorithm 1 of the paper on ``w`` (updated in place) with the upper Cholesky factor ``u`` of H⁻¹."""
+    out_features, in_features = w.shape
+    dtype = w.dtype
     pruned = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
@@ -71,7 +87,7 @@ def sparsegpt_prune_weight(
         # ... and onto the columns after the block in one product (the lazy batch update).
         w[:, stop:] -= errors @ u[start:stop, stop:]
     w[pruned] = 0
-    return w.to(weight.dtype)
+    return w
 
 
 def _prune_layer(step: LayerCalibration, pattern: SparsityPattern, damp: float, block_size: int) -> None:
