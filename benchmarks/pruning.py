@@ -10,6 +10,7 @@ baseline (dequantized and saved the same way). Checkpoints already in WORK are r
         --calib ../shared/data/text/tinystories_train_lowercase.txt \\
         --eval ../shared/data/text/tinystories_valid.txt --work /tmp/prune \\
         --json docs/results/pruning_smollm2.json --plot docs/pruning_smollm2.png
+    python benchmarks/pruning.py ... --layer-error 15 --json docs/results/pruning_smollm2_layer15.json
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from safetensors import safe_open
 
 from effinfer import LLM
 from effinfer.cli import main as cli_main
+from effinfer.compress.calibration import run_layerwise
+from effinfer.compress.prune.magnitude import prune_weight_magnitude
 from effinfer.compress.prune.masks import SparsityPattern
-from effinfer.compress.prune.pipeline import load_source, save_pruned
+from effinfer.compress.prune.pipeline import PruneOptions, calibration_rows, load_source, save_pruned
+from effinfer.compress.prune.sparsegpt import sparsegpt_prune_weight
+from effinfer.compress.prune.wanda import prune_weight_wanda
 from effinfer.eval.perplexity import perplexity
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,6 +60,48 @@ def held_out_perplexity(model: Path, text: Path, ctx: int, max_windows: int) -> 
     return perplexity(llm, path=text, ctx=ctx, max_windows=max_windows, show_progress=False).perplexity
 
 
+class _LayerDone(Exception):
+    pass
+
+
+def layer_errors(model: str, calib: str, layer_index: int, num_samples: int, seq_len: int) -> dict:
+    """Relative output error ||XWᵀ - XŴᵀ|| / ||XWᵀ|| of each Linear of one decoder layer, per method
+    and sparsity, on the real inputs that layer sees in the dense model (a cheap stand-in for the
+    whole-model run when SparseGPT's column loop is too slow for the machine)."""
+    source = load_source(Path(model).expanduser(), show_progress=False)
+    ids = calibration_rows(
+        source.tokenizer, PruneOptions("wanda", SparsityPattern(0.5), calib, num_samples, seq_len)
+    )
+    results = {}
+
+    def measure(step) -> None:
+        if step.index < layer_index:
+            return
+        inputs = step.capture(step.linears)
+        for name, linear in step.linears.items():
+            w, x = linear.weight.data.double(), inputs[name].double()
+            reference = x @ w.T
+            for sparsity in ("0.5", "2:4"):
+                pattern = SparsityPattern.parse(sparsity)
+                magnitude, wanda = w.clone(), w.clone()
+                prune_weight_magnitude(magnitude, pattern)
+                prune_weight_wanda(wanda, x.norm(dim=0), pattern)
+                sparsegpt = sparsegpt_prune_weight(w, 2 * x.T @ x / len(x), pattern)
+                pruned = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+                results[f"{name} {sparsity}"] = {
+                    method: (torch.linalg.norm(reference - x @ v.T) / torch.linalg.norm(reference)).item()
+                    for method, v in pruned.items()
+                }
+                print(name, sparsity, results[f"{name} {sparsity}"], flush=True)
+        raise _LayerDone
+
+    try:
+        run_layerwise(source.model, ids, measure, show_progress=False)
+    except _LayerDone:
+        pass
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF directory or GGUF file")
@@ -69,7 +116,14 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=16)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--layer-error", type=int, metavar="L",
+                        help="only measure each method's output error on decoder layer L's real inputs")  # fmt: skip
     args = parser.parse_args()
+    if args.layer_error is not None:
+        errors = layer_errors(args.model, args.calib, args.layer_error, args.num_samples, args.seq_len)
+        if args.json:
+            args.json.write_text(json.dumps(errors, indent=2) + "\n")
+        return
     torch.manual_seed(0)
     eval_args = dict(text=Path(args.eval), ctx=args.ctx, max_windows=args.max_windows)
     # Rows an earlier run measured with the same settings are kept (the runs are long on a CPU).
