@@ -29,6 +29,7 @@ from effinfer import (
 from effinfer.bench import BenchError, BenchServeError
 from effinfer.compress import lowrank_cli
 from effinfer.compress.gqa import convert_to_gqa
+from effinfer.compress.prune import pipeline as prune
 from effinfer.compress.quant import pipeline as quantize
 from effinfer.config import EngineArgs
 from effinfer.eval import perplexity
@@ -203,6 +204,7 @@ COMMANDS = (
     serve.register,
     register_eval,
     quantize.register,
+    prune.register,
     lowrank_cli.register,
     partial(convert.register, to_gqa=convert_to_gqa),
     bench.register,

@@ -392,16 +392,20 @@ def load_model(
     device: torch.device,
     max_positions: int,
     show_progress: bool = True,
+    finalize: bool = True,
 ) -> torch.nn.Module:
-    """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes."""
+    """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes.
+
+    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on.
+    """
     if not isinstance(gguf, GGUFFile):
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=True)
+    tensors = hf_tensors(gguf, config, quantized_linears=finalize)
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
-    finalize_model(model, device, dtype, rope_freq_factors=rope_freq_factors)
+    finalize_model(model, device, dtype, finalize, rope_freq_factors)
     return model
