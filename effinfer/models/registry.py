@@ -13,10 +13,12 @@ from effinfer.config import ConfigError, register_hf_config_parser
 from effinfer.models.base import CausalLM
 from effinfer.models.gemma3 import Gemma3ForCausalLM
 from effinfer.models.llama import LlamaForCausalLM
+from effinfer.models.moe import MoeForCausalLM
 
 FAMILIES: list[type[CausalLM]] = [
     LlamaForCausalLM,
     Gemma3ForCausalLM,
+    MoeForCausalLM,
 ]
 
 for _family in FAMILIES:
