@@ -11,6 +11,13 @@ from effinfer.models.registry import hf_architectures
 from .conftest import make_hf_model
 
 ARCHS = hf_architectures()
+MOE_SIZES = {
+    "MixtralForCausalLM": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2MoeForCausalLM": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+    ),
+    "Qwen3MoeForCausalLM": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+}
 PROMPTS = [[1, 17, 99, 305], [1] + list(range(40, 63)), [1, 400, 7], [1] + list(range(100, 140, 3))]
 
 
@@ -34,6 +41,8 @@ def hf_and_llm(request, tmp_path_factory):
         extra["tie_word_embeddings"] = True
     if arch == "MistralForCausalLM":
         extra["sliding_window"] = 16  # shorter than the longer prompts, so the window really cuts
+    # HF's default MoE sizes (60-128 experts) would only slow CI down: a few small experts suffice.
+    extra.update(MOE_SIZES.get(arch, {}))
     hf, path = make_hf_model(arch, tmp_path_factory.mktemp(arch), **extra)
     llm = LLM(str(path), dtype="float32", device="cpu", show_progress=False)
     return hf, llm

@@ -53,7 +53,7 @@ def fill_model(
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not show_progress) as bar:
-        for name, tensor, nbytes in tensors:
+        for name, tensor, nbytes in model.checkpoint_tensors(tensors):
             bar.update(nbytes)
             target = model.checkpoint_target(name)
             if target is None:

@@ -17,7 +17,7 @@ at every layer of one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +220,11 @@ class CausalLM(nn.Module):
                 if ours == module:
                     return f"blk.{parts[2]}.{gguf_name}.{parts[-1]}", tensor
         return None
+
+    def checkpoint_tensors(self, tensors: Iterable[tuple[str, Any, int]]) -> Iterable[tuple[str, Any, int]]:
+        """A checkpoint's (name, tensor, bytes read) as ``checkpoint_target`` maps them: unchanged, unless
+        a family's checkpoints stack several modules' weights in one tensor (it splits them here)."""
+        return tensors
 
     def checkpoint_target(self, name: str) -> tuple[str, int] | None:
         """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""

@@ -95,12 +95,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(
+        self, config: ModelConfig, max_positions: int, decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # One rotary table for every layer (a buffer, built after loading).
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention_sinks = config.attention_sinks
         self.sliding_window = config.sliding_windows[0] if config.attention_sinks else None
@@ -219,27 +221,35 @@ class LlamaForCausalLM(CausalLM):
 
     def smoothing_pairs(self, layer: LlamaDecoderLayer) -> list[SmoothingPair]:
         """input_layernorm -> q/k/v, v rows -> o_proj, post_attention_layernorm -> gate/up, up rows -> down."""
-        attn, mlp = layer.self_attn, layer.mlp
-        q_size, kv_size, v_size = attn.qkv_proj.shard_sizes
+        mlp = layer.mlp
         inter = mlp.down_proj.in_features
         return [
-            SmoothingPair("qkv", layer.input_layernorm, (attn.qkv_proj,), attn, block_takes_layer_args=True),
-            # Attention is linear in v: scaling a v channel scales the same channel of every query
-            # head of its group at o_proj's input.
-            SmoothingPair(
-                "o",
-                attn.qkv_proj,
-                (attn.o_proj,),
-                attn.o_proj,
-                prev_rows=slice(q_size + kv_size, q_size + kv_size + v_size),
-                fanout=attn.num_heads // attn.num_kv_heads,
-                fanout_width=attn.head_dim,
-            ),
+            *attention_smoothing_pairs(layer),
             SmoothingPair("gate_up", layer.post_attention_layernorm, (mlp.gate_up_proj,), mlp),
             SmoothingPair(
                 "down", mlp.gate_up_proj, (mlp.down_proj,), mlp.down_proj, prev_rows=slice(inter, 2 * inter)
             ),
         ]
+
+
+def attention_smoothing_pairs(layer: LlamaDecoderLayer) -> list[SmoothingPair]:
+    """input_layernorm -> q/k/v and v rows -> o_proj of a Llama-style decoder layer."""
+    attn = layer.self_attn
+    q_size, kv_size, v_size = attn.qkv_proj.shard_sizes
+    return [
+        SmoothingPair("qkv", layer.input_layernorm, (attn.qkv_proj,), attn, block_takes_layer_args=True),
+        # Attention is linear in v: scaling a v channel scales the same channel of every query
+        # head of its group at o_proj's input.
+        SmoothingPair(
+            "o",
+            attn.qkv_proj,
+            (attn.o_proj,),
+            attn.o_proj,
+            prev_rows=slice(q_size + kv_size, q_size + kv_size + v_size),
+            fanout=attn.num_heads // attn.num_kv_heads,
+            fanout_width=attn.head_dim,
+        ),
+    ]
 
 
 def _sliding_windows(hf: dict, is_qwen: bool, num_layers: int) -> list[int | None]:

@@ -14,11 +14,13 @@ from effinfer.models.base import CausalLM
 from effinfer.models.gemma3 import Gemma3ForCausalLM
 from effinfer.models.llama import LlamaForCausalLM
 from effinfer.models.mamba import MambaForCausalLM
+from effinfer.models.moe import MoeForCausalLM
 
 FAMILIES: list[type[CausalLM]] = [
     LlamaForCausalLM,
     Gemma3ForCausalLM,
     MambaForCausalLM,
+    MoeForCausalLM,
 ]
 
 for _family in FAMILIES:
