@@ -32,7 +32,9 @@ def _commands(
 
 def test_every_command_is_registered_and_has_help(capsys):
     commands = _commands(build_parser())
-    expected = set("generate chat serve eval quantize convert bench train distill report compress prune".split())
+    expected = set(
+        "generate chat serve eval quantize convert bench train distill report compress prune".split()
+    )
     assert {path[0] for path in commands} == expected
     assert {("eval", "ppl"), ("bench", "make-model"), ("bench", "quant"), ("bench", "serve")} <= set(commands)
     for path in commands:
