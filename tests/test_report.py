@@ -106,6 +106,31 @@ def test_row_perplexity_is_what_eval_ppl_prints(small_report, capsys, name):
     assert f"over {row['ppl_tokens']} tokens" in printed
 
 
+def test_row_speed_is_what_bench_measures(small_report, tmp_path, capsys):
+    """The row's speed command replays the same prompts and output lengths through `effinfer bench`,
+    and its figures agree with the row's. Only a factor of 3 is asserted (the two runs are timed at
+    different moments of a possibly busy machine): the check is against unit or workload mix-ups,
+    such as counting prompt tokens or requests as output tokens."""
+    row = next(
+        r for r in json.loads((small_report / "report.json").read_text())["rows"] if r["name"] == "baseline"
+    )
+    argv = shlex.split(row["commands"]["speed"])
+    assert argv[:2] == ["effinfer", "bench"]
+    out = tmp_path / "bench.json"
+    assert main([*argv[1:], "--json", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    results = json.loads(out.read_text())["results"]
+    for scenario in ("decode", "offline"):
+        for lens in ("prompt_lens", "output_lens"):
+            assert results[scenario][lens] == row["workload"][scenario][lens], (scenario, lens)
+    pairs = [
+        (results["decode"]["effinfer"]["tokens_per_s"], row["decode_tokens_per_s"]),
+        (results["offline"]["effinfer"]["output_tokens_per_s"], row["batched_tokens_per_s"]),
+    ]
+    for bench_speed, row_speed in pairs:
+        assert 1 / 3 < bench_speed / row_speed < 3, pairs
+
+
 def test_compare_two_runs_renders(small_report, tmp_path, capsys):
     data = json.loads((small_report / "report.json").read_text())
     other = json.loads(json.dumps(data))

@@ -84,6 +84,9 @@ class Row:
     ppl_tokens: int | None = None
     acceptance_rate: float | None = None
     mean_accepted_length: float | None = None
+    # The prompts and output lengths timed, as `effinfer bench --json` lists them for its scenarios
+    # ("decode", "offline"), so a row's speed command can be checked to replay the same workload.
+    workload: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -150,6 +153,13 @@ def _measure_loaded(
     offline = random_workload("offline", rng, s.num_requests, s.input_len_range, s.output_len_range, vocab)
     prefill_len = min(s.prefill_len, max_len - 1)
     prefill = random_workload("prefill", rng, s.prefill_requests, (prefill_len,) * 2, (1, 1), vocab)
+    row.workload = {
+        "decode": {"prompt_lens": [len(decode_prompt)], "output_lens": [s.decode_tokens + 1]},
+        "offline": {
+            "prompt_lens": [len(p) for p in offline.prompts],
+            "output_lens": list(offline.output_lens),
+        },
+    }
     bar.update()
 
     bar.set_postfix_str("decode")
