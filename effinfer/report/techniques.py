@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from effinfer.compress.lowrank import LowRankOptions
+from effinfer.compress.lowrank_cli import compress_low_rank
+from effinfer.compress.prune.masks import SparsityPattern
+from effinfer.compress.prune.pipeline import PruneOptions, prune
 from effinfer.compress.quant.pipeline import QuantizeOptions, quantize
 from effinfer.config import ConfigError, EngineArgs, ModelConfig
 from effinfer.loading.gguf import GGUFFile, is_gguf_file
@@ -227,3 +231,47 @@ register_technique(_calibrated("gptq", "GPTQ int4", 75, 4.0))
 # AWQ's scale and clipping searches run the calibration rows through each block dozens of times:
 # on SmolLM2-135M it took 4-5x GPTQ's time (about 7 vs 1.5 minutes on 2 cores).
 register_technique(_calibrated("awq", "AWQ int4", 65, 18.0))
+
+
+def _pruned(method: str, sparsity: str, label: str, value: int, cost: float) -> Technique:
+    """``effinfer prune``: a sparse checkpoint from the model (a GGUF file is dequantized first).
+
+    Unstructured and N:M zeros do not make these CPU kernels faster: the row shows what the
+    sparsity costs in quality (the step a sparse kernel, or a quantizer after it, would build on).
+    """
+
+    def prepare(target: Target) -> Prepared:
+        out = target.workdir / f"{method}-{sparsity.replace(':', 'of')}"
+        # The same short calibration as GPTQ / AWQ (32 rows of 256 tokens).
+        options = PruneOptions(
+            method=method, pattern=SparsityPattern.parse(sparsity), num_samples=32, seq_len=256
+        )
+        prune(target.model, out, options, show_progress=False)
+        command = (f"effinfer prune --model {target.model} --method {method} --sparsity {sparsity} "
+                   f"--num-samples 32 --seq-len 256 --out {out}")  # fmt: skip
+        return Prepared(out, {}, [command])
+
+    return Technique(f"{method}-{sparsity}", label,
+                     f"{label}: `effinfer prune`, calibrated on the held-out text (dense kernels: no speed-up here)",
+                     value, cost, prepare)  # fmt: skip
+
+
+register_technique(_pruned("sparsegpt", "0.5", "SparseGPT 50%", 45, 4.0))
+register_technique(_pruned("wanda", "2:4", "Wanda 2:4", 44, 2.5))
+
+
+def _low_rank(target: Target) -> Prepared:
+    out = target.workdir / "low-rank-0.8"
+    compress_low_rank(
+        target.model, out, LowRankOptions(0.8), num_samples=32, seq_len=256, show_progress=False
+    )
+    command = (f"effinfer compress --model {target.model} --low-rank 0.8 --method svd-llm "
+               f"--num-samples 32 --seq-len 256 --out {out}")  # fmt: skip
+    return Prepared(out, {}, [command])
+
+
+register_technique(Technique(
+    "low-rank", "low-rank 80% (SVD-LLM)",
+    "decoder Linears factorized into U·V keeping 80% of their parameters (`effinfer compress --low-rank 0.8`)",
+    42, 3.0, _low_rank,
+))  # fmt: skip
