@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 REQUIRE_SWITCH = "EFFINFER_REQUIRE_KERNELS"
+# Kernel sources, copied by digest (see _content_addressed_copy).
+SOURCE_CACHE = Path(
+    os.environ.get("EFFINFER_KERNEL_SOURCES", Path.home() / ".cache" / "effinfer" / "kernel-sources")
+)
 
 
 class KernelBuildError(RuntimeError):
@@ -105,17 +110,39 @@ def _build(name: str, source: Path, compile_flags: list[str]) -> Any:
 
     # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
     text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    digest = hashlib.sha1(text + " ".join(compile_flags).encode()).hexdigest()[:10]
+    # (The "sources by digest" salt keeps these builds apart from those that compiled in place.)
+    digest = hashlib.sha1(b"sources by digest" + text + " ".join(compile_flags).encode()).hexdigest()[:10]
     if not _is_built(f"{name}_{digest}"):
         logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
         _remove_stale_lock(f"{name}_{digest}")
     return cpp_extension.load(
         name=f"{name}_{digest}",
-        sources=[str(source)],
+        sources=[str(_content_addressed_copy(source, f"{name}_{digest}"))],
         extra_cflags=compile_flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def _content_addressed_copy(source: Path, key: str) -> Path:
+    """The source and its headers copied to a directory named by their digest.
+
+    torch rebuilds an extension whenever its build file changes, and the build file names the source
+    path: two checkouts of the same code (a worktree, a CI clone) would rebuild each other's cached
+    module forever. Built from this copy, identical code has one path and is compiled once.
+    """
+    directory = SOURCE_CACHE / key
+    copy = directory / source.name
+    if not copy.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in [
+            *sorted(source.parent.glob("*.h")),
+            source,
+        ]:  # the source last: its presence marks a full copy
+            staged = directory / f".{path.name}.{os.getpid()}"
+            shutil.copyfile(path, staged)
+            os.replace(staged, directory / path.name)  # atomic: a concurrent builder never sees half a file
+    return copy
 
 
 # torch waits forever on the lock file a build leaves behind when its process is killed, so a lock
