@@ -22,6 +22,7 @@ from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.cache_spec import SSM_STATE_DTYPE, AttentionCacheSpec, RecurrentMetadata
 from effinfer.layers.mamba import MambaMixer
+from effinfer.models.stage import stage_cache_specs
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def recurrent_layers(model: torch.nn.Module) -> list[MambaMixer]:
 def cache_layout(model: torch.nn.Module) -> KVCacheLayout:
     """Cache groups and state specs from the model's per-layer specs; refuses layers the shared tensors cannot hold."""
     layers, recurrent = attention_layers(model), recurrent_layers(model)
-    specs = model.cache_specs()
+    specs = stage_cache_specs(model)  # a pipeline stage caches its own layers only
     num_attention = sum(isinstance(spec, AttentionCacheSpec) for spec in specs)
     if num_attention != len(layers) or len(specs) - num_attention != len(recurrent):
         raise ConfigError(
@@ -295,6 +296,11 @@ class ModelRunner:
     def run_chunk(self, seq: Sequence, start: int, stop: int) -> torch.Tensor:
         """Logits [stop - start, vocab] in float32 of tokens ``start:stop`` of ``seq``, whose KV before
         ``start`` is already in the cache (a prefill chunk: each row attends to all tokens up to it)."""
+        hidden = self.model(*self.prepare_chunk(seq, start, stop))
+        return self.model.compute_logits(hidden).float()
+
+    def prepare_chunk(self, seq: Sequence, start: int, stop: int):
+        """Token ids, positions and metadata of ``run_chunk``."""
         positions = list(range(start, stop))
         meta = None
         if self.layout.groups:
@@ -307,5 +313,4 @@ class ModelRunner:
             )
         if self.layout.state_specs:
             meta = self._recurrent_metadata([seq], [start], [stop - start], meta)
-        hidden = self.model(self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta)
-        return self.model.compute_logits(hidden).float()
+        return self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta

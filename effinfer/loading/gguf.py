@@ -48,6 +48,7 @@ from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
+from effinfer.models.stage import PipelineStage
 from effinfer.quant.affine import AffineGroupWeight
 from effinfer.quant.integer import QuantizedWeight
 
@@ -226,8 +227,9 @@ class GGUFFile:
         device: torch.device,
         max_positions: int,
         show_progress: bool = True,
+        stage: PipelineStage | None = None,
     ) -> torch.nn.Module:
-        return load_model(self, config, dtype, device, max_positions, show_progress)
+        return load_model(self, config, dtype, device, max_positions, show_progress, stage=stage)
 
 
 def _tensor_nbytes(qtype: QType, dims: list[int]) -> int:
@@ -393,15 +395,17 @@ def load_model(
     max_positions: int,
     show_progress: bool = True,
     finalize: bool = True,
+    stage: PipelineStage | None = None,
 ) -> torch.nn.Module:
     """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes.
 
-    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on.
+    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on;
+    ``stage``: only that pipeline stage's modules and weights.
     """
     if not isinstance(gguf, GGUFFile):
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
-    model = build_model(config, dtype, device, max_positions)
+    model = build_model(config, dtype, device, max_positions, stage)
     total = sum(info.nbytes for info in gguf.tensors.values())
     tensors = hf_tensors(gguf, config, quantized_linears=finalize)
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)

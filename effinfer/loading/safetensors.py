@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.quantized import quantized_tensors, read_quantization_config
+from effinfer.models.stage import PipelineStage
 
 __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
@@ -97,12 +98,14 @@ def load_model(
     max_positions: int,
     show_progress: bool = True,
     finalize: bool = True,
+    stage: PipelineStage | None = None,
 ) -> torch.nn.Module:
-    """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on."""
+    """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on;
+    ``stage``: only that pipeline stage's modules and weights."""
     path = check_model_dir(path)
     files = find_weight_files(path)
     quant = read_quantization_config(path)  # checked before anything is allocated
-    model = build_model(config, dtype, device, max_positions)
+    model = build_model(config, dtype, device, max_positions, stage)
     total = sum(os.path.getsize(f) for f in files)
     tensors = _read_tensors(files)
     if quant is not None:  # GPTQ / AWQ / compressed-tensors: Linears get QuantizedWeights

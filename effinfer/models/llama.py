@@ -108,9 +108,13 @@ class LlamaModel(nn.Module):
         self.sliding_window = config.sliding_windows[0] if config.attention_sinks else None
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         cos_sin = self.rotary(positions)
         sink_cos_sin = None
         if self.attention_sinks:
@@ -133,6 +137,7 @@ _PERMUTED_GGUF = "llama"
 
 class LlamaForCausalLM(CausalLM):
     hf_architectures = tuple(_GGUF_NAMES)
+    supports_pipeline = True
     gguf_architectures = tuple(dict.fromkeys(_GGUF_NAMES.values()))
     packed_modules = {
         "q_proj": ("qkv_proj", 0),
@@ -201,10 +206,15 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled."""
-        return self.model(input_ids, positions, meta)
+        """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled.
+        ``hidden_states``: a later pipeline stage's input (``CausalLM.forward``)."""
+        return self.model(input_ids, positions, meta, hidden_states)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
