@@ -20,8 +20,10 @@ from effinfer.engine.pipeline import PipelineRunner, PipelineTopology, split_mic
 from effinfer.engine.runner import attention_layers
 from effinfer.engine.scheduler import ScheduledSeq, Scheduler
 from effinfer.engine.sequence import Sequence
+from effinfer.layers.attention import DenseCausal
 from effinfer.loading.checkpoint import open_checkpoint
 from effinfer.models.stage import split_layers
+from tests.conftest import make_hf_model
 
 PROMPTS = [[1, 403, 261, 379], [1, 66, 301, 282, 260, 400, 299, 350, 284, 267, 262], [1, 73]]
 MAX_TOKENS = 8
@@ -60,11 +62,12 @@ def test_micro_batches_are_consecutive_whole_sequences_of_similar_size():
     assert [len(p) for p in split_micro_batches(_scheduled([1] * 5), 3)] == [2, 2, 1]
 
 
-def test_a_stage_holds_only_its_layers_and_cache(stories260k):
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_a_stage_holds_only_its_layers_and_cache(stories260k, num_stages):
     checkpoint = open_checkpoint(stories260k)
     whole = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False)
     whole_params = dict(whole.named_parameters())
-    stages = split_layers(checkpoint.model_config.num_layers, 2)
+    stages = split_layers(checkpoint.model_config.num_layers, num_stages)
     seen = set()
     for stage in stages:
         model = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False, stage=stage)
@@ -79,6 +82,24 @@ def test_a_stage_holds_only_its_layers_and_cache(stories260k):
         assert ("model.embed_tokens.weight" in params) == (stage.is_first or stage.is_last)
         assert ("model.norm.weight" in params) == stage.is_last
     assert seen == set(whole_params)
+
+
+def test_stages_chained_in_one_process_give_the_whole_models_logits(tmp_path):
+    """An untied head (the last stage loads lm_head, not the embedding) and the Qwen2 q/k/v biases."""
+    _, path = make_hf_model("Qwen2ForCausalLM", tmp_path, tie_word_embeddings=False)
+    checkpoint = open_checkpoint(path)
+    tokens = torch.tensor([1, 45, 300, 7, 99, 260, 3])
+    positions, meta = torch.arange(len(tokens)), DenseCausal(1, len(tokens))
+    whole = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False)
+    expected = whole.compute_logits(whole(tokens, positions, meta))
+    hidden = None
+    for stage in split_layers(checkpoint.model_config.num_layers, 3):
+        model = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False, stage=stage)
+        params = set(dict(model.named_parameters()))
+        assert ("model.embed_tokens.weight" in params) == stage.is_first
+        assert ("lm_head.weight" in params) == stage.is_last
+        hidden = model(tokens, positions, meta, hidden_states=hidden)
+    torch.testing.assert_close(model.compute_logits(hidden), expected)
 
 
 def test_models_without_stage_support_are_refused():

@@ -202,7 +202,8 @@ class LlamaForCausalLM(CausalLM):
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection; redone after ``to_empty``, which unties them."""
-        if self.config.tie_word_embeddings:
+        holds_head = self.pipeline_stage is None or self.pipeline_stage.is_last
+        if self.config.tie_word_embeddings and holds_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
