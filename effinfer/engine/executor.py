@@ -69,12 +69,18 @@ def start_runner(
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             workers = _spawn_workers(world, init_method, checkpoint.path, config)
             distributed.init_process_group(device, 0, world, init_method)
-    if dist.get_world_size() != world:
-        raise ConfigError(
-            f"{dist.get_world_size()} processes were launched for tensor parallel "
-            f"{config.tensor_parallel_size} x pipeline parallel {config.pipeline_parallel_size} ({world} needed)"
-        )
-    runner = _build_parallel_runner(checkpoint, config, dtype, max_model_len, workers)
+    try:
+        if dist.get_world_size() != world:
+            raise ConfigError(
+                f"{dist.get_world_size()} processes were launched for tensor parallel "
+                f"{config.tensor_parallel_size} x pipeline parallel {config.pipeline_parallel_size} "
+                f"({world} needed)"
+            )
+        runner = _build_parallel_runner(checkpoint, config, dtype, max_model_len, workers)
+    except BaseException:  # e.g. a shard that cannot be cut: leave no process or group behind
+        _stop_processes(workers)
+        _leave_group()
+        raise
     if dist.get_rank() != 0:  # a torchrun worker: serve the driver's steps, then leave the process
         runner.serve_forever()
         runner.shutdown()
@@ -167,18 +173,26 @@ class ParallelModelRunner(ModelRunner):
         self._stop_workers()
 
     def _stop_workers(self) -> None:
-        for process in self.workers:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if dist.is_initialized():
-            if self.failure is None:
-                dist.destroy_process_group()
-            # with a dead peer the group cannot be torn down collectively; the process keeps it
-        distributed.reset_parallel()
+        _stop_processes(self.workers, wait_s=10 if self.failure is None else 0)
+        _leave_group()
         self.closed = True
+
+
+def _stop_processes(processes: list[subprocess.Popen], wait_s: float = 0) -> None:
+    """Let the workers finish (they were told to stop) for ``wait_s``, then kill what is left."""
+    for process in processes:
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError):
+            dist.destroy_process_group()
+    distributed.reset_parallel()
 
 
 def _build_parallel_runner(
@@ -193,6 +207,7 @@ def _build_parallel_runner(
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
     show_progress = config.show_progress and distributed.is_driver()
     model = checkpoint.load_model(dtype, device, max_model_len, show_progress)
+    distributed.reset_comm_bytes()  # count what serving moves, not the load
     return ParallelModelRunner(
         model, checkpoint.model_config, config, device, dtype, max_model_len, workers=workers
     )

@@ -16,6 +16,7 @@ process every constructor here returns the plain layer, so nothing changes and n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ from torch import nn
 from effinfer import distributed
 from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear
+from effinfer.quant.affine import AffineGroupWeight
+from effinfer.quant.base import CompressedWeight
+from effinfer.quant.integer import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,13 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.tp_all_reduce(super().forward(x))
 
+    def quantize_whole_rows(self, quantize: Callable[[torch.Tensor], CompressedWeight]) -> CompressedWeight:
+        """Quantize as one process would, then keep this rank's columns: a per-row scale sees the
+        whole row (the ranks gather it once, at load), so the codes are exactly the unsplit ones."""
+        full = distributed.tp_all_gather(self.dequantized_weight().contiguous(), dim=1)
+        start, stop = self.column_range
+        return weight_columns(quantize(full), start, stop)
+
 
 class VocabParallelEmbedding(nn.Embedding):
     """Each rank looks up the tokens of its vocabulary slice; the others contribute zeros to the all-reduce."""
@@ -156,6 +167,37 @@ class VocabParallelEmbedding(nn.Embedding):
         local = torch.where(mine, input_ids - self.vocab_start, 0)
         x = super().forward(local) * mine.unsqueeze(-1).to(self.weight.dtype)
         return distributed.tp_all_reduce(x)
+
+
+def weight_columns(weight: CompressedWeight, start: int, stop: int) -> CompressedWeight:
+    """Input columns ``[start, stop)`` of a quantized weight, cut between its groups (never through one)."""
+    if isinstance(weight, QuantizedWeight) and weight.g_idx is None:
+        group = weight.group_size
+        if group >= weight.in_features:  # one scale per row: every column keeps it
+            return QuantizedWeight(
+                weight.qweight[:, start:stop], weight.scales, weight.zeros, weight.bits, stop - start
+            )
+        first, last = _whole_groups(start, stop, group, weight.in_features)
+        return QuantizedWeight(
+            weight.qweight[:, start:stop], weight.scales[:, first:last], weight.zeros[:, first:last],
+            weight.bits, group,
+        )  # fmt: skip
+    if isinstance(weight, AffineGroupWeight):
+        first, last = _whole_groups(start, stop, weight.group_size, weight.in_features)
+        return AffineGroupWeight(
+            weight.qweight[:, start:stop], weight.scales[:, first:last], weight.offsets[:, first:last],
+            weight.bits, weight.group_size,
+        )  # fmt: skip
+    raise ConfigError(f"{weight.kind} weights cannot be split by input columns for tensor parallelism")
+
+
+def _whole_groups(start: int, stop: int, group: int, width: int) -> tuple[int, int]:
+    if start % group or (stop % group and stop != width):
+        raise ConfigError(
+            f"tensor parallelism would cut a quantization group of {group} columns (at column "
+            f"{start if start % group else stop} of {width}); choose a size that splits on whole groups"
+        )
+    return start // group, -(-stop // group)
 
 
 # ---------------------------------------------------------------- what the model files call
