@@ -84,16 +84,16 @@ def test_gguf_bytes_split_on_whole_blocks_equal_the_dequantised_slice(qtype):
     values = rng.standard_normal((6, 128)).astype(np.float32)
     raw = np.frombuffer(gguf.quants.quantize(values, qtype).tobytes(), dtype=np.uint8)
     full = dequantize(raw.copy(), qtype, (6, 128))
-    rows, shape = split_gguf_bytes(raw, qtype, (6, 128), TensorSplit(0, 2, 5, 3), "w")
+    rows, shape = split_gguf_bytes(raw, qtype, (6, 128), TensorSplit(0, 2, 5), "w")
     assert torch.equal(dequantize(rows.copy(), qtype, shape), full[2:5])
-    cols, shape = split_gguf_bytes(raw, qtype, (6, 128), TensorSplit(1, 64, 128, 64), "w")
+    cols, shape = split_gguf_bytes(raw, qtype, (6, 128), TensorSplit(1, 64, 128), "w")
     assert torch.equal(dequantize(cols.copy(), qtype, shape), full[:, 64:])
 
 
 def test_a_split_through_a_quantization_block_is_refused():
     raw = quantize_q8_0(torch.randn(4, 96)).numpy().view(np.uint8).reshape(-1)
     with pytest.raises(ConfigError, match="inside a quantization block of 32"):
-        split_gguf_bytes(raw, QType.Q8_0, (4, 96), TensorSplit(1, 48, 96, 48), "blk.0.ffn_down.weight")
+        split_gguf_bytes(raw, QType.Q8_0, (4, 96), TensorSplit(1, 48, 96), "blk.0.ffn_down.weight")
 
 
 # ---------------------------------------------------------------- whole engines, one process vs TP=2
@@ -130,8 +130,9 @@ def test_stories260k_greedy_sampling_prefix_cache_and_preemption(stories260k):
     ("arch", "extra"),
     [
         ("LlamaForCausalLM", {}),
-        # one KV head for two ranks: replicated; Qwen2's q/k/v biases and tied embeddings
-        ("Qwen2ForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+        # one KV head for two ranks: replicated; Qwen2's q/k/v biases; tied embeddings over an odd
+        # vocabulary (the ranks hold 254 and 255 rows)
+        ("Qwen2ForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 509}),
         ("Qwen3ForCausalLM", {}),  # per-head q/k norms
     ],
 )

@@ -33,12 +33,11 @@ from effinfer.quant.integer import QuantizedWeight
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """The part of a checkpoint tensor this rank holds: ``[start, stop)`` along ``dim``, zero-padded to ``size``."""
+    """The part of a checkpoint tensor this rank holds: ``[start, stop)`` along ``dim``."""
 
     dim: int  # 0: output features (rows), 1: input features (columns)
     start: int
     stop: int
-    size: int  # rows or columns the rank's parameter has (> stop - start only for a padded vocabulary)
 
 
 @dataclass(frozen=True)
@@ -87,36 +86,34 @@ def _even(total: int, rank: int, tp: int) -> tuple[int, int]:
 class ColumnParallelLinear(Linear):
     """Output rows split over ranks; ``row_ranges``: per fused checkpoint tensor, this rank's rows of it.
 
-    ``gather_size``: gather every rank's outputs and keep the first ``gather_size`` columns (the
-    vocabulary-parallel output head, padded to a multiple of the size).
+    ``vocab_ranges``: every rank's rows of a vocabulary-parallel output head, whose outputs are
+    gathered (ranks may hold one row more than others when the vocabulary does not divide).
     """
 
     def __init__(
         self,
         in_features: int,
-        row_ranges: list[tuple[int, int, int]],
+        row_ranges: list[tuple[int, int]],
         bias: bool = False,
-        gather_size: int | None = None,
+        vocab_ranges: list[tuple[int, int]] | None = None,
     ) -> None:
-        super().__init__(in_features, [size for _, _, size in row_ranges], bias)
+        super().__init__(in_features, [stop - start for start, stop in row_ranges], bias)
         self.row_ranges = row_ranges
-        self.gather_size = gather_size
+        self.vocab_ranges = vocab_ranges
 
     def tp_split(self, param_name: str, shard: int) -> TensorSplit:
-        start, stop, size = self.row_ranges[shard]
-        return TensorSplit(0, start, stop, size)
-
-    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        rows = self.row_ranges[shard][2]
-        if tensor.shape[0] < rows:  # the last rank of a padded vocabulary
-            tensor = F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, rows - tensor.shape[0]))
-        super().load_shard(param_name, tensor, shard)
+        start, stop = self.row_ranges[shard]
+        return TensorSplit(0, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        if self.gather_size is None:
+        if self.vocab_ranges is None:
             return y
-        return distributed.tp_all_gather(y, dim=-1)[..., : self.gather_size]
+        widest = max(stop - start for start, stop in self.vocab_ranges)
+        parts = distributed.tp_all_gather(F.pad(y, (0, widest - y.shape[-1])), dim=-1).split(widest, dim=-1)
+        return torch.cat(
+            [part[..., : stop - start] for part, (start, stop) in zip(parts, self.vocab_ranges)], -1
+        )
 
 
 class RowParallelLinear(Linear):
@@ -128,8 +125,7 @@ class RowParallelLinear(Linear):
         self.column_range = _even(in_features, rank, tp)
 
     def tp_split(self, param_name: str, shard: int) -> TensorSplit:
-        start, stop = self.column_range
-        return TensorSplit(1, start, stop, stop - start)
+        return TensorSplit(1, *self.column_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.tp_all_reduce(super().forward(x))
@@ -146,27 +142,23 @@ class VocabParallelEmbedding(nn.Embedding):
     """Each rank looks up the tokens of its vocabulary slice; the others contribute zeros to the all-reduce."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        tp, rank = distributed.tp_size(), distributed.tp_rank()
-        self.rows_per_rank = -(-vocab_size // tp)
-        super().__init__(self.rows_per_rank, hidden_size)
-        self.vocab_start = rank * self.rows_per_rank
-        self.vocab_stop = min(vocab_size, self.vocab_start + self.rows_per_rank)
+        self.vocab_start, self.vocab_stop = vocab_ranges(vocab_size)[distributed.tp_rank()]
+        super().__init__(self.vocab_stop - self.vocab_start, hidden_size)
 
     def tp_split(self, param_name: str, shard: int) -> TensorSplit:
-        return TensorSplit(0, self.vocab_start, self.vocab_stop, self.rows_per_rank)
-
-    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        expected = (self.vocab_stop - self.vocab_start, self.embedding_dim)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"embedding shard has shape {tuple(tensor.shape)}, expected {expected}")
-        self.weight.data[: expected[0]].copy_(tensor)
-        self.weight.data[expected[0] :].zero_()
+        return TensorSplit(0, self.vocab_start, self.vocab_stop)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_stop)
         local = torch.where(mine, input_ids - self.vocab_start, 0)
         x = super().forward(local) * mine.unsqueeze(-1).to(self.weight.dtype)
         return distributed.tp_all_reduce(x)
+
+
+def vocab_ranges(vocab_size: int) -> list[tuple[int, int]]:
+    """Each rank's rows of the embedding and the output head (as even as the vocabulary allows)."""
+    tp = distributed.tp_size()
+    return [(r * vocab_size // tp, (r + 1) * vocab_size // tp) for r in range(tp)]
 
 
 def weight_columns(weight: CompressedWeight, start: int, stop: int) -> CompressedWeight:
@@ -209,8 +201,7 @@ def qkv_linear(hidden_size: int, heads: HeadSplit, head_dim: int, bias: bool) ->
     if distributed.tp_size() == 1:
         return Linear(hidden_size, [q_size, kv_size, kv_size], bias=bias)
     q_start, kv_start = heads.q_start * head_dim, heads.kv_start * head_dim
-    q = (q_start, q_start + q_size, q_size)
-    kv = (kv_start, kv_start + kv_size, kv_size)
+    q, kv = (q_start, q_start + q_size), (kv_start, kv_start + kv_size)
     return ColumnParallelLinear(hidden_size, [q, kv, kv], bias=bias)
 
 
@@ -222,7 +213,7 @@ def column_linear(in_features: int, out_features: list[int], bias: bool = False)
     for size in out_features:
         if size % tp:
             raise ConfigError(f"tensor parallel size {tp} does not divide the output width {size}")
-    return ColumnParallelLinear(in_features, [(*_even(n, rank, tp), n // tp) for n in out_features], bias)
+    return ColumnParallelLinear(in_features, [_even(n, rank, tp) for n in out_features], bias)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool = False) -> Linear:
@@ -245,11 +236,7 @@ def vocab_embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
 
 def vocab_head(hidden_size: int, vocab_size: int) -> Linear:
     """The output projection, split like ``vocab_embedding`` (so a tied head shares its shard)."""
-    tp, rank = distributed.tp_size(), distributed.tp_rank()
-    if tp == 1:
+    if distributed.tp_size() == 1:
         return Linear(hidden_size, vocab_size)
-    rows = -(-vocab_size // tp)
-    start = rank * rows
-    return ColumnParallelLinear(
-        hidden_size, [(start, min(vocab_size, start + rows), rows)], gather_size=vocab_size
-    )
+    ranges = vocab_ranges(vocab_size)
+    return ColumnParallelLinear(hidden_size, [ranges[distributed.tp_rank()]], vocab_ranges=ranges)
