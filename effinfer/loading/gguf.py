@@ -45,6 +45,7 @@ from effinfer.loading.gguf_quants import (
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
+from effinfer.loading.sharded import SplitLookup, checkpoint_splits, rank_head_config, split_gguf_bytes
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
@@ -307,29 +308,38 @@ def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
     return family.gguf_hf_name(name)
 
 
-def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
+def hf_tensors(
+    gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False, split_for: SplitLookup | None = None
+):
     """Yield (HF name, tensor, bytes read) for every weight in the file.
 
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
     same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
-    block types (``quantized_layouts``).
+    block types (``quantized_layouts``). ``split_for`` (tensor parallelism): each tensor's slice
+    for this rank, cut in the stored bytes before decoding.
     """
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
+    mapping_config = rank_head_config(config) if split_for else config
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
+        raw, shape = gguf.raw(name), info.shape
+        hf_name = family.gguf_hf_name(name)
+        split = split_for(hf_name) if split_for and hf_name else None
+        if split is not None:
+            raw, shape = split_gguf_bytes(raw, info.qtype, shape, split, name)
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
         if layout is QuantizedWeight:
-            tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+            tensor = to_quantized_weight(raw.copy(), info.qtype, shape)
         elif layout is AffineGroupWeight:
-            tensor = to_affine_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+            tensor = to_affine_weight(raw.copy(), info.qtype, shape)
         else:
-            tensor = gguf.tensor(name)
-        mapped = family.gguf_tensor(name, tensor, config)
+            tensor = dequantize(raw.copy(), info.qtype, shape)
+        mapped = family.gguf_tensor(name, tensor, mapping_config)
         if mapped is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
@@ -407,7 +417,7 @@ def load_model(
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions, stage)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=finalize)
+    tensors = hf_tensors(gguf, config, quantized_linears=finalize, split_for=checkpoint_splits(model))
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.layers.parallel import RowParallelLinear
 from effinfer.models.stage import OtherStage
 from effinfer.quant import registry
 from effinfer.quant.base import CompressedWeight
@@ -34,6 +35,8 @@ def _scheme(name: str) -> registry.Scheme:
 
 def _quantize_linear(linear: Linear, quantize) -> CompressedWeight:
     """Each checkpoint tensor of a fused layer on its own (as bitsandbytes quantizes each HF Linear), then joined."""
+    if isinstance(linear, RowParallelLinear):  # a tensor-parallel shard of whole rows' columns
+        return linear.quantize_whole_rows(quantize)
     weight = linear.dequantized_weight()
     parts, start = [], 0
     for rows in linear.shard_sizes:

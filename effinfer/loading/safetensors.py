@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.quantized import quantized_tensors, read_quantization_config
+from effinfer.loading.sharded import SplitLookup, checkpoint_splits, read_safetensors_slice
 from effinfer.models.stage import PipelineStage
 
 __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
@@ -79,12 +80,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_tensors(files: list[Path]):
+def _read_tensors(files: list[Path], split_for: SplitLookup | None = None):
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
+                split = split_for(name) if split_for else None
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(name) if split is None else read_safetensors_slice(f, name, split)
                 except SafetensorError as e:
                     raise WeightsError(f"{file}: tensor {name!r} cannot be read: {e}") from None
                 yield name, tensor, tensor.numel() * tensor.element_size()
@@ -106,8 +108,11 @@ def load_model(
     files = find_weight_files(path)
     quant = read_quantization_config(path)  # checked before anything is allocated
     model = build_model(config, dtype, device, max_positions, stage)
+    split_for = checkpoint_splits(model)  # under tensor parallelism, this rank's slices only
+    if quant is not None and split_for is not None:
+        raise ConfigError(f"{quant.method} checkpoints do not support tensor parallelism yet")
     total = sum(os.path.getsize(f) for f in files)
-    tensors = _read_tensors(files)
+    tensors = _read_tensors(files, split_for)
     if quant is not None:  # GPTQ / AWQ / compressed-tensors: Linears get QuantizedWeights
         tensors = quantized_tensors(model, quant, files, tensors, device, repr(str(path)))
     fill_model(model, config, tensors, total, repr(str(path)), show_progress=show_progress)

@@ -129,6 +129,8 @@ class CausalLM(nn.Module):
     gguf_layer_tensors: dict[str, str] = GGUF_LAYER_TENSORS
     # The chat template of a GGUF file that carries none (HF directories ship their own).
     default_chat_template: str | None = None
+    # Built from layers/parallel.py's constructors, so it can run tensor parallel (--tensor-parallel-size).
+    supports_tensor_parallel: bool = False
     # Pipeline parallelism (models/stage.py): whether ``forward`` takes a stage's incoming
     # ``hidden_states``, and the modules only the first / last stage holds.
     supports_pipeline: bool = False
