@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from effinfer import LLM, SamplingParams
-from effinfer.config import ConfigError, EngineConfig
-from effinfer.engine.kv_cache import BlockManager
-from effinfer.engine.pipeline import PipelineRunner, PipelineTopology, split_micro_batches
+from effinfer.config import ConfigError
+from effinfer.engine.pipeline import split_micro_batches
 from effinfer.engine.runner import attention_layers
-from effinfer.engine.scheduler import ScheduledSeq, Scheduler
+from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
 from effinfer.layers.attention import DenseCausal
 from effinfer.loading.checkpoint import open_checkpoint
@@ -113,81 +110,58 @@ def test_models_without_stage_support_are_refused():
         keep_stage(NoStages(), split_layers(2, 2)[0])
 
 
-# ---------------------------------------------------------------- stages in separate processes
+# ---------------------------------------------------------------- the engine under --pipeline-parallel-size
+
+STORY_PROMPTS = [
+    "Once upon a time, there was a little dog named Max. He liked to run in the park",
+    "Once upon a time, there was a little dog named Max. One day",
+    "Tom and Sue went to the park.",
+    "A cat",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=16, n=2, ignore_eos=True)
 
 
-def _reference_tokens(model: Path, prompts, **engine_args) -> list[list[int]]:
+def _run(model: Path, **engine_args):
+    """Greedy and seeded completions, prefill logits by teacher forcing, and the engine's stats."""
     llm = LLM(str(model), device="cpu", dtype="float32", show_progress=False, **engine_args)
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-def _lockstep_worker(rank: int, world: int, init_file: str, model: str, result_file: str) -> None:
-    """Every rank schedules the same sequences (so block tables agree); the driver's greedy tokens are
-    broadcast so every rank appends the same ones. The executor's job, done by hand for this test."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        checkpoint = open_checkpoint(model)
-        stage = split_layers(checkpoint.model_config.num_layers, world)[rank]
-        config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory=64 * 1024, show_progress=False)
-        loaded = checkpoint.load_model(torch.float32, CPU, 128, show_progress=False, stage=stage)
-        runner = PipelineRunner(
-            loaded, checkpoint.model_config, config, CPU, torch.float32, 128, topology=PipelineTopology(stage)
-        )
-        blocks = BlockManager(runner.num_blocks, config.block_size, False, runner.layout.group_specs, 0)
-        scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=4096)
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-        seqs = [Sequence(str(i), 0, p, params, config.block_size, MAX_TOKENS) for i, p in enumerate(PROMPTS)]
-        for seq in seqs:
-            scheduler.add(seq)
-        first_logits = None
-        while scheduler.has_unfinished():
-            batch = scheduler.schedule()
-            logits = runner.run(batch)
-            if first_logits is None and logits is not None:
-                first_logits = logits.clone()
-            tokens = logits.argmax(-1).tolist() if logits is not None else None
-            box = [tokens]
-            dist.broadcast_object_list(box, src=0)
-            sampling = [entry for entry in batch if entry.samples]
-            for entry in batch:
-                entry.seq.num_computed_tokens += entry.num_new_tokens
-            for entry, token in zip(sampling, box[0]):
-                entry.seq.token_ids.append(token)
-                if entry.seq.num_output_tokens == MAX_TOKENS:
-                    scheduler.finish(entry.seq)
-        if rank == 0:
-            torch.save(
-                {
-                    "tokens": [s.output_token_ids for s in seqs],
-                    "first_logits": first_logits,
-                    "num_blocks": runner.num_blocks,
-                },
-                result_file,
-            )
+        greedy = [o.outputs[0].token_ids for o in llm.generate(STORY_PROMPTS * 2, GREEDY)]
+        seeded = [[c.token_ids for c in o.outputs] for o in llm.generate(STORY_PROMPTS[:2], SEEDED)]
+        ids = llm.tokenizer.encode(STORY_PROMPTS[0])
+        scored = torch.cat(list(llm.engine.teacher_forced_logits(ids, chunk=5)))
+        return greedy, seeded, scored, llm.engine.stats()
     finally:
-        dist.destroy_process_group()
+        llm.shutdown()
 
 
-def test_two_stages_give_the_tokens_and_logits_of_one_process(stories260k, tmp_path):
-    result = tmp_path / "result.pt"
-    mp.spawn(
-        _lockstep_worker,
-        args=(2, str(tmp_path / "init"), str(stories260k), str(result)),
-        nprocs=2,
-        join=True,
-    )
-    got = torch.load(result)
-    assert got["tokens"] == _reference_tokens(stories260k, PROMPTS)
-    # Prefill logits of each prompt's last token, as the one-process runner computes them.
-    llm = LLM(str(stories260k), device="cpu", dtype="float32", show_progress=False)
-    runner, blocks = llm.engine.runner, llm.engine.block_manager
-    seqs = [Sequence(str(i), 0, p, SamplingParams(), 16, 1) for i, p in enumerate(PROMPTS)]
-    for seq in seqs:
-        blocks.allocate(seq, None, use_prefix_cache=False)
-    expected = runner.run([ScheduledSeq(seq, len(seq)) for seq in seqs])
-    torch.testing.assert_close(got["first_logits"], expected, rtol=1e-5, atol=1e-5)
-    # Stage 0 holds 3 layers, stage 1 two: the smaller count of blocks is the one both keep.
-    layer_bytes = 2 * 16 * 4 * 8 * 4  # K and V, 16 tokens, 4 KV heads of 8 floats
-    assert got["num_blocks"] == 64 * 1024 // (3 * layer_bytes)
+@pytest.fixture(scope="module")
+def one_process(stories260k):
+    return _run(stories260k)
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_matches_one_process_with_prefix_caching_and_preemption(stories260k, one_process):
+    # 8 blocks on the 3-layer stage: the 8 sequences cannot all hold their 3-4 blocks at once.
+    per_block = 2 * 3 * 16 * 4 * 8 * 4
+    greedy, seeded, scored, stats = _run(stories260k, pipeline_parallel_size=2, kv_cache_memory=8 * per_block)
+    assert stats.num_blocks == 8
+    assert greedy == one_process[0]
+    assert seeded == one_process[1]
+    torch.testing.assert_close(scored, one_process[2], rtol=1e-5, atol=1e-5)
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_by_pipeline_parallel_2_matches_one_process(stories260k, one_process):
+    greedy, seeded, scored, _ = _run(stories260k, tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert greedy == one_process[0]
+    assert seeded == one_process[1]
+    torch.testing.assert_close(scored, one_process[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_prompt_lookup_speculation_under_pipeline_parallel_2(stories260k, one_process):
+    greedy, _, _, stats = _run(stories260k, pipeline_parallel_size=2, speculative_model="ngram")
+    assert greedy == one_process[0]
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0

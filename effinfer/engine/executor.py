@@ -37,10 +37,12 @@ import torch.distributed as dist
 
 from effinfer import distributed
 from effinfer.config import ConfigError, EngineConfig, ModelConfig
+from effinfer.engine.pipeline import PipelineRunner, PipelineTopology
 from effinfer.engine.runner import ModelRunner
 from effinfer.layers.parallel import check_tensor_parallel
 from effinfer.loading.checkpoint import Checkpoint, open_checkpoint
 from effinfer.models.registry import model_class
+from effinfer.models.stage import split_layers
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +92,18 @@ def start_runner(
 
 
 def check_parallel_config(model_config: ModelConfig, config: EngineConfig) -> None:
-    """Refuse, before any process starts, what tensor parallelism cannot run."""
-    tp = config.tensor_parallel_size
-    if config.pipeline_parallel_size > 1:
-        raise ConfigError("pipeline parallelism (--pipeline-parallel-size) is not implemented yet")
+    """Refuse, before any process starts, what tensor or pipeline parallelism cannot run."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    family = model_class(model_config.architecture)
+    if pp > 1:
+        if not family.supports_pipeline:
+            raise ConfigError(
+                f"{model_config.architecture} cannot be split into pipeline stages yet; "
+                "use --pipeline-parallel-size 1"
+            )
+        split_layers(model_config.num_layers, pp)  # at least one layer per stage
     if tp == 1:
         return
-    family = model_class(model_config.architecture)
     if not family.supports_tensor_parallel:
         raise ConfigError(f"{model_config.architecture} does not support tensor parallelism yet")
     check_tensor_parallel(
@@ -108,8 +115,9 @@ def check_parallel_config(model_config: ModelConfig, config: EngineConfig) -> No
         )
 
 
-class ParallelModelRunner(ModelRunner):
-    """One rank's shard of the model; on the driver, ``execute`` first sends the step to the workers."""
+class ParallelModelRunner(PipelineRunner):
+    """One rank's shard of the model (its pipeline stage's layers, its tensor-parallel slice of them);
+    on the driver, ``execute`` first sends the step's micro-batches to the workers."""
 
     def __init__(self, *args, workers: list | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -128,7 +136,7 @@ class ParallelModelRunner(ModelRunner):
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def execute(self, inputs: tuple) -> torch.Tensor:
+    def execute(self, inputs: list[tuple]) -> torch.Tensor | None:
         if distributed.is_driver():
             self._check_workers()
             try:
@@ -206,10 +214,21 @@ def _build_parallel_runner(
     elif config.num_threads is None:  # the ranks share the cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
     show_progress = config.show_progress and distributed.is_driver()
-    model = checkpoint.load_model(dtype, device, max_model_len, show_progress)
+    state = distributed.parallel_state()
+    stage = split_layers(checkpoint.model_config.num_layers, state.pp_size)[state.pp_rank]
+    loaded_stage = stage if state.pp_size > 1 else None
+    model = checkpoint.load_model(dtype, device, max_model_len, show_progress, loaded_stage)
     distributed.reset_comm_bytes()  # count what serving moves, not the load
+    topology = PipelineTopology(stage, state.tp_size, state.tp_rank)
     return ParallelModelRunner(
-        model, checkpoint.model_config, config, device, dtype, max_model_len, workers=workers
+        model,
+        checkpoint.model_config,
+        config,
+        device,
+        dtype,
+        max_model_len,
+        topology=topology,
+        workers=workers,
     )
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from effinfer.config import ConfigError
 from effinfer.engine.cache_groups import KVCacheLayout
-from effinfer.engine.runner import ModelRunner
+from effinfer.engine.runner import ModelRunner, cache_layout
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
 from effinfer.models.stage import PipelineStage
@@ -84,27 +84,21 @@ def split_micro_batches(batch: list[ScheduledSeq], num_micro_batches: int) -> li
 
 
 class PipelineRunner(ModelRunner):
-    """A ``ModelRunner`` for one stage's model (``keep_stage``); every rank calls ``run`` with the same batch.
-
-    ``run`` and ``run_chunk`` return the logits on the driver and None on every other rank.
+    """A ``ModelRunner`` for one stage's model (``keep_stage``). The driver calls ``run`` / ``run_chunk``,
+    which prepare the micro-batches and hand them to ``execute``; the executor (``engine/executor.py``)
+    gives every other rank the same micro-batches for its own ``execute``, and agrees the block count.
+    ``execute`` returns the logits on the driver and None on every other rank.
     """
 
     def __init__(self, model: torch.nn.Module, *args, topology: PipelineTopology, **kwargs) -> None:
         self.topology = topology
-        whole = KVCacheLayout.from_specs(model.cache_specs()).group_specs
-        super().__init__(model, *args, **kwargs)
-        if self.layout.group_specs != whole:
+        # The driver's block tables have one table per cache group of the whole model.
+        if cache_layout(model).group_specs != KVCacheLayout.from_specs(model.cache_specs()).group_specs:
             raise ConfigError(
                 "pipeline parallelism needs every stage to hold layers of every cache group; this model "
                 "mixes sliding-window and full-attention layers in a way the stages would split"
             )
-
-    def _num_blocks(self, budget: int) -> int:
-        """This stage's block count from its budget, agreed (the least) with every other rank, so a
-        block id the driver hands out exists on every stage."""
-        agreed = torch.tensor([super()._num_blocks(budget)])
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        return int(agreed.item())
+        super().__init__(model, *args, **kwargs)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
@@ -115,8 +109,7 @@ class PipelineRunner(ModelRunner):
     @torch.inference_mode()
     def run_chunk(self, seq: Sequence, start: int, stop: int) -> torch.Tensor | None:
         """``ModelRunner.run_chunk`` through the stages: logits of every row, on the driver."""
-        input_ids, positions, meta = self.prepare_chunk(seq, start, stop)
-        return self.execute([(input_ids, positions, meta, None)])
+        return self.execute([self.prepare_chunk(seq, start, stop)])
 
     @torch.inference_mode()
     def execute(self, micro_batches: list[tuple]) -> torch.Tensor | None:
@@ -125,11 +118,12 @@ class PipelineRunner(ModelRunner):
         hidden_size, vocab = self.config.hidden_size, self.config.vocab_size
         pending, logits = [], []
         for input_ids, positions, meta, rows in micro_batches:
-            hidden = None
-            if not stage.is_first:
+            if stage.is_first:
+                hidden = self.model(input_ids, positions, meta)
+            else:
                 hidden = torch.empty(len(input_ids), hidden_size, dtype=self.dtype, device=self.device)
                 dist.recv(hidden, src=topo.rank_of(stage.index - 1))
-            hidden = self.model(input_ids, positions, meta, hidden_states=hidden)
+                hidden = self.model(input_ids, positions, meta, hidden_states=hidden)
             if not stage.is_last:
                 pending.append(_send(hidden, topo.rank_of(stage.index + 1), "hidden_sent"))
                 continue
