@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from effinfer import LLM, SamplingParams
-from effinfer.config import ConfigError
+from effinfer.config import ConfigError, EngineConfig, ModelConfig
+from effinfer.engine.executor import check_parallel_config
 from effinfer.engine.pipeline import split_micro_batches
 from effinfer.engine.runner import attention_layers
 from effinfer.engine.scheduler import ScheduledSeq
@@ -99,15 +101,13 @@ def test_stages_chained_in_one_process_give_the_whole_models_logits(tmp_path):
     torch.testing.assert_close(model.compute_logits(hidden), expected)
 
 
-def test_models_without_stage_support_are_refused():
-    from effinfer.models.stage import keep_stage
-
-    class NoStages(torch.nn.Module):
-        supports_pipeline = False
-        config = type("C", (), {"architecture": "MambaForCausalLM"})()
-
+def test_what_pipeline_parallelism_cannot_run_is_refused_before_any_process_starts(stories260k):
+    hf = transformers.MambaConfig(vocab_size=512, hidden_size=64, state_size=8, num_hidden_layers=3).to_dict()
+    mamba = ModelConfig.from_hf({**hf, "architectures": ["MambaForCausalLM"]})
     with pytest.raises(ConfigError, match="MambaForCausalLM cannot be split into pipeline stages"):
-        keep_stage(NoStages(), split_layers(2, 2)[0])
+        check_parallel_config(mamba, EngineConfig(device="cpu", pipeline_parallel_size=2))
+    with pytest.raises(ConfigError, match="exceeds the model's 5 decoder layers"):
+        LLM(str(stories260k), device="cpu", pipeline_parallel_size=6, show_progress=False)
 
 
 # ---------------------------------------------------------------- the engine under --pipeline-parallel-size
@@ -161,7 +161,14 @@ def test_tensor_parallel_2_by_pipeline_parallel_2_matches_one_process(stories260
 
 
 @pytest.mark.slow
-def test_prompt_lookup_speculation_under_pipeline_parallel_2(stories260k, one_process):
+def test_speculative_decoding_under_pipeline_parallel_2(stories260k, one_process):
+    """Prompt lookup, and a draft model (the driver runs it whole, in its own process)."""
     greedy, _, _, stats = _run(stories260k, pipeline_parallel_size=2, speculative_model="ngram")
+    assert greedy == one_process[0]
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    pinned = dict(num_speculative_tokens=3, speculative_adaptive=False)
+    greedy, _, _, stats = _run(
+        stories260k, pipeline_parallel_size=2, speculative_model=str(stories260k), **pinned
+    )
     assert greedy == one_process[0]
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
