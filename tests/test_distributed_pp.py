@@ -6,6 +6,9 @@ against the one-process engine on the same prompts.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,7 +157,9 @@ def test_pipeline_parallel_2_matches_one_process_with_prefix_caching_and_preempt
 
 @pytest.mark.slow
 def test_tensor_parallel_2_by_pipeline_parallel_2_matches_one_process(stories260k, one_process):
-    greedy, seeded, scored, _ = _run(stories260k, tensor_parallel_size=2, pipeline_parallel_size=2)
+    """4 ranks; chunked prefill makes micro-batches that sample no row (a prompt's first chunks)."""
+    chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=8)
+    greedy, seeded, scored, _ = _run(stories260k, tensor_parallel_size=2, pipeline_parallel_size=2, **chunked)
     assert greedy == one_process[0]
     assert seeded == one_process[1]
     torch.testing.assert_close(scored, one_process[2], rtol=1e-5, atol=1e-5)
@@ -172,3 +177,25 @@ def test_speculative_decoding_under_pipeline_parallel_2(stories260k, one_process
     )
     assert greedy == one_process[0]
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+def test_cli_generate_with_pipeline_parallel_2(stories260k):
+    """The flag through the command line, in a process of its own (its workers leave with it)."""
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from effinfer.cli import main; sys.exit(main(sys.argv[1:]))",
+    ]
+    command += ["generate", "Once upon a time", "--model", str(stories260k), "--max-tokens", "16"]
+    command += ["--temperature", "0", "--ignore-eos", "--dtype", "float32"]
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's effinfer, whatever is installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    texts = [
+        subprocess.run(
+            command + extra, capture_output=True, text=True, timeout=300, check=True, env=env
+        ).stdout
+        for extra in ([], ["--pipeline-parallel-size", "2"])
+    ]
+    assert texts[0].startswith("Once upon a time") and len(texts[0]) > len("Once upon a time") + 10
+    assert texts[1] == texts[0]
