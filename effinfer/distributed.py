@@ -34,6 +34,9 @@ class ParallelState:
     pp_group: Any = None
     tp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's tensor-parallel group
     pp_ranks: tuple[int, ...] = (0,)
+    # Every rank, for the driver's step broadcasts: a worker may wait on it as long as the server
+    # idles, so it never times out (a dead peer still ends the wait with an error).
+    control_group: Any = None
 
     @property
     def world_size(self) -> int:
@@ -50,6 +53,9 @@ class ParallelState:
 
 _state = ParallelState()
 _comm_bytes: Counter = Counter()
+# How long a collective other than the step broadcast may wait for a peer (loading included).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def init_parallel(tp_size: int, pp_size: int = 1) -> ParallelState:
@@ -85,7 +91,8 @@ def init_parallel(tp_size: int, pp_size: int = 1) -> ParallelState:
         group = dist.new_group(list(ranks))
         if rank in ranks:
             pp_group, pp_ranks = group, ranks
-    _state = ParallelState(tp_size, pp_size, rank, tp_group, pp_group, tp_ranks, pp_ranks)
+    control = dist.new_group(list(range(world)), timeout=IDLE_TIMEOUT)
+    _state = ParallelState(tp_size, pp_size, rank, tp_group, pp_group, tp_ranks, pp_ranks, control)
     return _state
 
 
@@ -138,10 +145,9 @@ def init_process_group(
     rank: int | None = None,
     world_size: int | None = None,
     init_method: str | None = None,
-    timeout_s: float = 600.0,
 ) -> None:
     """The default process group: from ``init_method`` (spawned workers) or from torchrun's environment."""
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    kwargs = {"timeout": COLLECTIVE_TIMEOUT}
     if init_method is not None:
         kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
     dist.init_process_group(default_backend(device), **kwargs)
@@ -193,10 +199,11 @@ def broadcast_object(obj: Any = None, src: int = 0, device: torch.device | str =
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
         size[0] = payload.numel()
         _count("broadcast", payload)
-    dist.broadcast(size, src)
+    group = _state.control_group
+    dist.broadcast(size, src, group=group)
     if dist.get_rank() != src:
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(payload, src)
+    dist.broadcast(payload, src, group=group)
     if dist.get_rank() == src:
         return obj
     return pickle.loads(payload.cpu().numpy().tobytes())

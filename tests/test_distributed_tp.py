@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as QType
 
 from effinfer import LLM, SamplingParams
 from effinfer.config import ConfigError
+from effinfer.distributed import comm_bytes, reset_comm_bytes
 from effinfer.engine.executor import WorkerError
 from effinfer.layers.parallel import TensorSplit, head_split
 from effinfer.loading.gguf_quants import dequantize, quantize_q8_0
@@ -178,7 +179,15 @@ def test_smollm2_tp3_matches_and_tp2_is_refused():
 def test_a_dead_worker_fails_the_request_instead_of_hanging(stories260k):
     llm = LLM(str(stories260k), **ENGINE, tensor_parallel_size=2)
     try:
-        assert _texts(llm, ["Once upon a time"])  # the group works
+        prompt = llm.tokenizer.encode("Once upon a time")
+        reset_comm_bytes()
+        assert _texts(llm, [prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        # Megatron's count: 2 all-reduces per layer and 1 after the embedding, of a 64-wide float32
+        # hidden state per token computed (the prompt, then 3 decode tokens); 4 sampled rows of
+        # logits, 256 of the 512 vocabulary entries from this rank.
+        sent = comm_bytes()
+        assert sent["all_reduce"] == (2 * 5 + 1) * 64 * 4 * (len(prompt) + 3)
+        assert sent["all_gather"] == 4 * 256 * 4
         (worker,) = llm.engine.runner.worker_pids
         os.kill(worker, signal.SIGKILL)
         time.sleep(0.5)

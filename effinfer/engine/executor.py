@@ -157,6 +157,8 @@ class ParallelModelRunner(PipelineRunner):
     def _check_workers(self) -> None:
         if self.failure is not None:
             raise WorkerError(self.failure)
+        if self.closed:
+            raise WorkerError("the engine was shut down: its tensor-parallel workers are gone")
         dead = [(rank, p) for rank, p in enumerate(self.workers, start=1) if p.poll() is not None]
         if dead:
             rank, process = dead[0]
