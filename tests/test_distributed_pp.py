@@ -166,14 +166,15 @@ def test_tensor_parallel_2_by_pipeline_parallel_2_matches_one_process(stories260
 
 
 @pytest.mark.slow
-def test_speculative_decoding_under_pipeline_parallel_2(stories260k, one_process):
-    """Prompt lookup, and a draft model (the driver runs it whole, in its own process)."""
+def test_speculative_decoding_under_pipeline_parallelism(stories260k, one_process):
+    """Prompt lookup; and a draft model (the driver runs it whole, in its own process) over three
+    stages, the middle one holding neither embedding nor head."""
     greedy, _, _, stats = _run(stories260k, pipeline_parallel_size=2, speculative_model="ngram")
     assert greedy == one_process[0]
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
     pinned = dict(num_speculative_tokens=3, speculative_adaptive=False)
     greedy, _, _, stats = _run(
-        stories260k, pipeline_parallel_size=2, speculative_model=str(stories260k), **pinned
+        stories260k, pipeline_parallel_size=3, speculative_model=str(stories260k), **pinned
     )
     assert greedy == one_process[0]
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
