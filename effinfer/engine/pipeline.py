@@ -1,12 +1,15 @@
 """Pipeline parallelism: the decoder layers run in stages, one stage per process group of ranks.
 
 GPipe (Huang et al. 2019) cuts the layers into contiguous stages and a batch into micro-batches,
-so that while stage s works on micro-batch i, stage s + 1 works on micro-batch i - 1. Here every
-rank runs ``PipelineRunner.run`` on the same scheduled batch (the executor hands it to all ranks):
-the batch is cut into micro-batches of whole sequences with about equal token counts; the first
-stage embeds each micro-batch and sends its hidden states on, every later stage receives them,
-runs its layers and sends them on, and the last stage turns the rows to sample into logits and
-sends those to the driver (rank 0), which collects them after issuing every micro-batch. Each
+so that while stage s works on micro-batch i, stage s + 1 works on micro-batch i - 1. Here the
+driver (rank 0) cuts each scheduled batch into as many micro-batches as there are stages (whole
+sequences, about equal token counts) and prepares their inputs, which the executor
+(``engine/executor.py``) broadcasts to every rank; the first stage embeds each micro-batch and
+sends its hidden states on, every later stage receives them, runs its layers and sends them on,
+and the last stage turns the rows to sample into float32 logits and sends those to the driver,
+which collects them after issuing every micro-batch. Only one step is in flight (the next needs
+this one's tokens), so with M equal stages and M micro-batches each stage idles about
+(M - 1) / (2M - 1) of a step (GPipe's bubble). Each
 stage holds its own layers' weights and KV cache (``models/stage.py``); all stages keep the same
 number of KV blocks, so the driver's block tables are valid everywhere. Tensors move with
 ``torch.distributed`` point-to-point sends (gloo on CPU, NCCL on CUDA). Switch it on with
