@@ -9,11 +9,11 @@ sends its hidden states on, every later stage receives them, runs its layers and
 and the last stage turns the rows to sample into float32 logits and sends those to the driver,
 which collects them after issuing every micro-batch. Only one step is in flight (the next needs
 this one's tokens), so with M equal stages and M micro-batches each stage idles about
-(M - 1) / (2M - 1) of a step (GPipe's bubble). Each
-stage holds its own layers' weights and KV cache (``models/stage.py``); all stages keep the same
-number of KV blocks, so the driver's block tables are valid everywhere. Tensors move with
-``torch.distributed`` point-to-point sends (gloo on CPU, NCCL on CUDA). Switch it on with
-``--pipeline-parallel-size M`` (``LLM(..., pipeline_parallel_size=M)``).
+(M - 1) / (2M - 1) of a step (GPipe's bubble). Each stage holds its own layers' weights and KV
+cache (``models/stage.py``); all stages keep the same number of KV blocks, so the driver's block
+tables are valid everywhere. Tensors move with ``torch.distributed`` point-to-point sends (gloo on
+CPU, NCCL on CUDA). Switch it on with ``--pipeline-parallel-size M`` (``LLM(...,
+pipeline_parallel_size=M)``); it combines with ``--tensor-parallel-size`` (each stage TP-sharded).
 """
 
 from __future__ import annotations
