@@ -17,6 +17,7 @@ import transformers
 
 from effinfer import LLM, SamplingParams
 from effinfer.config import ConfigError, EngineConfig, ModelConfig
+from effinfer.convert import convert_to_gguf
 from effinfer.engine.executor import check_parallel_config
 from effinfer.engine.pipeline import split_micro_batches
 from effinfer.engine.runner import attention_layers
@@ -86,10 +87,16 @@ def test_a_stage_holds_only_its_layers_and_cache(stories260k, num_stages):
     assert seen == set(whole_params)
 
 
-def test_stages_chained_in_one_process_give_the_whole_models_logits(tmp_path):
-    """An untied head (the last stage loads lm_head, not the embedding) and the Qwen2 q/k/v biases."""
-    _, path = make_hf_model("Qwen2ForCausalLM", tmp_path, tie_word_embeddings=False)
+@pytest.mark.parametrize("source", ["untied Qwen2", "Q8_0 GGUF"])
+def test_stages_chained_in_one_process_give_the_whole_models_logits(tmp_path, stories260k, source):
+    """An untied head (the last stage loads lm_head, not the embedding) with Qwen2's q/k/v biases; and
+    a GGUF file whose Q8_0 blocks stay quantized (a stage decodes its own tensors only)."""
+    if source == "untied Qwen2":
+        path = make_hf_model("Qwen2ForCausalLM", tmp_path, tie_word_embeddings=False)[1]
+    else:
+        path = convert_to_gguf(stories260k, tmp_path / "stories260K-q8_0.gguf", "q8_0")
     checkpoint = open_checkpoint(path)
+    tied = checkpoint.model_config.tie_word_embeddings
     tokens = torch.tensor([1, 45, 300, 7, 99, 260, 3])
     positions, meta = torch.arange(len(tokens)), DenseCausal(1, len(tokens))
     whole = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False)
@@ -98,8 +105,8 @@ def test_stages_chained_in_one_process_give_the_whole_models_logits(tmp_path):
     for stage in split_layers(checkpoint.model_config.num_layers, 3):
         model = checkpoint.load_model(torch.float32, CPU, 64, show_progress=False, stage=stage)
         params = set(dict(model.named_parameters()))
-        assert ("model.embed_tokens.weight" in params) == stage.is_first
-        assert ("lm_head.weight" in params) == stage.is_last
+        assert ("model.embed_tokens.weight" in params) == (stage.is_first or (tied and stage.is_last))
+        assert ("lm_head.weight" in params) == (stage.is_last and not tied)
         hidden = model(tokens, positions, meta, hidden_states=hidden)
     torch.testing.assert_close(model.compute_logits(hidden), expected)
 

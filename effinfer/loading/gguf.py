@@ -22,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from effinfer.loading.sharded import SplitLookup, checkpoint_splits, rank_head_c
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
-from effinfer.models.stage import PipelineStage
+from effinfer.models.stage import PipelineStage, stage_tensor_filter
 from effinfer.quant.affine import AffineGroupWeight
 from effinfer.quant.integer import QuantizedWeight
 
@@ -309,7 +310,11 @@ def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
 
 
 def hf_tensors(
-    gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False, split_for: SplitLookup | None = None
+    gguf: GGUFFile,
+    config: ModelConfig,
+    quantized_linears: bool = False,
+    split_for: SplitLookup | None = None,
+    wanted: Callable[[str], bool] | None = None,
 ):
     """Yield (HF name, tensor, bytes read) for every weight in the file.
 
@@ -317,7 +322,8 @@ def hf_tensors(
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
     same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
     block types (``quantized_layouts``). ``split_for`` (tensor parallelism): each tensor's slice
-    for this rank, cut in the stored bytes before decoding.
+    for this rank, cut in the stored bytes before decoding. ``wanted`` (pipeline parallelism): which
+    tensors, by HF name, to decode at all.
     """
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
@@ -325,8 +331,10 @@ def hf_tensors(
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
-        raw, shape = gguf.raw(name), info.shape
         hf_name = family.gguf_hf_name(name)
+        if wanted is not None and hf_name is not None and not wanted(hf_name):
+            continue
+        raw, shape = gguf.raw(name), info.shape
         split = split_for(hf_name) if split_for and hf_name else None
         if split is not None:
             raw, shape = split_gguf_bytes(raw, info.qtype, shape, split, name)
@@ -417,7 +425,9 @@ def load_model(
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions, stage)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=finalize, split_for=checkpoint_splits(model))
+    tensors = hf_tensors(
+        gguf, config, finalize, split_for=checkpoint_splits(model), wanted=stage_tensor_filter(model)
+    )
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.quantized import quantized_tensors, read_quantization_config
 from effinfer.loading.sharded import SplitLookup, checkpoint_splits, read_safetensors_slice
-from effinfer.models.stage import PipelineStage
+from effinfer.models.stage import PipelineStage, stage_tensor_filter
 
 __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
@@ -80,10 +81,14 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_tensors(files: list[Path], split_for: SplitLookup | None = None):
+def _read_tensors(
+    files: list[Path], split_for: SplitLookup | None = None, wanted: Callable[[str], bool] | None = None
+):
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if wanted is not None and not wanted(name):
+                    continue
                 split = split_for(name) if split_for else None
                 try:
                     tensor = f.get_tensor(name) if split is None else read_safetensors_slice(f, name, split)
@@ -112,7 +117,8 @@ def load_model(
     if quant is not None and split_for is not None:
         raise ConfigError(f"{quant.method} checkpoints do not support tensor parallelism yet")
     total = sum(os.path.getsize(f) for f in files)
-    tensors = _read_tensors(files, split_for)
+    # A pipeline stage reads its own tensors only (a quantized checkpoint's are grouped per layer first).
+    tensors = _read_tensors(files, split_for, stage_tensor_filter(model) if quant is None else None)
     if quant is not None:  # GPTQ / AWQ / compressed-tensors: Linears get QuantizedWeights
         tensors = quantized_tensors(model, quant, files, tensors, device, repr(str(path)))
     fill_model(model, config, tensors, total, repr(str(path)), show_progress=show_progress)

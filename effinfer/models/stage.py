@@ -11,6 +11,7 @@ allocated and loaded and only its layers get KV cache. The engine switches it on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,14 @@ def held_by_other_stage(model: nn.Module, param_name: str) -> bool:
         if isinstance(module, OtherStage):
             return True
     return False
+
+
+def stage_tensor_filter(model: nn.Module) -> Callable[[str], bool] | None:
+    """For a pipeline stage, whether to read a checkpoint tensor (by HF name): only its own are read,
+    not decoded and dropped. None for a whole model (every tensor is read)."""
+    if getattr(model, "pipeline_stage", None) is None:
+        return None
+    return lambda name: model.checkpoint_target(name) is not None
 
 
 def stage_cache_specs(model: nn.Module) -> list[CacheSpec]:
