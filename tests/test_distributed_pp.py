@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from effinfer import LLM, SamplingParams
 from effinfer.config import ConfigError, EngineConfig, ModelConfig
 from effinfer.convert import convert_to_gguf
 from effinfer.engine.executor import check_parallel_config
-from effinfer.engine.pipeline import split_micro_batches
+from effinfer.engine.pipeline import pipeline_bytes, reset_pipeline_bytes, split_micro_batches
 from effinfer.engine.runner import attention_layers
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
@@ -28,8 +29,6 @@ from effinfer.loading.checkpoint import open_checkpoint
 from effinfer.models.stage import split_layers
 from tests.conftest import make_hf_model
 
-PROMPTS = [[1, 403, 261, 379], [1, 66, 301, 282, 260, 400, 299, 350, 284, 267, 262], [1, 73]]
-MAX_TOKENS = 8
 CPU = torch.device("cpu")
 
 
@@ -130,17 +129,25 @@ STORY_PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=16, n=2, ignore_eos=True)
+SCORED_IDS = [1, 403, 261, 379, 66, 301, 282, 260, 400, 299, 350, 284]
 
 
-def _run(model: Path, **engine_args):
-    """Greedy and seeded completions, prefill logits by teacher forcing, and the engine's stats."""
+class Run(NamedTuple):
+    greedy: list  # token ids of each greedy completion
+    seeded: list  # token ids of each seeded sample (two per prompt)
+    scored: torch.Tensor  # teacher-forced logits of the first prompt
+    scoring_bytes: dict  # what the driver moved between stages while scoring
+    stats: object
+
+
+def _run(model: Path, **engine_args) -> Run:
     llm = LLM(str(model), device="cpu", dtype="float32", show_progress=False, **engine_args)
     try:
         greedy = [o.outputs[0].token_ids for o in llm.generate(STORY_PROMPTS * 2, GREEDY)]
         seeded = [[c.token_ids for c in o.outputs] for o in llm.generate(STORY_PROMPTS[:2], SEEDED)]
-        ids = llm.tokenizer.encode(STORY_PROMPTS[0])
-        scored = torch.cat(list(llm.engine.teacher_forced_logits(ids, chunk=5)))
-        return greedy, seeded, scored, llm.engine.stats()
+        reset_pipeline_bytes()
+        scored = torch.cat(list(llm.engine.teacher_forced_logits(SCORED_IDS, chunk=5)))
+        return Run(greedy, seeded, scored, pipeline_bytes(), llm.engine.stats())
     finally:
         llm.shutdown()
 
@@ -150,41 +157,45 @@ def one_process(stories260k):
     return _run(stories260k)
 
 
+def _assert_same(run: Run, one_process: Run) -> None:
+    assert run.greedy == one_process.greedy
+    assert run.seeded == one_process.seeded
+    torch.testing.assert_close(run.scored, one_process.scored, rtol=1e-5, atol=1e-5)
+    # Scoring runs every token but the last: one 64-float hidden state each to the next stage, one
+    # 512-float row of logits each back to the driver.
+    rows = len(SCORED_IDS) - 1
+    assert run.scoring_bytes == {"hidden_sent": rows * 64 * 4, "logits_received": rows * 512 * 4}
+    assert one_process.scoring_bytes == {}
+
+
 @pytest.mark.slow
 def test_pipeline_parallel_2_matches_one_process_with_prefix_caching_and_preemption(stories260k, one_process):
     # 8 blocks on the 3-layer stage: the 8 sequences cannot all hold their 3-4 blocks at once.
     per_block = 2 * 3 * 16 * 4 * 8 * 4
-    greedy, seeded, scored, stats = _run(stories260k, pipeline_parallel_size=2, kv_cache_memory=8 * per_block)
-    assert stats.num_blocks == 8
-    assert greedy == one_process[0]
-    assert seeded == one_process[1]
-    torch.testing.assert_close(scored, one_process[2], rtol=1e-5, atol=1e-5)
-    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    run = _run(stories260k, pipeline_parallel_size=2, kv_cache_memory=8 * per_block)
+    _assert_same(run, one_process)
+    assert run.stats.num_blocks == 8
+    assert run.stats.num_preemptions > 0 and run.stats.prefix_cache_hits > 0
 
 
 @pytest.mark.slow
 def test_tensor_parallel_2_by_pipeline_parallel_2_matches_one_process(stories260k, one_process):
     """4 ranks; chunked prefill makes micro-batches that sample no row (a prompt's first chunks)."""
     chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=8)
-    greedy, seeded, scored, _ = _run(stories260k, tensor_parallel_size=2, pipeline_parallel_size=2, **chunked)
-    assert greedy == one_process[0]
-    assert seeded == one_process[1]
-    torch.testing.assert_close(scored, one_process[2], rtol=1e-5, atol=1e-5)
+    _assert_same(_run(stories260k, tensor_parallel_size=2, pipeline_parallel_size=2, **chunked), one_process)
 
 
 @pytest.mark.slow
 def test_speculative_decoding_under_pipeline_parallelism(stories260k, one_process):
     """Prompt lookup; and a draft model (the driver runs it whole, in its own process) over three
     stages, the middle one holding neither embedding nor head."""
-    greedy, _, _, stats = _run(stories260k, pipeline_parallel_size=2, speculative_model="ngram")
-    assert greedy == one_process[0]
-    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    run = _run(stories260k, pipeline_parallel_size=2, speculative_model="ngram")
+    assert run.greedy == one_process.greedy
+    assert run.stats.num_draft_tokens > 0 and run.stats.num_accepted_tokens > 0
     pinned = dict(num_speculative_tokens=3, speculative_adaptive=False)
-    greedy, _, _, stats = _run(
-        stories260k, pipeline_parallel_size=3, speculative_model=str(stories260k), **pinned
-    )
-    assert greedy == one_process[0]
-    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    run = _run(stories260k, pipeline_parallel_size=3, speculative_model=str(stories260k), **pinned)
+    assert run.greedy == one_process.greedy
+    assert run.stats.num_draft_tokens > 0 and run.stats.num_accepted_tokens > 0
 
 
 @pytest.mark.slow
