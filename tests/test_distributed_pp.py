@@ -24,6 +24,7 @@ from effinfer.engine.pipeline import pipeline_bytes, reset_pipeline_bytes, split
 from effinfer.engine.runner import attention_layers
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import Sequence
+from effinfer.eval.perplexity import perplexity
 from effinfer.layers.attention import DenseCausal
 from effinfer.loading.checkpoint import open_checkpoint
 from effinfer.models.stage import split_layers
@@ -137,6 +138,7 @@ class Run(NamedTuple):
     seeded: list  # token ids of each seeded sample (two per prompt)
     scored: torch.Tensor  # teacher-forced logits of the first prompt
     scoring_bytes: dict  # what the driver moved between stages while scoring
+    perplexity: float  # eval's perplexity over overlapping windows
     stats: object
 
 
@@ -147,7 +149,9 @@ def _run(model: Path, **engine_args) -> Run:
         seeded = [[c.token_ids for c in o.outputs] for o in llm.generate(STORY_PROMPTS[:2], SEEDED)]
         reset_pipeline_bytes()
         scored = torch.cat(list(llm.engine.teacher_forced_logits(SCORED_IDS, chunk=5)))
-        return Run(greedy, seeded, scored, pipeline_bytes(), llm.engine.stats())
+        moved = pipeline_bytes()
+        ppl = perplexity(llm, token_ids=SCORED_IDS * 3, ctx=16, stride=8, show_progress=False).perplexity
+        return Run(greedy, seeded, scored, moved, ppl, llm.engine.stats())
     finally:
         llm.shutdown()
 
@@ -166,6 +170,7 @@ def _assert_same(run: Run, one_process: Run) -> None:
     rows = len(SCORED_IDS) - 1
     assert run.scoring_bytes == {"hidden_sent": rows * 64 * 4, "logits_received": rows * 512 * 4}
     assert one_process.scoring_bytes == {}
+    assert run.perplexity == pytest.approx(one_process.perplexity, rel=1e-5)
 
 
 @pytest.mark.slow
