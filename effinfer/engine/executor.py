@@ -221,7 +221,7 @@ def _build_parallel_runner(
     loaded_stage = stage if state.pp_size > 1 else None
     model = checkpoint.load_model(dtype, device, max_model_len, show_progress, loaded_stage)
     distributed.reset_comm_bytes()  # count what serving moves, not the load
-    topology = PipelineTopology(stage, state.tp_size, state.tp_rank)
+    topology = PipelineTopology(stage, state.tp_size, state.tp_rank, group=state.control_group)
     return ParallelModelRunner(
         model,
         checkpoint.model_config,

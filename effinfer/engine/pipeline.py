@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,10 @@ class PipelineTopology:
     tp_size: int = 1
     tp_rank: int = 0
     driver_rank: int = 0
+    # The process group of the stage-to-stage sends (ranks are global). A stage may wait on the one
+    # before it for a whole forward pass, a first one that compiles kernels included, so the
+    # executor passes a group without a timeout (a dead peer still ends the wait with an error).
+    group: Any = None
 
     def rank_of(self, stage_index: int) -> int:
         return stage_index * self.tp_size + self.tp_rank
@@ -125,10 +130,10 @@ class PipelineRunner(ModelRunner):
                 hidden = self.model(input_ids, positions, meta)
             else:
                 hidden = torch.empty(len(input_ids), hidden_size, dtype=self.dtype, device=self.device)
-                dist.recv(hidden, src=topo.rank_of(stage.index - 1))
+                dist.recv(hidden, src=topo.rank_of(stage.index - 1), group=topo.group)
                 hidden = self.model(input_ids, positions, meta, hidden_states=hidden)
             if not stage.is_last:
-                pending.append(_send(hidden, topo.rank_of(stage.index + 1), "hidden_sent"))
+                pending.append(_send(hidden, topo.rank_of(stage.index + 1), topo.group, "hidden_sent"))
                 continue
             if rows is not None and rows.numel() != hidden.shape[0]:
                 hidden = hidden.index_select(0, rows)
@@ -136,22 +141,22 @@ class PipelineRunner(ModelRunner):
             if topo.is_driver:
                 logits.append(rows_logits)
             elif topo.sends_logits and rows_logits.numel():
-                pending.append(_send(rows_logits, topo.driver_rank, "logits_sent"))
+                pending.append(_send(rows_logits, topo.driver_rank, topo.group, "logits_sent"))
         if topo.is_driver and not stage.is_last:  # collected after every micro-batch is on its way
             last = topo.rank_of(stage.num_stages - 1)
             for input_ids, _, _, rows in micro_batches:
                 num_rows = len(input_ids) if rows is None else rows.numel()
                 logits.append(torch.empty(num_rows, vocab, device=self.device))
                 if num_rows:
-                    dist.recv(logits[-1], src=last)
+                    dist.recv(logits[-1], src=last, group=topo.group)
                     _moved_bytes["logits_received"] += logits[-1].numel() * logits[-1].element_size()
         for work, _ in pending:
             work.wait()
         return torch.cat(logits) if topo.is_driver else None
 
 
-def _send(tensor: torch.Tensor, dst: int, kind: str) -> tuple:
+def _send(tensor: torch.Tensor, dst: int, group: Any, kind: str) -> tuple:
     """An asynchronous send, and the tensor it must keep alive until it completes."""
     tensor = tensor.contiguous()
     _moved_bytes[kind] += tensor.numel() * tensor.element_size()
-    return dist.isend(tensor, dst=dst), tensor
+    return dist.isend(tensor, dst=dst, group=group), tensor
