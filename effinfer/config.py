@@ -272,6 +272,10 @@ class EngineConfig:
     # (StreamingLLM, layers/attention_sinks.py); max_model_len may then pass the trained context.
     sliding_window: int | None = None
     attention_sinks: int = 0
+    # Ranks that split each layer's heads and MLP (engine/executor.py, layers/parallel.py) and
+    # stages that split the layers; 1 x 1 is one process.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.quantization not in ONLINE_QUANTIZATION:
@@ -293,6 +297,9 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("max_num_batched_tokens", "max_model_len", "num_threads"):
             value = getattr(self, name)
             if value is not None and not _is_positive_int(value):
@@ -446,6 +453,18 @@ class EngineArgs:
             "always draft --num-speculative-tokens instead of adapting the count to the measured "
             "acceptance and batch size",
             disables=True,
+        ),
+        _EngineFlag(
+            "tensor_parallel_size",
+            "--tensor-parallel-size",
+            "processes that split each layer (tensor parallelism); started here, or one per rank under torchrun",
+            int,
+        ),
+        _EngineFlag(
+            "pipeline_parallel_size",
+            "--pipeline-parallel-size",
+            "processes that split the layers into stages",
+            int,
         ),
         _EngineFlag(
             "kv_cache_dtype",

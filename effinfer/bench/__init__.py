@@ -118,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--speculative-model", help='effinfer only: a draft model or "ngram" (see docs)')
     group.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step")
+    group.add_argument(
+        "--tensor-parallel-size", type=int, metavar="N", default=1, help="effinfer only: ranks per layer"
+    )
+    group.add_argument(
+        "--pipeline-parallel-size", type=int, metavar="M", default=1, help="effinfer only: pipeline stages"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--markdown", metavar="FILE", help="append a section with the results to FILE")
     out.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
@@ -213,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         speculative_model=args.speculative_model,
         num_speculative_tokens=args.num_speculative_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
     command = getattr(args, "command_line", None) or shlex.join(["effinfer", *sys.argv[1:]])
     result = run_suite(settings, command)

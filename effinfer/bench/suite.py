@@ -50,6 +50,8 @@ class BenchSettings:
     show_progress: bool = True
     speculative_model: str | None = None  # effinfer only (docs/speculative-decoding.md)
     num_speculative_tokens: int | None = None
+    tensor_parallel_size: int = 1  # effinfer only (engine/executor.py)
+    pipeline_parallel_size: int = 1
 
 
 @dataclass
@@ -75,6 +77,8 @@ def run_suite(settings: BenchSettings, command: str) -> BenchReport:
         max_num_seqs=max(s.num_requests, s.concurrent, 1),
         show_progress=s.show_progress,
         speculative_model=s.speculative_model,
+        tensor_parallel_size=s.tensor_parallel_size,
+        pipeline_parallel_size=s.pipeline_parallel_size,
         # Unset: EngineConfig's default.
         **({} if s.num_speculative_tokens is None else {"num_speculative_tokens": s.num_speculative_tokens}),
     )

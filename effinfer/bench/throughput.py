@@ -202,5 +202,6 @@ class EffinferRunner:
         )
 
     def close(self) -> None:
+        self.llm.shutdown()  # tensor-parallel workers, if any
         del self.engine, self.llm
         gc.collect()

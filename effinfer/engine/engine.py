@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import torch
 
 from effinfer.config import ConfigError, EngineConfig
+from effinfer.engine.executor import start_runner
 from effinfer.engine.kv_cache import BlockManager
 from effinfer.engine.output_processor import OutputProcessor
-from effinfer.engine.runner import ModelRunner
 from effinfer.engine.scheduler import ScheduledSeq, Scheduler
 from effinfer.engine.sequence import Sequence
 from effinfer.engine.speculation import AcceptedTokens, Speculator, build_speculator
@@ -63,8 +63,8 @@ class LLMEngine:
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or physical_core_count())
         max_model_len = config.context_length(self.model_config)
-        loaded = checkpoint.load_model(self.dtype, self.device, max_model_len, config.show_progress)
-        self.runner = ModelRunner(loaded, self.model_config, config, self.device, self.dtype, max_model_len)
+        # One process, or the driver of tensor-parallel ranks (engine/executor.py).
+        self.runner = start_runner(checkpoint, config, self.dtype, max_model_len)
         layout = self.runner.layout
         if config.speculative_model and layout.has_recurrent_state:
             raise ConfigError(
@@ -114,6 +114,10 @@ class LLMEngine:
     def model(self) -> torch.nn.Module:
         """The loaded model (weights on ``device``, KV-cache tensors attached to its attention layers)."""
         return self.runner.model
+
+    def shutdown(self) -> None:
+        """Stop the runner's worker processes (tensor parallelism); nothing to do in one process."""
+        self.runner.shutdown()
 
     @property
     def num_kv_blocks(self) -> int:

@@ -28,6 +28,10 @@ class LLM:
         self.engine = LLMEngine(resolve_model_path(model), config)
         self.tokenizer = self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes now (they also stop when this process exits)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.tokenizer
 

@@ -22,6 +22,7 @@ from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.cache_spec import SSM_STATE_DTYPE, AttentionCacheSpec, RecurrentMetadata
 from effinfer.layers.mamba import MambaMixer
+from effinfer.models.stage import stage_cache_specs
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def recurrent_layers(model: torch.nn.Module) -> list[MambaMixer]:
 def cache_layout(model: torch.nn.Module) -> KVCacheLayout:
     """Cache groups and state specs from the model's per-layer specs; refuses layers the shared tensors cannot hold."""
     layers, recurrent = attention_layers(model), recurrent_layers(model)
-    specs = model.cache_specs()
+    specs = stage_cache_specs(model)  # a pipeline stage caches its own layers only
     num_attention = sum(isinstance(spec, AttentionCacheSpec) for spec in specs)
     if num_attention != len(layers) or len(specs) - num_attention != len(recurrent):
         raise ConfigError(
@@ -282,12 +283,20 @@ class ModelRunner:
         """``prepare`` for whole prompts after their cached prefix; the last index is each prompt's last token."""
         return self.prepare([ScheduledSeq(seq, seq.num_uncomputed_tokens) for seq in seqs])
 
+    def shutdown(self) -> None:
+        """Release worker processes; a single-process runner has none."""
+
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Float32 logits [rows, vocab] of the rows to sample, in batch order (see ``prepare``)."""
-        input_ids, positions, meta, sample_rows = self.prepare(batch)
+        return self.execute(self.prepare(batch))
+
+    @torch.inference_mode()
+    def execute(self, inputs: tuple) -> torch.Tensor:
+        """The model on prepared inputs (a parallel runner's workers get these from the driver)."""
+        input_ids, positions, meta, sample_rows = inputs
         hidden = self.model(input_ids, positions, meta)
-        if sample_rows.numel() != hidden.shape[0]:
+        if sample_rows is not None and sample_rows.numel() != hidden.shape[0]:
             hidden = hidden.index_select(0, sample_rows)
         return self.model.compute_logits(hidden).float()
 
@@ -295,6 +304,10 @@ class ModelRunner:
     def run_chunk(self, seq: Sequence, start: int, stop: int) -> torch.Tensor:
         """Logits [stop - start, vocab] in float32 of tokens ``start:stop`` of ``seq``, whose KV before
         ``start`` is already in the cache (a prefill chunk: each row attends to all tokens up to it)."""
+        return self.execute(self.prepare_chunk(seq, start, stop))
+
+    def prepare_chunk(self, seq: Sequence, start: int, stop: int):
+        """``prepare`` for tokens ``start:stop`` of one sequence, every row's logits kept."""
         positions = list(range(start, stop))
         meta = None
         if self.layout.groups:
@@ -307,5 +320,4 @@ class ModelRunner:
             )
         if self.layout.state_specs:
             meta = self._recurrent_metadata([seq], [start], [stop - start], meta)
-        hidden = self.model(self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta)
-        return self.model.compute_logits(hidden).float()
+        return self._tensor(seq.token_ids[start:stop]), self._tensor(positions), meta, None

@@ -93,6 +93,9 @@ def perplexity(
     ctx, stride = check_window(ctx, stride, max_windows, engine.max_model_len)
     token_ids = _token_ids(llm, text, path, token_ids)
     model = engine.model
+    # Split over processes (tensor / pipeline parallel), the model runs only through the runner,
+    # which drives every rank: each window is then one paged prefill of the whole window.
+    split = engine.config.tensor_parallel_size * engine.config.pipeline_parallel_size > 1
     ids = torch.tensor(token_ids, device=engine.device)
     starts = list(range(0, len(token_ids) - 1, stride))
     if max_windows is not None:
@@ -102,10 +105,13 @@ def perplexity(
         for begin in tqdm(starts, desc="perplexity", unit="window", disable=not show_progress):
             end = min(begin + ctx, len(token_ids))
             window = ids[begin:end]
-            logits = model.compute_logits(model.forward_dense(window[None]))[0].float()
-            # Targets are window[1:]; only those past what earlier windows scored count.
+            if split:
+                rows = torch.cat(list(engine.teacher_forced_logits(window.tolist(), chunk=len(window))))
+            else:
+                rows = model.compute_logits(model.forward_dense(window[None]))[0, :-1].float()
+            # Row i predicts window[i + 1]; only targets past what earlier windows scored count.
             first_new = max(scored_until, begin + 1) - (begin + 1)
-            nll = F.cross_entropy(logits[:-1][first_new:], window[1:][first_new:], reduction="sum")
+            nll = F.cross_entropy(rows[first_new:], window[1:][first_new:], reduction="sum")
             total_nll += nll.item()
             total_tokens += (end - begin - 1) - first_new
             scored_until = end

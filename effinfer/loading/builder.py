@@ -16,6 +16,7 @@ from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.base import CausalLM
 from effinfer.models.registry import model_class
+from effinfer.models.stage import PipelineStage, keep_stage
 
 
 class WeightsError(ConfigError):
@@ -23,9 +24,14 @@ class WeightsError(ConfigError):
 
 
 def build_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    stage: PipelineStage | None = None,
 ) -> CausalLM:
-    """The model with uninitialised parameters in ``dtype`` on ``device`` (no random init, no copy)."""
+    """The model with uninitialised parameters in ``dtype`` on ``device`` (no random init, no copy);
+    with ``stage``, only that pipeline stage's modules (``models/stage.py``)."""
     cls = model_class(config.architecture)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -34,6 +40,8 @@ def build_model(
             model = cls(config, max_positions)
     finally:
         torch.set_default_dtype(previous_dtype)
+    if stage is not None:
+        keep_stage(model, stage)
     model.to_empty(device=device)
     model.tie_weights()
     return model

@@ -20,6 +20,7 @@ from effinfer.loading.builder import finalize_model
 from effinfer.loading.gguf import GGUFFile, is_gguf_file
 from effinfer.loading.online_quant import quantize_on_load
 from effinfer.loading.safetensors import check_model_dir, load_model
+from effinfer.models.stage import PipelineStage
 from effinfer.tokenizer import Tokenizer
 
 
@@ -44,16 +45,23 @@ class Checkpoint:
     quantization: str | None  # the scheme a float checkpoint is quantized to while loading
 
     def load_model(
-        self, dtype: torch.dtype, device: torch.device, max_positions: int, show_progress: bool = True
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+        show_progress: bool = True,
+        stage: PipelineStage | None = None,
     ) -> torch.nn.Module:
-        """The model with its weights, on ``device``, ready for the kernels."""
+        """The model with its weights, on ``device``, ready for the kernels; with ``stage``, only that
+        pipeline stage's modules and weights."""
+        config = self.model_config
         if self.gguf is not None:
-            return self.gguf.load_model(self.model_config, dtype, device, max_positions, show_progress)
+            return self.gguf.load_model(config, dtype, device, max_positions, show_progress, stage)
         if self.quantization is None:
-            return load_model(self.path, self.model_config, dtype, device, max_positions, show_progress)
+            return load_model(self.path, config, dtype, device, max_positions, show_progress, stage=stage)
         # Float weights first, quantized before the kernels pack them.
         model = load_model(
-            self.path, self.model_config, dtype, device, max_positions, show_progress, finalize=False
+            self.path, config, dtype, device, max_positions, show_progress, finalize=False, stage=stage
         )
         with torch.no_grad():
             quantize_on_load(model, self.quantization, show_progress)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,11 @@ from effinfer.loading.gguf_quants import (
     to_quantized_weight,
 )
 from effinfer.loading.quant_formats import QuantizedShard
+from effinfer.loading.sharded import SplitLookup, checkpoint_splits, rank_head_config, split_gguf_bytes
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
+from effinfer.models.stage import PipelineStage, stage_tensor_filter
 from effinfer.quant.affine import AffineGroupWeight
 from effinfer.quant.integer import QuantizedWeight
 
@@ -226,8 +229,9 @@ class GGUFFile:
         device: torch.device,
         max_positions: int,
         show_progress: bool = True,
+        stage: PipelineStage | None = None,
     ) -> torch.nn.Module:
-        return load_model(self, config, dtype, device, max_positions, show_progress)
+        return load_model(self, config, dtype, device, max_positions, show_progress, stage=stage)
 
 
 def _tensor_nbytes(qtype: QType, dims: list[int]) -> int:
@@ -305,29 +309,45 @@ def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
     return family.gguf_hf_name(name)
 
 
-def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
+def hf_tensors(
+    gguf: GGUFFile,
+    config: ModelConfig,
+    quantized_linears: bool = False,
+    split_for: SplitLookup | None = None,
+    wanted: Callable[[str], bool] | None = None,
+):
     """Yield (HF name, tensor, bytes read) for every weight in the file.
 
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
     same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
-    block types (``quantized_layouts``).
+    block types (``quantized_layouts``). ``split_for`` (tensor parallelism): each tensor's slice
+    for this rank, cut in the stored bytes before decoding. ``wanted`` (pipeline parallelism): which
+    tensors, by HF name, to decode at all.
     """
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
+    mapping_config = rank_head_config(config) if split_for else config
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:
             continue  # applied to the rotary tables after loading
+        hf_name = family.gguf_hf_name(name)
+        if wanted is not None and hf_name is not None and not wanted(hf_name):
+            continue
+        raw, shape = gguf.raw(name), info.shape
+        split = split_for(hf_name) if split_for and hf_name else None
+        if split is not None:
+            raw, shape = split_gguf_bytes(raw, info.qtype, shape, split, name)
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
         if layout is QuantizedWeight:
-            tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+            tensor = to_quantized_weight(raw.copy(), info.qtype, shape)
         elif layout is AffineGroupWeight:
-            tensor = to_affine_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+            tensor = to_affine_weight(raw.copy(), info.qtype, shape)
         else:
-            tensor = gguf.tensor(name)
-        mapped = family.gguf_tensor(name, tensor, config)
+            tensor = dequantize(raw.copy(), info.qtype, shape)
+        mapped = family.gguf_tensor(name, tensor, mapping_config)
         if mapped is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
@@ -393,17 +413,21 @@ def load_model(
     max_positions: int,
     show_progress: bool = True,
     finalize: bool = True,
+    stage: PipelineStage | None = None,
 ) -> torch.nn.Module:
     """Build the model for ``config`` and fill it from the GGUF file, dequantising as it goes.
 
-    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on.
+    ``finalize=False`` dequantises every weight and leaves plain float weights for compression to work on;
+    ``stage``: only that pipeline stage's modules and weights.
     """
     if not isinstance(gguf, GGUFFile):
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
-    model = build_model(config, dtype, device, max_positions)
+    model = build_model(config, dtype, device, max_positions, stage)
     total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=finalize)
+    tensors = hf_tensors(
+        gguf, config, finalize, split_for=checkpoint_splits(model), wanted=stage_tensor_filter(model)
+    )
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear, quantizable_linears
+from effinfer.layers.parallel import RowParallelLinear
+from effinfer.models.stage import OtherStage
 from effinfer.quant import registry
 from effinfer.quant.base import CompressedWeight
 
@@ -33,6 +35,8 @@ def _scheme(name: str) -> registry.Scheme:
 
 def _quantize_linear(linear: Linear, quantize) -> CompressedWeight:
     """Each checkpoint tensor of a fused layer on its own (as bitsandbytes quantizes each HF Linear), then joined."""
+    if isinstance(linear, RowParallelLinear):  # a tensor-parallel shard of whole rows' columns
+        return linear.quantize_whole_rows(quantize)
     weight = linear.dequantized_weight()
     parts, start = [], 0
     for rows in linear.shard_sizes:
@@ -53,6 +57,6 @@ def quantize_on_load(model: torch.nn.Module, scheme: str, show_progress: bool = 
         )
     for _, linear in tqdm(linears, desc=scheme, unit="layer", disable=not show_progress):
         linear.set_quantized(_quantize_linear(linear, entry.quantize), entry.act_quant)
-    if entry.quantize_lm_head is not None:
+    if entry.quantize_lm_head is not None and not isinstance(model.lm_head, OtherStage):
         # A tied embedding keeps its float table; only the projection gets a quantized copy.
         model.lm_head.set_quantized(entry.quantize_lm_head(model.lm_head.weight.data.float()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.quantized import quantized_tensors, read_quantization_config
+from effinfer.loading.sharded import SplitLookup, checkpoint_splits, read_safetensors_slice
+from effinfer.models.stage import PipelineStage, stage_tensor_filter
 
 __all__ = ["WeightsError", "check_model_dir", "find_weight_files", "load_model"]
 
@@ -78,12 +81,17 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_tensors(files: list[Path]):
+def _read_tensors(
+    files: list[Path], split_for: SplitLookup | None = None, wanted: Callable[[str], bool] | None = None
+):
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if wanted is not None and not wanted(name):
+                    continue
+                split = split_for(name) if split_for else None
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(name) if split is None else read_safetensors_slice(f, name, split)
                 except SafetensorError as e:
                     raise WeightsError(f"{file}: tensor {name!r} cannot be read: {e}") from None
                 yield name, tensor, tensor.numel() * tensor.element_size()
@@ -97,14 +105,20 @@ def load_model(
     max_positions: int,
     show_progress: bool = True,
     finalize: bool = True,
+    stage: PipelineStage | None = None,
 ) -> torch.nn.Module:
-    """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on."""
+    """The model with its weights; ``finalize=False`` leaves plain float weights for compression to work on;
+    ``stage``: only that pipeline stage's modules and weights."""
     path = check_model_dir(path)
     files = find_weight_files(path)
     quant = read_quantization_config(path)  # checked before anything is allocated
-    model = build_model(config, dtype, device, max_positions)
+    model = build_model(config, dtype, device, max_positions, stage)
+    split_for = checkpoint_splits(model)  # under tensor parallelism, this rank's slices only
+    if quant is not None and split_for is not None:
+        raise ConfigError(f"{quant.method} checkpoints do not support tensor parallelism yet")
     total = sum(os.path.getsize(f) for f in files)
-    tensors = _read_tensors(files)
+    # A pipeline stage reads its own tensors only (a quantized checkpoint's are grouped per layer first).
+    tensors = _read_tensors(files, split_for, stage_tensor_filter(model) if quant is None else None)
     if quant is not None:  # GPTQ / AWQ / compressed-tensors: Linears get QuantizedWeights
         tensors = quantized_tensors(model, quant, files, tensors, device, repr(str(path)))
     fill_model(model, config, tensors, total, repr(str(path)), show_progress=show_progress)

@@ -29,6 +29,7 @@ from effinfer.layers.attention import AttentionMetadata, DenseCausal
 from effinfer.layers.cache_spec import AttentionCacheSpec
 from effinfer.layers.linear import Linear
 from effinfer.layers.rotary import RotaryEmbedding
+from effinfer.models.stage import PipelineStage, held_by_other_stage
 
 # llama.cpp's tensor names (gguf-py's tensor map) -> HF names, for the tensors every decoder has.
 # A family with more tensors extends these class attributes (``CausalLM.gguf_layer_tensors``).
@@ -128,8 +129,17 @@ class CausalLM(nn.Module):
     gguf_layer_tensors: dict[str, str] = GGUF_LAYER_TENSORS
     # The chat template of a GGUF file that carries none (HF directories ship their own).
     default_chat_template: str | None = None
+    # Built from layers/parallel.py's constructors, so it can run tensor parallel (--tensor-parallel-size).
+    supports_tensor_parallel: bool = False
+    # Pipeline parallelism (models/stage.py): whether ``forward`` takes a stage's incoming
+    # ``hidden_states``, and the modules only the first / last stage holds.
+    supports_pipeline: bool = False
+    embedding_module = "model.embed_tokens"
+    final_norm_module = "model.norm"
+    output_head_module = "lm_head"
 
     config: ModelConfig
+    pipeline_stage: PipelineStage | None = None  # set by ``keep_stage``; None: the whole model
 
     # ---------------------------------------------------------------- configs
 
@@ -227,15 +237,20 @@ class CausalLM(nn.Module):
         return tensors
 
     def checkpoint_target(self, name: str) -> tuple[str, int] | None:
-        """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use."""
+        """Map a checkpoint tensor name to (our parameter name, shard); None for tensors we do not use
+        (including those of layers another pipeline stage holds)."""
         if "rotary_emb.inv_freq" in name:
             return None
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None
+        target = name, 0
         for ckpt_name, (ours, shard) in self.packed_modules.items():
             if f".{ckpt_name}." in name:
-                return name.replace(f".{ckpt_name}.", f".{ours}."), shard
-        return name, 0
+                target = name.replace(f".{ckpt_name}.", f".{ours}."), shard
+                break
+        if self.pipeline_stage is not None and held_by_other_stage(self, target[0]):
+            return None
+        return target
 
     # ---------------------------------------------------------------- the math (subclasses implement)
 
@@ -245,9 +260,17 @@ class CausalLM(nn.Module):
         self.max_positions = max_positions
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch of tokens; ``compute_logits`` projects the sampled ones."""
+        """Hidden states [T, hidden] of a flat batch of tokens; ``compute_logits`` projects the sampled ones.
+
+        ``hidden_states``: a later pipeline stage's input, from the stage before (then the token ids are
+        not embedded); a family that takes it sets ``supports_pipeline``.
+        """
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

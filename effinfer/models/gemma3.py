@@ -108,9 +108,13 @@ class Gemma3Model(nn.Module):
         self.embed_scale = math.sqrt(config.hidden_size)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DenseCausal
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | DenseCausal,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale
+        x = self.embed_tokens(input_ids) * self.embed_scale if hidden_states is None else hidden_states
         local, global_ = self.local_rotary(positions), self.global_rotary(positions)
         for layer in self.layers:
             x = layer(x, local if layer.self_attn.is_local else global_, meta)

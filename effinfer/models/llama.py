@@ -20,8 +20,15 @@ from effinfer.layers.activation import gated, get_activation
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.attention_sinks import cache_positions
 from effinfer.layers.cache_spec import AttentionCacheSpec
-from effinfer.layers.linear import Linear
 from effinfer.layers.norm import RMSNorm
+from effinfer.layers.parallel import (
+    column_linear,
+    head_split,
+    qkv_linear,
+    row_linear,
+    vocab_embedding,
+    vocab_head,
+)
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary_
 from effinfer.models.base import CausalLM, SmoothingPair, architecture_in, common_hf_fields
 from effinfer.quant.affine import AffineGroupWeight
@@ -31,12 +38,12 @@ from effinfer.quant.integer import QuantizedWeight
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        heads = head_split(config.num_heads, config.num_kv_heads)  # this rank's, under tensor parallelism
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias)
-        self.o_proj = Linear(q_size, config.hidden_size)
+        self.qkv_proj = qkv_linear(config.hidden_size, heads, self.head_dim, config.attention_bias)
+        self.o_proj = row_linear(config.num_heads * self.head_dim, config.hidden_size)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -70,8 +77,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = column_linear(config.hidden_size, [config.intermediate_size] * 2)
+        self.down_proj = row_linear(config.intermediate_size, config.hidden_size)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ class LlamaModel(nn.Module):
         self, config: ModelConfig, max_positions: int, decoder_layer: type[nn.Module] = LlamaDecoderLayer
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         # One rotary table for every layer (a buffer, built after loading).
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_layers))
@@ -108,9 +115,13 @@ class LlamaModel(nn.Module):
         self.sliding_window = config.sliding_windows[0] if config.attention_sinks else None
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         cos_sin = self.rotary(positions)
         sink_cos_sin = None
         if self.attention_sinks:
@@ -133,6 +144,8 @@ _PERMUTED_GGUF = "llama"
 
 class LlamaForCausalLM(CausalLM):
     hf_architectures = tuple(_GGUF_NAMES)
+    supports_tensor_parallel = True
+    supports_pipeline = True
     gguf_architectures = tuple(dict.fromkeys(_GGUF_NAMES.values()))
     packed_modules = {
         "q_proj": ("qkv_proj", 0),
@@ -145,7 +158,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__(config, max_positions)
         self.model = LlamaModel(config, max_positions)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = vocab_head(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     # ---------------------------------------------------------------- configs
@@ -197,14 +210,20 @@ class LlamaForCausalLM(CausalLM):
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection; redone after ``to_empty``, which unties them."""
-        if self.config.tie_word_embeddings:
+        holds_head = self.pipeline_stage is None or self.pipeline_stage.is_last
+        if self.config.tie_word_embeddings and holds_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled."""
-        return self.model(input_ids, positions, meta)
+        """Hidden states [T, hidden] of every token; ``compute_logits`` projects the ones that are sampled.
+        ``hidden_states``: a later pipeline stage's input (``CausalLM.forward``)."""
+        return self.model(input_ids, positions, meta, hidden_states)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -138,6 +138,7 @@ class MoeForCausalLM(CausalLM):
     # The causal-LM plumbing is Llama's.
     tie_weights = LlamaForCausalLM.tie_weights
     forward = LlamaForCausalLM.forward
+    supports_pipeline = True
     compute_logits = LlamaForCausalLM.compute_logits
     cache_specs = LlamaForCausalLM.cache_specs
     decoder_layers = LlamaForCausalLM.decoder_layers
