@@ -56,7 +56,8 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._done = False
 
-    def _put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Deliver an output or an error (called by the engine's side, on the event loop)."""
         self._items.append(item)
         self._ready.set()
 
@@ -241,13 +242,13 @@ class AsyncLLMEngine:
                 continue  # aborted while the step ran
             if output.finished:
                 del self._streams[output.request_id]
-            stream._put(output)
+            stream.put(output)
 
     def _fail(self, request_ids: list[str], error: BaseException) -> None:
         for request_id in request_ids:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
-                stream._put(error)
+                stream.put(error)
 
     def _post(self, callback, *args) -> None:
         try:
