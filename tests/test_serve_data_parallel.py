@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import multiprocessing
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ openai = pytest.importorskip("openai")
 import torch  # noqa: E402
 
 from effinfer import EngineConfig, LLMEngine  # noqa: E402
+from effinfer.config import ConfigError  # noqa: E402
 from effinfer.serve.data_parallel import DataParallelEngine, plan_placements  # noqa: E402
 from effinfer.serve.routing import NoReplicaError, Router  # noqa: E402
 from tests.test_serve import API_KEY, GOOD, MODEL, RunningServer, start_server  # noqa: E402
@@ -95,6 +97,14 @@ def test_data_parallel_size_is_checked(capsys):
     err = capsys.readouterr().err
     assert "--data-parallel-size must be at least 1, got 0" in err
     assert "Traceback" not in err
+
+
+def test_a_replica_that_cannot_start_stops_them_all_with_its_error(stories260k):
+    # The parent reads only the config and tokenizer; the context check runs in each replica.
+    config = EngineConfig(show_progress=False, max_model_len=100_000)
+    with pytest.raises(ConfigError, match=r"data-parallel replica \d: max_model_len 100000 exceeds"):
+        DataParallelEngine(stories260k, config, 2)
+    assert multiprocessing.active_children() == []
 
 
 # ---- two replicas over HTTP ---------------------------------------------------------------------
@@ -210,7 +220,7 @@ def test_a_dead_replica_fails_its_requests_and_the_others_serve_on(stories260k):
                 assert time.monotonic() < deadline, "the second request did not reach the same replica"
                 time.sleep(0.01)
             os.kill(victim.pid, signal.SIGKILL)
-            rest = list(lines)
+            rest = [line for line in lines if line]
         waiter.join(60)
         assert rest[-1] == "data: [DONE]"
         errors = [line for line in rest if line.startswith('data: {"error"')]

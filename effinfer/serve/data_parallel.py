@@ -167,7 +167,7 @@ class DataParallelEngine:
         self.max_model_len = min(r.info.max_model_len for r in self.replicas)
         self._streams: dict[str, tuple[RequestStream, int, int]] = {}  # id -> (stream, replica, seqs)
         self._accepted: dict[str, asyncio.Future] = {}  # ids sent and not yet accepted or rejected
-        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._calls: dict[int, tuple[int, concurrent.futures.Future]] = {}  # id -> (replica, result)
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
@@ -328,7 +328,7 @@ class DataParallelEngine:
         """
         call_id = next(self._call_ids)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls[call_id] = future
+        self._calls[call_id] = (index, future)
         try:
             if not self.replicas[index].send(("call", call_id, fn, args)):
                 raise EngineDeadError(f"data-parallel replica {index} is not running")
@@ -365,14 +365,17 @@ class DataParallelEngine:
             try:
                 message = replica.conn.recv()
             except (EOFError, OSError):
+                for index, future in list(self._calls.values()):
+                    if index == replica.index and not future.done():
+                        future.set_result((False, "the replica stopped"))
                 self._post(self._replica_stopped, replica)
                 return
             kind = message[0]
             if kind == "stats":
                 replica.stats = message[1]  # one reference swap: readers see the old or the new
             elif kind == "result":
-                future = self._calls.get(message[1])
-                if future is not None:
+                _, future = self._calls.get(message[1], (None, None))
+                if future is not None and not future.done():
                     future.set_result((message[2], message[3]))
             else:
                 self._post(self._on_message, replica, message)
