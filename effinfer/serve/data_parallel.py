@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig
-from effinfer.engine.async_engine import EngineDeadError, EngineError, RequestStream
+from effinfer.engine.async_engine import EngineDeadError, EngineError, RequestStream, StreamingEngine
 from effinfer.engine.engine import LLMEngine
 from effinfer.engine.stats import EngineStats
 from effinfer.loading.checkpoint import open_checkpoint
@@ -136,7 +136,7 @@ class ReplicaHandle:
                 return False
 
 
-class DataParallelEngine:
+class DataParallelEngine(StreamingEngine):
     """``num_replicas`` engine processes behind the interface of one ``AsyncLLMEngine``.
 
     Construction starts the replicas and waits until every one has loaded the model; a replica
@@ -154,6 +154,7 @@ class DataParallelEngine:
     ) -> None:
         if num_replicas < 1:
             raise ConfigError(f"the data-parallel size must be at least 1, got {num_replicas}")
+        super().__init__()
         checkpoint = open_checkpoint(model, config.quantization)
         self.model_path: Path = checkpoint.path
         self.model_config: ModelConfig = config.model_layout(checkpoint.model_config)
@@ -165,8 +166,8 @@ class DataParallelEngine:
         self.router = Router(num_replicas, config.block_size, slack)
         self.replicas = self._spawn(str(model), plan_placements(config, num_replicas), engine_factory)
         self.max_model_len = min(r.info.max_model_len for r in self.replicas)
-        self._streams: dict[str, tuple[RequestStream, int, int]] = {}  # id -> (stream, replica, seqs)
-        self._accepted: dict[str, asyncio.Future] = {}  # ids sent and not yet accepted or rejected
+        self._routes: dict[str, tuple[int, int]] = {}  # open request -> (its replica, its sequences)
+        self._unaccepted: dict[str, asyncio.Future] = {}  # ids sent and not yet accepted or rejected
         self._calls: dict[int, tuple[int, concurrent.futures.Future]] = {}  # id -> (replica, result)
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,10 +262,6 @@ class DataParallelEngine:
         """Started, not shut down, and at least one replica alive."""
         return self._started and not self._stopped and any(r.alive for r in self.replicas)
 
-    @property
-    def num_open_requests(self) -> int:
-        return len(self._streams)
-
     # ---- requests -------------------------------------------------------------------------------
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -278,46 +275,29 @@ class DataParallelEngine:
             self.start()
         if not self.is_running:
             raise EngineDeadError("the engine is not running: every data-parallel replica has stopped")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._open(request_id)
         loads = [r.num_open_seqs if r.alive else None for r in self.replicas]
         try:
             k = self.router.choose(prompt if isinstance(prompt, list) else None, loads)
         except NoReplicaError as e:
+            self._forget(request_id)
             raise EngineDeadError(str(e)) from None
         replica = self.replicas[k]
-        stream = RequestStream(request_id, self)
         accepted = self._loop.create_future()
-        self._streams[request_id] = (stream, k, params.n)
-        self._accepted[request_id] = accepted
+        self._routes[request_id] = (k, params.n)
+        self._unaccepted[request_id] = accepted
         replica.num_open_seqs += params.n
         replica.num_routed += 1
         replica.send(("add", request_id, prompt, params))
         try:
-            await accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        except BaseException:
-            self._release(request_id)
-            raise
+            return await self._await_acceptance(stream, accepted)
         finally:
-            self._accepted.pop(request_id, None)
-        return stream
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
-        """Yields the request's outputs; the last one is finished. Stopping early aborts the request."""
-        stream = await self.add_request(prompt, params, request_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.close()
+            self._unaccepted.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (a no-op if it already finished)."""
-        k = self._release(request_id)
-        if k is not None and self.replicas[k].alive:
+        k, _ = self._routes.get(request_id, (None, 0))
+        if self._forget(request_id) is not None and self.replicas[k].alive:
             self.replicas[k].send(("abort", request_id))
 
     def run_on_replica(self, index: int, fn: Callable[..., Any], *args, timeout: float = 60.0) -> Any:
@@ -389,25 +369,24 @@ class DataParallelEngine:
     def _on_message(self, replica: ReplicaHandle, message: tuple) -> None:
         kind, request_id = message[0], message[1]
         if kind in ("accepted", "rejected"):
-            future = self._accepted.get(request_id)
+            future = self._unaccepted.get(request_id)
             if future is not None and not future.done():
                 if kind == "rejected":
                     future.set_exception(rebuild_error(message[2], message[3]))
                 else:
                     future.set_result(None)
             return
-        entry = self._streams.get(request_id)
-        if entry is None:
+        stream = self._streams.get(request_id)
+        if stream is None:
             return  # aborted while the replica worked on it
         if kind == "output":
             output: RequestOutput = message[2]
             replica.num_generated_tokens += sum(len(c.delta_token_ids) for c in output.outputs)
             if output.finished:
-                self._release(request_id)
-            entry[0].put(output)
+                self._forget(request_id)
+            stream.put(output)
         elif kind == "failed":
-            self._release(request_id)
-            entry[0].put(rebuild_error(message[2], message[3]))
+            self._fail([request_id], rebuild_error(message[2], message[3]))
 
     def _replica_stopped(self, replica: ReplicaHandle) -> None:
         if not replica.alive:
@@ -418,31 +397,22 @@ class DataParallelEngine:
         replica.process.join(1.0)
         why = f"data-parallel replica {replica.index} stopped (exit code {replica.process.exitcode})"
         logger.error("%s; failing its requests, serving on the others", why)
-        held = [rid for rid, (_, k, _) in self._streams.items() if k == replica.index]
+        held = [rid for rid, (k, _) in self._routes.items() if k == replica.index]
         for rid in held:
-            future = self._accepted.get(rid)
+            future = self._unaccepted.get(rid)
             if future is not None and not future.done():
-                self._release(rid)
+                self._forget(rid)
                 future.set_exception(EngineDeadError(why))
         self._fail(
             [rid for rid in held if rid in self._streams], EngineError(f"{why} while running the request")
         )
 
-    def _release(self, request_id: str) -> int | None:
-        """Forget a request's stream and give its replica the load back; the replica, or None."""
-        entry = self._streams.pop(request_id, None)
-        if entry is None:
-            return None
-        _, k, num_seqs = entry
-        self.replicas[k].num_open_seqs -= num_seqs
-        return k
-
-    def _fail(self, request_ids: list[str], error: BaseException) -> None:
-        for request_id in request_ids:
-            entry = self._streams.get(request_id)
-            self._release(request_id)
-            if entry is not None:
-                entry[0].put(error)
+    def _forget(self, request_id: str) -> RequestStream | None:
+        """Also give the request's replica its load back."""
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            self.replicas[route[0]].num_open_seqs -= route[1]
+        return super()._forget(request_id)
 
 
 def _held_nothing(stats: EngineStats) -> EngineStats:
