@@ -27,6 +27,7 @@ from effinfer.serve.app import build_app  # noqa: E402
 from effinfer.serve.data_parallel import DataParallelEngine  # noqa: E402
 from effinfer.serve.metrics import parse_metrics  # noqa: E402
 from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE  # noqa: E402
+from tests.replica_probes import fail_step_once, restore_step  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "stories260k"
@@ -547,24 +548,6 @@ def test_full_queue_answers_503_and_a_waiting_request_can_leave(stories260k):
             assert c.post("/v1/completions", json=GOOD).status_code == 200
     finally:
         small.stop()
-
-
-def fail_step_once(engine: LLMEngine, at_call: int) -> None:
-    """Make ``engine.step`` raise on its ``at_call``-th call from now (run where the engine lives)."""
-    real_step = engine.step
-    calls = {"n": 0}
-
-    def flaky_step():
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise RuntimeError("injected fault")
-        return real_step()
-
-    engine.step = flaky_step
-
-
-def restore_step(engine: LLMEngine) -> None:
-    engine.__dict__.pop("step", None)
 
 
 def on_every_engine(server: RunningServer, fn, *args) -> None:

@@ -20,14 +20,17 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
+pytest.importorskip("hypothesis")
 
-import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from effinfer import EngineConfig, LLMEngine  # noqa: E402
+from effinfer import EngineConfig  # noqa: E402
 from effinfer.config import ConfigError  # noqa: E402
 from effinfer.serve.data_parallel import DataParallelEngine, plan_placements  # noqa: E402
 from effinfer.serve.routing import NoReplicaError, Router  # noqa: E402
+from tests.replica_probes import replica_placement  # noqa: E402
 from tests.test_serve import API_KEY, GOOD, MODEL, RunningServer, start_server  # noqa: E402
+from tests.test_serve_fuzz import VALID_REQUESTS, check_valid_request  # noqa: E402
 
 # ---- the router, without processes --------------------------------------------------------------
 
@@ -150,6 +153,7 @@ def test_concurrent_requests_spread_over_both_replicas(server):
     assert min(tokens) > 0, tokens
     total = after["effinfer_generation_tokens_total"] - before["effinfer_generation_tokens_total"]
     assert sum(tokens) == total
+    assert server.state.capacity == 2 * 8 + 256  # both replicas' batches, then the queue
     for k in (0, 1):
         assert replica_metric(after, "alive", k) == 1
         assert replica_metric(after, "num_requests_running", k) == 0
@@ -172,10 +176,6 @@ def test_a_repeated_prefix_goes_to_the_replica_that_cached_it(server):
     assert hits[owner] >= 3 * 3 and hits[1 - owner] == 0, hits  # 3 later requests x 3 shared blocks
 
 
-def replica_placement(engine: LLMEngine) -> tuple[list[int], int, EngineConfig]:
-    return sorted(os.sched_getaffinity(0)), torch.get_num_threads(), engine.config
-
-
 def test_each_replica_has_its_cores_and_the_engine_config(server):
     engine: DataParallelEngine = server.async_engine
     placements = [engine.run_on_replica(k, replica_placement) for k in range(2)]
@@ -188,6 +188,21 @@ def test_each_replica_has_its_cores_and_the_engine_config(server):
             assert num_threads == config.num_threads == share
     if len(cores) >= 2:
         assert not set(placements[0][0]) & set(placements[1][0])
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=VALID_REQUESTS)
+def test_fuzzed_valid_bodies_cross_to_the_replicas_and_back(server, request):
+    # Sampling parameters and outputs of every shape are pickled to a replica and back.
+    with server.http(timeout=60) as http:
+        check_valid_request(http, request)
+    assert server.async_engine.stats().num_step_errors == 0
 
 
 # ---- a replica that dies ----------------------------------------------------------------------------
