@@ -24,7 +24,7 @@ pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from effinfer import EngineConfig  # noqa: E402
+from effinfer import LLM, EngineConfig, SamplingParams  # noqa: E402
 from effinfer.config import ConfigError  # noqa: E402
 from effinfer.serve.data_parallel import DataParallelEngine, plan_placements  # noqa: E402
 from effinfer.serve.routing import NoReplicaError, Router  # noqa: E402
@@ -203,6 +203,36 @@ def test_fuzzed_valid_bodies_cross_to_the_replicas_and_back(server, request):
     with server.http(timeout=60) as http:
         check_valid_request(http, request)
     assert server.async_engine.stats().num_step_errors == 0
+
+
+def test_a_replica_can_itself_be_tensor_parallel(stories260k):
+    """A replica takes the engine config whole: with tensor_parallel_size=2 it starts its own ranks."""
+    if "tensor_parallel_size" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        pytest.skip("this build has no tensor parallelism")
+    prompts = ["Once upon a time, there was a little dog named Max.", "Tom and Sue went to the park."]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    want = LLM(str(stories260k), dtype="float32", show_progress=False).generate(prompts, params)
+    config = EngineConfig(dtype="float32", show_progress=False, **{"tensor_parallel_size": 2})
+    engine = DataParallelEngine(stories260k, config, 2)
+
+    async def generate_all() -> list[str]:
+        engine.start()
+
+        async def one(i: int) -> str:
+            outputs = [
+                o async for o in engine.generate(engine.tokenizer.encode(prompts[i]), params, f"tp-{i}")
+            ]
+            return "".join(o.outputs[0].delta_text for o in outputs)
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    try:
+        got = asyncio.run(generate_all())
+        routed = [c.num_routed for c in engine.replica_counts()]
+    finally:
+        engine.shutdown()
+    assert got == [w.outputs[0].text for w in want]
+    assert routed == [1, 1]
 
 
 # ---- a replica that dies ----------------------------------------------------------------------------

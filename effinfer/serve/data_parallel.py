@@ -51,8 +51,9 @@ __all__ = ["DataParallelEngine", "ReplicaHandle", "ReplicaPlacement", "plan_plac
 
 logger = logging.getLogger(__name__)
 
-# Seconds a replica gets to stop after "shutdown" before it is killed.
-REPLICA_STOP_SECONDS = 10.0
+# Seconds a replica gets to stop after "shutdown" before it is killed (a tensor-parallel one
+# stops its ranks first: over 10 s on a loaded 2-core machine).
+REPLICA_STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
