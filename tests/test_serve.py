@@ -24,8 +24,10 @@ from effinfer import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from effinfer.config import EngineArgs  # noqa: E402
 from effinfer.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from effinfer.serve.app import build_app  # noqa: E402
+from effinfer.serve.data_parallel import DataParallelEngine  # noqa: E402
 from effinfer.serve.metrics import parse_metrics  # noqa: E402
 from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE  # noqa: E402
+from tests.replica_probes import fail_step_once, restore_step  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "stories260k"
@@ -40,7 +42,7 @@ STORY_PROMPTS = [
 class RunningServer:
     """A uvicorn server for ``app`` on a free 127.0.0.1 port, in a background thread."""
 
-    def __init__(self, app, async_engine: AsyncLLMEngine) -> None:
+    def __init__(self, app, async_engine: AsyncLLMEngine | DataParallelEngine) -> None:
         self.app = app
         self.async_engine = async_engine
         self.state = app.state.server
@@ -92,15 +94,26 @@ class RunningServer:
             time.sleep(0.05)
 
 
-def start_server(model_path, api_key: str | None = API_KEY, max_queue: int | None = 256, **engine_args):
-    engine = LLMEngine(model_path, EngineConfig(show_progress=False, **engine_args))
-    async_engine = AsyncLLMEngine(engine)
+def start_server(
+    model_path,
+    api_key: str | None = API_KEY,
+    max_queue: int | None = 256,
+    data_parallel_size: int = 1,
+    **engine_args,
+):
+    config = EngineConfig(show_progress=False, **engine_args)
+    if data_parallel_size > 1:
+        async_engine = DataParallelEngine(model_path, config, data_parallel_size)
+    else:
+        async_engine = AsyncLLMEngine(LLMEngine(model_path, config))
     return RunningServer(build_app(async_engine, MODEL, api_key=api_key, max_queue=max_queue), async_engine)
 
 
-@pytest.fixture(scope="module")
-def server(stories260k):
-    running = start_server(stories260k)
+# Every test of the shared server runs against one engine and against two data-parallel replicas
+# (separate processes behind the same API, docs/distributed.md).
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-engine", "dp2"])
+def server(stories260k, request):
+    running = start_server(stories260k, data_parallel_size=request.param)
     yield running
     running.stop()
 
@@ -472,7 +485,8 @@ def test_64_concurrent_streams_finish_and_free_everything(server, llm):
     assert grown < 32 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over two rounds of 64 streams"
 
     engine = server.async_engine
-    assert engine.engine.unfinished_request_ids() == []
+    if isinstance(engine, AsyncLLMEngine):
+        assert engine.engine.unfinished_request_ids() == []
     assert engine.num_open_requests == 0 and server.state.num_open_seqs == 0
     stats = engine.stats()
     assert (stats.num_requests, stats.num_running, stats.num_waiting, stats.num_used_blocks) == (0, 0, 0, 0)
@@ -536,23 +550,24 @@ def test_full_queue_answers_503_and_a_waiting_request_can_leave(stories260k):
         small.stop()
 
 
+def on_every_engine(server: RunningServer, fn, *args) -> None:
+    """``fn(engine, *args)`` on the server's engine, or in each data-parallel replica's process."""
+    engine = server.async_engine
+    if isinstance(engine, DataParallelEngine):
+        for index in range(engine.num_replicas):
+            engine.run_on_replica(index, fn, *args)
+    else:
+        fn(engine.engine, *args)
+
+
 def test_engine_failure_fails_its_requests_and_the_server_goes_on(server):
-    engine = server.async_engine.engine
-    real_step = engine.step
-    calls = {"n": 0}
-
-    def flaky_step():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real_step()
-
-    engine.step = flaky_step
+    on_every_engine(server, fail_step_once, 3)
     try:
         with server.http() as http:
             response = http.post("/v1/completions", json={**GOOD, "max_tokens": 20, "ignore_eos": True})
             assert response.status_code == 500
             assert "injected fault" in response.json()["error"]["message"]
+            on_every_engine(server, restore_step)  # each replica was armed; one fault is the test
             stream = http.post(
                 "/v1/completions", json={**GOOD, "max_tokens": 20, "ignore_eos": True, "stream": True}
             )
@@ -560,7 +575,7 @@ def test_engine_failure_fails_its_requests_and_the_server_goes_on(server):
             assert http.get("/health").status_code == 200
             assert http.post("/v1/completions", json=GOOD).status_code == 200
     finally:
-        del engine.step
+        on_every_engine(server, restore_step)
     m = server.wait_idle()
     assert m["effinfer_engine_step_errors_total"] == 1
 

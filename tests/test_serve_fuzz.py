@@ -224,12 +224,19 @@ def test_fuzzed_json_bodies_get_200_or_400(server, http, request):
     _check(response, body)
 
 
-@FUZZ_SETTINGS
-@given(
-    request=st.tuples(st.just("/v1/completions"), valid_completion)
-    | st.tuples(st.just("/v1/chat/completions"), valid_chat)
+VALID_REQUESTS = st.tuples(st.just("/v1/completions"), valid_completion) | st.tuples(
+    st.just("/v1/chat/completions"), valid_chat
 )
+
+
+@FUZZ_SETTINGS
+@given(request=VALID_REQUESTS)
 def test_fuzzed_valid_bodies_get_200(server, http, request):
+    check_valid_request(http, request)
+
+
+def check_valid_request(http: httpx.Client, request: tuple[str, dict]) -> None:
+    """A valid body gets a 200 with one finished choice per prompt and completion."""
     endpoint, body = request
     body.setdefault("max_tokens", 4)  # chat has no small default
     response = http.post(endpoint, content=json.dumps(body))

@@ -13,6 +13,7 @@ fails the requests it was running, with an error, and the loop goes on serving t
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import logging
@@ -29,7 +30,14 @@ from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import SamplingParams
 from effinfer.tokenizer import Tokenizer
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineError", "EngineStats", "RequestStream"]
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "EngineError",
+    "EngineStats",
+    "RequestStream",
+    "StreamingEngine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,8 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._done = False
 
-    def _put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Deliver an output or an error (called by the engine's side, on the event loop)."""
         self._items.append(item)
         self._ready.set()
 
@@ -107,14 +116,79 @@ def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     return dataclasses.replace(last, outputs=merged)
 
 
-class AsyncLLMEngine:
+class StreamingEngine(abc.ABC):
+    """What every engine the server drives shares, wherever its model runs: the open requests' streams.
+
+    Subclasses (``AsyncLLMEngine`` here, ``serve/data_parallel.DataParallelEngine``) provide
+    ``add_request`` and ``abort``, and call ``_forget`` when a request's stream is done with.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[str, RequestStream] = {}  # requests still open (loop thread only)
+
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._streams)
+
+    @abc.abstractmethod
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """Queue a request; its stream once the engine accepted it."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Abort a request (a no-op if it already finished)."""
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs; the last one is finished. Stopping early aborts the request."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    def _open(self, request_id: str) -> RequestStream:
+        """A new stream for ``request_id``; ValueError if that id is still open."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = RequestStream(request_id, self)
+        return stream
+
+    async def _await_acceptance(self, stream: RequestStream, accepted: asyncio.Future) -> RequestStream:
+        """``stream`` once the engine accepted its request; cancelled: aborted; refused: forgotten."""
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(stream.request_id)
+            raise
+        except BaseException:
+            self._forget(stream.request_id)
+            raise
+        return stream
+
+    def _forget(self, request_id: str) -> RequestStream | None:
+        """Drop a request's stream (its outputs go nowhere from now on); the stream, if it was open."""
+        return self._streams.pop(request_id, None)
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for request_id in request_ids:
+            stream = self._forget(request_id)
+            if stream is not None:
+                stream.put(error)
+
+
+class AsyncLLMEngine(StreamingEngine):
     """Runs ``engine`` on one background thread; every public method is called from the event loop."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
         self.engine = engine
         self._inbox: deque[tuple] = deque()
         self._wakeup = threading.Condition()
-        self._streams: dict[str, RequestStream] = {}  # requests the engine still holds (loop thread only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -179,10 +253,6 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.dead_error is None
 
-    @property
-    def num_open_requests(self) -> int:
-        return len(self._streams)
-
     # ---- requests ---------------------------------------------------------------------------
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -196,36 +266,14 @@ class AsyncLLMEngine:
             self.start()
         if not self.is_running:
             raise EngineDeadError("the engine is not running") from self.dead_error
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        stream = RequestStream(request_id, self)
+        stream = self._open(request_id)
         accepted = self._loop.create_future()
-        self._streams[request_id] = stream
         self._submit(("add", request_id, prompt, params, accepted))
-        try:
-            await accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        return stream
-
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs; the last one is finished. Stopping early aborts the request."""
-        stream = await self.add_request(prompt, params, request_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.close()
+        return await self._await_acceptance(stream, accepted)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (a no-op if it already finished)."""
-        if self._streams.pop(request_id, None) is not None:
+        if self._forget(request_id) is not None:
             self._submit(("abort", request_id))
 
     # ---- the event loop side ----------------------------------------------------------------
@@ -240,14 +288,8 @@ class AsyncLLMEngine:
             if stream is None:
                 continue  # aborted while the step ran
             if output.finished:
-                del self._streams[output.request_id]
-            stream._put(output)
-
-    def _fail(self, request_ids: list[str], error: BaseException) -> None:
-        for request_id in request_ids:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream._put(error)
+                self._forget(output.request_id)
+            stream.put(output)
 
     def _post(self, callback, *args) -> None:
         try:

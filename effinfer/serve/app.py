@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from effinfer.engine.async_engine import AsyncLLMEngine
+from effinfer.serve.data_parallel import DataParallelEngine
 from effinfer.serve.errors import APIError, error_response, from_validation_error
 from effinfer.serve.generation import (
     ServerState,
@@ -34,7 +35,7 @@ from effinfer.serve.generation import (
     dumps,
 )
 from effinfer.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
-from effinfer.serve.metrics import ServerMetrics
+from effinfer.serve.metrics import ServerMetrics, render_replicas
 from effinfer.serve.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from effinfer.serve.sse import ClientDisconnected
 from effinfer.tokenizer import FALLBACK_CHAT_TEMPLATE, Tokenizer, TokenizerError
@@ -66,7 +67,7 @@ def chat_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def build_app(
-    engine: AsyncLLMEngine,
+    engine: AsyncLLMEngine | DataParallelEngine,
     model_name: str,
     api_key: str | None = None,
     max_queue: int | None = DEFAULT_MAX_QUEUE,
@@ -76,10 +77,13 @@ def build_app(
 
     ``max_queue``: sequences that may wait beyond the engine's ``max_num_seqs`` before new requests
     get 503 with ``Retry-After`` (None: no limit). The app starts the engine thread on start-up and
-    stops it on shutdown.
+    stops it on shutdown. ``engine`` may be a ``DataParallelEngine`` (R replicas, one API).
     """
     metrics = ServerMetrics()
     state = ServerState(engine, model_name, chat_tokenizer(engine.tokenizer), metrics, max_queue)
+    replicated = isinstance(engine, DataParallelEngine)
+    if replicated:
+        state.num_replicas = engine.num_replicas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -106,6 +110,8 @@ def build_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         text = metrics.render(engine.stats(), engine.num_open_requests, engine.is_running)
+        if replicated:
+            text += render_replicas(engine.replica_counts())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

@@ -1,7 +1,8 @@
 """``effinfer serve``: the OpenAI-compatible server on uvicorn.
 
     effinfer serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-queue 256]
-                   [--served-model-name NAME] [engine args: --dtype, --kv-cache-memory, --max-num-seqs, ...]
+                   [--served-model-name NAME] [--data-parallel-size R]
+                   [engine args: --dtype, --kv-cache-memory, --max-num-seqs, ...]
 
 ``effinfer.cli`` calls ``register(subparsers)`` to add the subcommand; the engine flags and their
 defaults come from ``EngineArgs``. ``effinfer bench serve`` (``effinfer/bench/serve.py``) load-tests it.
@@ -17,6 +18,7 @@ from effinfer.config import ConfigError, EngineArgs
 from effinfer.engine.async_engine import AsyncLLMEngine
 from effinfer.engine.engine import LLMEngine
 from effinfer.loading.checkpoint import resolve_model_path
+from effinfer.serve.data_parallel import DataParallelEngine
 from effinfer.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 
@@ -51,6 +53,14 @@ def register(subparsers) -> None:
         help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES >> 20} MiB)",
     )
     net.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    net.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas, each in its own process on its share of the cores (or GPUs), behind one "
+        "API; requests go to the least loaded one, or to the one holding their prompt prefix "
+        "(default 1; docs/distributed.md)",
+    )
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -67,11 +77,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_server_flags(args)  # before the model loads
     path = resolve_model_path(args.model)
-    engine = LLMEngine(path, EngineArgs.from_cli_args(args))
+    config = EngineArgs.from_cli_args(args)
+    if args.data_parallel_size > 1:
+        engine = DataParallelEngine(path, config, args.data_parallel_size)
+    else:
+        engine = AsyncLLMEngine(LLMEngine(path, config))
     name = args.served_model_name or args.model or path.name
     max_queue = None if args.max_queue < 0 else args.max_queue
     app = build_app(
-        AsyncLLMEngine(engine),
+        engine,
         name,
         api_key=args.api_key,
         max_queue=max_queue,
@@ -94,5 +108,7 @@ def _check_server_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    if args.data_parallel_size < 1:
+        raise ConfigError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
     if args.max_queue < -1:
         raise ConfigError(f"--max-queue must be -1 (no limit) or more, got {args.max_queue}")

@@ -42,6 +42,7 @@ class ServerState:
     tokenizer: Tokenizer  # the engine's, with a chat template (the fallback one if the model has none)
     metrics: ServerMetrics
     max_queue: int | None  # sequences that may wait beyond the running batch; None: no limit
+    num_replicas: int = 1  # data-parallel engines, each running up to max_num_seqs
     num_open_seqs: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -57,7 +58,7 @@ class ServerState:
     def capacity(self) -> int | None:
         if self.max_queue is None:
             return None
-        return self.engine.config.max_num_seqs + self.max_queue
+        return self.engine.config.max_num_seqs * self.num_replicas + self.max_queue
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 
 from effinfer.engine.async_engine import EngineStats
 
@@ -150,6 +151,41 @@ class ServerMetrics:
         lines += _speculation_lines(stats)
         lines += _gauge("effinfer_engine_alive", "1 while the engine thread runs.", int(engine_alive))
         return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ReplicaCounts:
+    """One data-parallel replica as /metrics shows it (``serve/data_parallel.py``)."""
+
+    index: int
+    alive: bool
+    num_routed: int  # requests the router sent it
+    num_generated_tokens: int
+    stats: EngineStats  # its last snapshot (a stopped replica holds nothing)
+
+
+def render_replicas(replicas: list[ReplicaCounts]) -> str:
+    """Per-replica series, labelled ``replica="k"``, beside the totals that ``render`` shows."""
+    families = (
+        ("effinfer_replica_requests_routed_total", "Requests routed to the replica.", "counter",
+         lambda r: r.num_routed),
+        ("effinfer_replica_generation_tokens_total", "Tokens the replica generated.", "counter",
+         lambda r: r.num_generated_tokens),
+        ("effinfer_replica_num_requests_running", "Sequences in the replica's running batch.", "gauge",
+         lambda r: r.stats.num_running),
+        ("effinfer_replica_num_requests_waiting", "Sequences waiting in the replica.", "gauge",
+         lambda r: r.stats.num_waiting),
+        ("effinfer_replica_kv_cache_usage_ratio", "Share of the replica's KV-cache blocks in use (0-1).",
+         "gauge", lambda r: r.stats.kv_cache_usage),
+        ("effinfer_replica_prefix_cache_hits_total", "Prompt blocks the replica found in its prefix cache.",
+         "counter", lambda r: r.stats.prefix_cache_hits),
+        ("effinfer_replica_alive", "1 while the replica's process runs.", "gauge", lambda r: int(r.alive)),
+    )  # fmt: skip
+    lines = []
+    for name, help, kind, value in families:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{replica="{r.index}"}} {_number(value(r))}' for r in replicas]
+    return "\n".join(lines) + "\n"
 
 
 def _speculation_lines(stats: EngineStats) -> list[str]:
