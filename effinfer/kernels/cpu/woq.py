@@ -74,6 +74,8 @@ class WoqData:
     two_level: list[torch.Tensor] | None = None
     groups_per_super: int = 1
 
+    bound: Any = None  # the extension's BoundWeight for bf16 calls, made on first use
+
     def nbytes(self) -> int:
         """Bytes the kernel reads per call for the weight (codes and scales, not the bias)."""
         tensors = [self.codes, self.scales, self.zscales, *(self.two_level or [])]
@@ -244,10 +246,23 @@ def prepare_affine(
     )
 
 
+def _amx_min_rows(data: WoqData) -> int:
+    return AMX_MIN_ROWS["table" if data.table is not None else data.bits]
+
+
+def _bound(data: WoqData) -> Any:
+    if data.bound is None:
+        data.bound = extension().BoundWeight(
+            data.codes, data.scales, data.zscales, data.chunks, data.bias, data.table, data.bits,
+            data.out_features, data.group_cols, data.two_level, data.groups_per_super,
+        )  # fmt: skip
+    return data.bound
+
+
 def _run(
     data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool, table: torch.Tensor | None
 ) -> torch.Tensor:
-    amx_min_rows = AMX_MIN_ROWS["table" if table is not None else data.bits]
+    amx_min_rows = _amx_min_rows(data)
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
         out_fp32, amx_min_rows, table, data.group_cols, data.two_level, data.groups_per_super,
@@ -256,6 +271,13 @@ def _run(
 
 def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
     """y = x @ dequantize(W)^T + bias for x [..., in], in x's dtype."""
+    if (
+        x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and data.padded_in == data.in_features
+        and data.col_index is None
+    ):
+        return _bound(data)(x, _amx_min_rows(data))  # the decode step's path: no reshaping, one argument
     lead = x.shape[:-1]
     x2 = x.reshape(-1, data.in_features)
     if data.col_index is not None:
