@@ -110,6 +110,17 @@ def _blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows // BLOCK_N, BLOCK_N, -1).transpose(1, 2).contiguous()
 
 
+def _bit_masks(q: torch.Tensor, bit: int) -> torch.Tensor:
+    """uint8 [blocks, quads, 2, 32] codes -> [blocks, quads, 8]: bit ``bit`` of each row's 32 codes as
+    a little-endian 32-bit mask, row 0's then row 1's (uint8 arithmetic: the 1.5B model's lm_head
+    has 233M codes)."""
+    bits = ((q >> bit) & 1).reshape(*q.shape[:3], 4, 8)
+    mask = bits[..., 0].clone()
+    for i in range(1, 8):
+        mask |= bits[..., i] << i
+    return mask.flatten(2)
+
+
 def _packed_codes(
     qweight: torch.Tensor, bits: int, col_index: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
@@ -126,11 +137,8 @@ def _packed_codes(
         nibbles = (q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)
         # 5 / 6 bits: after each quad's 32 bytes of nibbles, its bit planes (bit 4 of row 0's 32
         # codes, of row 1's, then bit 5 likewise) as 32-bit little-endian masks.
-        weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 1, 8)
-        planes = [
-            ((q >> bit) & 1).reshape(*q.shape[:3], 4, 8).int().mul(weights).sum(-1) for bit in range(4, bits)
-        ]
-        q = torch.cat([nibbles, *(p.to(torch.uint8).flatten(2) for p in planes)], dim=2)
+        planes = [_bit_masks(q, bit) for bit in range(4, bits)]
+        q = torch.cat([nibbles, *planes], dim=2)
     return q.contiguous()
 
 
