@@ -324,7 +324,7 @@ def test_converted_architectures_match_transformers(tmp_path, arch, overrides):
 
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0])
 def test_q8_0_and_q4_0_layers_stay_quantized(stories_gguf, tmp_path, qtype):
-    """Q8_0 / Q4_0 layer weights load as QuantizedWeights (no dequantising) with the same numbers."""
+    """Q8_0 / Q4_0 layer weights load quantized (no dequantising) with the same numbers."""
     from effinfer.layers.linear import Linear
     from effinfer.loading.builder import fill_model
     from effinfer.loading.gguf import build_model, hf_tensors

@@ -61,9 +61,8 @@ def test_repacked_blocks_equal_gguf_py(qtype, extreme):
     weight = to_affine_weight(raw, qtype, (8, 512))
     # Equal as float32 numbers: for the d * (q - zero) types a zero may come out as +0 where ggml has -0.
     np.testing.assert_array_equal(weight.dequantize().numpy(), expected)
-    _, bits, group = AFFINE_TYPES[qtype]
-    assert (weight.bits, weight.group_size) == (bits, group)
-    assert int(weight.qweight.max()) < 2**bits
+    assert weight.bits == AFFINE_TYPES[qtype][1]
+    assert int(weight.qweight.max()) < 2**weight.bits
 
 
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q4_0, QType.Q8_0])
@@ -77,36 +76,68 @@ def test_repacked_blocks_from_gguf_quantizer(qtype):
 
 
 def test_fusing_different_types_is_exact():
-    """Q4_K_M puts Q6_K (or Q8_0) next to Q4_K (or Q5_0) in one fused layer: the parts meet at 8-bit, groups of 16."""
+    """Q4_K_M puts Q6_K (or Q8_0) next to Q4_K (or Q5_0) in one fused layer: they meet at the finest layout."""
     parts = [affine(QType.Q4_K, 32, 512, 1), affine(QType.Q6_K, 16, 512, 2), affine(QType.Q5_0, 16, 512, 3)]
     fused = AffineGroupWeight.cat_rows(parts)
-    assert (fused.bits, fused.group_size) == (8, 16)
+    assert (fused.bits, fused.group_size, fused.super_size) == (6, 16, 32)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
     assert torch.equal(fused.rows(32, 48).dequantize(), parts[1].dequantize())
 
 
 @requires_kernel
+@pytest.mark.parametrize("extreme", [False, True], ids=["ordinary", "extreme"])
 @pytest.mark.parametrize("path", ["default", "avx512", "amx"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_kernel_matches_reference(qtype, path, monkeypatch):
+def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
+    """The kernel multiplies bf16 x by the exact codes and scales (no activation quantization):
+    the error bound is the bf16 output's rounding plus fp32 summation, ``assert_close_to_reference``'s."""
     if path != "default":
-        for bits in (4, 8):
+        for bits in woq.AMX_MIN_ROWS:
             monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, 1 if path == "amx" else 10**9)
-    n, k = 40, 768  # 40 rows: two full 16-row blocks and a partial one
-    weight = affine(qtype, n, k, seed=int(qtype) + 7)
+    n, k = 40, 768  # 40 rows: two full 16-row blocks and a partial one; three K-quant super-blocks
+    weight = affine(qtype, n, k, seed=int(qtype) + 7, extreme=extreme)
     bias = torch.randn(n)
     state = quant_linear.prepare(weight, bias, None, torch.bfloat16)
     assert state.backend == "cpu-woq"
-    for rows in (1, 3, 16, 64):
+    assert state.data.two_level is not None  # the file's own scales, not float32 ones per group
+    for rows in (1, 2, 3, 4, 5, 16, 64):
         x = torch.randn(rows, k).to(torch.bfloat16)
         assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
     x = torch.randn(3, k)
     assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
 
 
+# Types whose codes the kernel streams at their own width (2- and 3-bit codes widen to 4).
+NATIVE_WIDTH = [t for t in TYPES if t not in (QType.Q2_K, QType.Q3_K)]
+
+
 @requires_kernel
-def test_kernel_on_a_fused_mixed_layer():
-    weight = AffineGroupWeight.cat_rows([affine(QType.Q4_K, 48, 512, 4), affine(QType.Q6_K, 24, 512, 5)])
+@pytest.mark.parametrize("qtype", NATIVE_WIDTH, ids=lambda t: t.name)
+def test_kernel_streams_about_the_file_size(qtype):
+    """Codes at their width, the file's fp16 scales and 4-8-bit sub-scales: within 4% of the blocks'
+    bytes (Q4_K / Q5_K: 6-bit scales and mins kept as bytes, 4.625 bits a weight against 4.5)."""
+    rows, cols = 64, 1024
+    raw = random_blocks(qtype, rows, cols, seed=2, extreme=False)
+    state = quant_linear.prepare(to_affine_weight(raw, qtype, (rows, cols)), None, None, torch.bfloat16)
+    assert raw.nbytes <= state.data.nbytes() <= 1.04 * raw.nbytes, (state.data.nbytes(), raw.nbytes)
+
+
+def test_state_dict_round_trip():
+    weight = AffineGroupWeight.cat_rows([affine(QType.Q4_K, 32, 512, 1), affine(QType.Q8_0, 16, 512, 2)])
+    tensors, metadata = weight.state_dict()
+    again = AffineGroupWeight.from_state_dict(tensors, metadata)
+    assert torch.equal(again.dequantize(), weight.dequantize())
+    assert again.nbytes() == weight.nbytes()
+
+
+@requires_kernel
+@pytest.mark.parametrize(
+    "qtypes",
+    [(QType.Q4_K, QType.Q6_K), (QType.Q5_0, QType.Q8_0), (QType.Q4_1, QType.Q6_K, QType.Q5_K)],
+    ids=lambda ts: "+".join(t.name for t in ts),
+)
+def test_kernel_on_a_fused_mixed_layer(qtypes):
+    weight = AffineGroupWeight.cat_rows([affine(t, 48 - 16 * i, 512, 4 + i) for i, t in enumerate(qtypes)])
     state = quant_linear.prepare(weight, None, None, torch.bfloat16)
     assert state.backend == "cpu-woq"
     for rows in (1, 64):
@@ -138,6 +169,8 @@ def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename):
     assert linears and all(isinstance(m.quantized, AffineGroupWeight) for m in linears)
     assert {quant_linear.QuantState} == {type(m._kernel_state) for m in linears}
     assert {m._kernel_state.backend for m in linears} == {"cpu-woq"}
+    # A tied lm_head reads the embedding's blocks, as llama.cpp does; an untied one its own.
+    assert isinstance(model.lm_head.quantized, AffineGroupWeight)
 
     reference = llama_cpp.Llama(
         model_path=str(path), n_ctx=256, n_threads=1, seed=0, verbose=False,  # one thread: correctness only

@@ -37,7 +37,6 @@ from effinfer.loading.builder import WeightsError, build_model, fill_model, fina
 from effinfer.loading.gguf_quants import (
     AFFINE_TYPES,
     BLOCK_FORMATS,
-    DIRECT_TYPES,
     FLOAT_TYPES,
     SUPPORTED_TYPES,
     block_values,
@@ -59,6 +58,7 @@ DEFAULT_ALIGNMENT = 32
 
 # Per-dimension rope frequency divisors (Llama 3.1's rope scaling as llama.cpp stores it).
 ROPE_FREQS = "rope_freqs.weight"
+TOKEN_EMBEDDING = "token_embd.weight"
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B",
@@ -370,11 +370,21 @@ def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]
                 group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
     layouts: dict[str, type] = {}
     for group, types in group_types.items():
-        if len(types) == 1 and next(iter(types)) in DIRECT_TYPES:
-            layouts[group] = QuantizedWeight
-        elif all(t in AFFINE_TYPES for t in types):
+        if all(t in AFFINE_TYPES for t in types):  # Q8_0 / Q4_0 too: fp16 scales stream fewer bytes
             layouts[group] = AffineGroupWeight
     return layouts
+
+
+def quantize_tied_lm_head(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfig) -> None:
+    """A tied lm_head reads the embedding's own blocks, as llama.cpp does: for SmolLM2's Q8_0 table
+    8.5 bits a weight per token instead of bf16's 16 (the lookup keeps its float table)."""
+    info = gguf.tensors.get(TOKEN_EMBEDDING)
+    if info is None or info.qtype not in AFFINE_TYPES:
+        return
+    weight = to_affine_weight(gguf.raw(TOKEN_EMBEDDING).copy(), info.qtype, info.shape)
+    model.lm_head.set_quantized(
+        model_class(config.architecture).gguf_tensor(TOKEN_EMBEDDING, weight, config)[1]
+    )
 
 
 def check_loadable(gguf: GGUFFile) -> None:
@@ -429,6 +439,8 @@ def load_model(
         gguf, config, finalize, split_for=checkpoint_splits(model), wanted=stage_tensor_filter(model)
     )
     fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
+    if finalize and config.tie_word_embeddings:
+        quantize_tied_lm_head(model, gguf, config)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
     finalize_model(model, device, dtype, finalize, rope_freq_factors)

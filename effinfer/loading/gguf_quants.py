@@ -16,6 +16,7 @@ ggml's reference code (e.g. ``(d * sc) * q - (dmin * m)``), so results are bit-i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,32 +44,62 @@ def _bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, :count]
 
 
+class Parts(NamedTuple):
+    """Whole blocks split as ``AffineGroupWeight`` keeps them (see the comment above ``_parts_q4_1``)."""
+
+    codes: torch.Tensor  # uint8 [n, block_values]
+    d: torch.Tensor  # float32 [n, 1]
+    sc: torch.Tensor  # int16 [n, groups]
+    zero: int
+    dmin: torch.Tensor | None = None  # float32 [n, 1]
+    mn: torch.Tensor | None = None  # int16 [n, groups]
+
+
+def _ones(blocks: torch.Tensor) -> torch.Tensor:
+    """The group scale of one-level blocks (their d is the group's scale)."""
+    return torch.ones(blocks.shape[0], 1, dtype=torch.int16)
+
+
+def _affine(p: Parts, rows: int, bits: int = 8) -> AffineGroupWeight:
+    """``Parts`` of a matrix's blocks (row-major) -> the ``AffineGroupWeight`` of its ``rows`` rows."""
+    n, values = p.codes.shape
+    cols = n * values // rows
+
+    def per_row(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(rows, -1).contiguous()
+
+    return AffineGroupWeight(
+        p.codes.to(torch.uint8).reshape(rows, cols).contiguous(), per_row(p.d), per_row(p.sc),
+        torch.full((rows,), p.zero, dtype=torch.int16), per_row(p.dmin), per_row(p.mn),
+        bits, values // p.sc.shape[1], values,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- 32-value blocks
 
 
-def _parts_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q8_0(blocks: torch.Tensor) -> Parts:
     """block_q8_0 (34 bytes): d (f16), qs[32] int8. x = d * q, i.e. code q + 128, zero 128."""
-    d = _f16(blocks, 0)
     codes = (blocks[:, 2:34].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-    return codes, d, 128 * d
+    return Parts(codes, _f16(blocks, 0), _ones(blocks), 128)
 
 
-def _parts_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q4_0(blocks: torch.Tensor) -> Parts:
     """block_q4_0 (18 bytes): d (f16), qs[16] nibbles. x = d * (q - 8); values 0..15 low, 16..31 high."""
-    d = _f16(blocks, 0)
-    return _nibbles(blocks[:, 2:18]).reshape(-1, 32), d, 8 * d
+    return Parts(_nibbles(blocks[:, 2:18]).reshape(-1, 32), _f16(blocks, 0), _ones(blocks), 8)
 
 
-# Types below are affine per group: ``_parts_*`` split whole blocks into unsigned codes
-# [n, block_values] (uint8) and float32 scales and offsets [n, groups] with W = scale * q - offset,
-# every product exact in float32 (an fp16 times at most a 14-bit integer). ``AffineGroupWeight``
-# keeps these parts; dequantizing repeats ggml's arithmetic order on them.
+# Every block type is affine per group: ``_parts_*`` split whole blocks into ``Parts``, unsigned
+# codes [n, block_values] (uint8), the block's fp16 scale d (and min dmin) [n, 1] as float32 and the
+# groups' integer scales sc (and mins mn) [n, groups] with W = d * sc * (q - zero) - dmin * mn,
+# every product exact in float32. ``AffineGroupWeight`` keeps these parts; dequantizing repeats
+# ggml's arithmetic order on them.
 
 
-def _parts_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q4_1(blocks: torch.Tensor) -> Parts:
     """block_q4_1 (20 bytes): d, m (f16), qs[16] nibbles. x = d * q + m."""
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    return _nibbles(blocks[:, 4:20]).reshape(-1, 32), d, -m
+    one = _ones(blocks)
+    return Parts(_nibbles(blocks[:, 4:20]).reshape(-1, 32), _f16(blocks, 0), one, 0, -_f16(blocks, 2), one)
 
 
 def _fifth_bit_codes(blocks: torch.Tensor, high_at: int) -> torch.Tensor:
@@ -78,22 +109,21 @@ def _fifth_bit_codes(blocks: torch.Tensor, high_at: int) -> torch.Tensor:
     return low | (high << 4)
 
 
-def _parts_q5_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q5_0(blocks: torch.Tensor) -> Parts:
     """block_q5_0 (22 bytes): d (f16), qh (32 fifth bits), qs[16] nibbles. x = d * (q - 16)."""
-    d = _f16(blocks, 0)
-    return _fifth_bit_codes(blocks, 2), d, 16 * d
+    return Parts(_fifth_bit_codes(blocks, 2), _f16(blocks, 0), _ones(blocks), 16)
 
 
-def _parts_q5_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q5_1(blocks: torch.Tensor) -> Parts:
     """block_q5_1 (24 bytes): d, m (f16), qh (32 fifth bits), qs[16] nibbles. x = d * q + m."""
-    d, m = _f16(blocks, 0), _f16(blocks, 2)
-    return _fifth_bit_codes(blocks, 4), d, -m
+    one = _ones(blocks)
+    return Parts(_fifth_bit_codes(blocks, 4), _f16(blocks, 0), one, 0, -_f16(blocks, 2), one)
 
 
 # ---------------------------------------------------------------- k-quants (256-value super-blocks)
 
 
-def _parts_q2_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q2_k(blocks: torch.Tensor) -> Parts:
     """block_q2_K (84 bytes): scales[16] (4-bit scale | 4-bit min << 4), qs[64] 2-bit, d, dmin (f16).
 
     Each half of the super-block (128 values) reads 32 bytes of qs four times, two bits at a time;
@@ -104,7 +134,9 @@ def _parts_q2_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     d, dmin = _f16(blocks, 80), _f16(blocks, 82)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3  # [n, half, pass, 32]
-    return q.reshape(n, QK_K), d * (scales & 0x0F).float(), dmin * (scales >> 4).float()
+    return Parts(
+        q.reshape(n, QK_K), d, (scales & 0x0F).to(torch.int16), 0, dmin, (scales >> 4).to(torch.int16)
+    )
 
 
 def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
@@ -117,20 +149,20 @@ def _q3_k_scales(packed: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).to(torch.int8) - 32
 
 
-def _parts_q3_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q3_k(blocks: torch.Tensor) -> Parts:
     """block_q3_K (110 bytes): hmask[32] (third bit), qs[64] 2-bit, scales[12] (16 x 6-bit), d (f16).
 
     Same traversal as Q2_K; value = d * scale * (q - 4 * (hmask bit is 0)), i.e. code q + 4 * bit, zero 4.
     """
     n = blocks.shape[0]
     hmask, qs = blocks[:, 0:32], blocks[:, 32:96]
-    dl = _f16(blocks, 108) * _q3_k_scales(blocks[:, 96:108]).float()
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     low = (qs.reshape(n, 2, 1, 32) >> shifts) & 3  # [n, half, pass, 32]
     # The hmask bit for pass p of half h is bit 4h + p of the byte at the same position.
     hbit_shift = torch.arange(8, dtype=torch.uint8).view(1, 2, 4, 1)
     high = (hmask.reshape(n, 1, 1, 32) >> hbit_shift) & 1
-    return (low | (high << 2)).reshape(n, QK_K), dl, 4 * dl
+    sc = _q3_k_scales(blocks[:, 96:108]).to(torch.int16)
+    return Parts((low | (high << 2)).reshape(n, QK_K), _f16(blocks, 108), sc, 4)
 
 
 def _k4_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,24 +178,23 @@ def _k4_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, mins
 
 
-def _k4_scale_offset(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: per 32-value sub-block, scale d * sc and offset dmin * m (float32, exact)."""
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+def _k4_parts(blocks: torch.Tensor, codes: torch.Tensor) -> Parts:
+    """Q4_K / Q5_K: per 32-value sub-block, scale d * sc and offset dmin * m."""
     scales, mins = _k4_scales_mins(blocks[:, 4:16])
-    return d * scales.float(), dmin * mins.float()
+    return Parts(codes, _f16(blocks, 0), scales.to(torch.int16), 0, _f16(blocks, 2), mins.to(torch.int16))
 
 
-def _parts_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q4_k(blocks: torch.Tensor) -> Parts:
     """block_q4_K (144 bytes): d, dmin (f16), scales[12] (8 x 6-bit scale and min), qs[128] nibbles.
 
     Four chunks of 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
     """
     n = blocks.shape[0]
     q = _nibbles(blocks[:, 16:144].reshape(n, 4, 32)).reshape(n, QK_K)
-    return (q, *_k4_scale_offset(blocks))
+    return _k4_parts(blocks, q)
 
 
-def _parts_q5_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q5_k(blocks: torch.Tensor) -> Parts:
     """block_q5_K (176 bytes): d, dmin (f16), scales[12], qh[32] (fifth bits), qs[128] nibbles.
 
     As Q4_K; sub-block g's fifth bits are bit g of each of the 32 qh bytes.
@@ -172,10 +203,10 @@ def _parts_q5_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     shifts = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
     high = (blocks[:, 16:48].reshape(n, 1, 32) >> shifts) & 1
     low = _nibbles(blocks[:, 48:176].reshape(n, 4, 32)).reshape(n, 8, 32)
-    return ((low | (high << 4)).reshape(n, QK_K), *_k4_scale_offset(blocks))
+    return _k4_parts(blocks, (low | (high << 4)).reshape(n, QK_K))
 
 
-def _parts_q6_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parts_q6_k(blocks: torch.Tensor) -> Parts:
     """block_q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8, d (f16).
 
     Per half (128 values): quarter r takes the low (r < 2) or high nibble of ql bytes
@@ -184,44 +215,36 @@ def _parts_q6_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     n = blocks.shape[0]
     ql = blocks[:, 0:128].reshape(n, 2, 1, 2, 32)
     qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
-    dl = _f16(blocks, 208) * blocks[:, 192:208].contiguous().view(torch.int8).float()
     nibble_shift = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1, 1)
     low = ((ql >> nibble_shift) & 0x0F).reshape(n, 2, 4, 32)  # quarter = 2 * nibble + part
     high_shift = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     high = (qh >> high_shift) & 3
-    return (low | (high << 4)).reshape(n, QK_K), dl, 32 * dl
+    sc = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.int16)
+    return Parts((low | (high << 4)).reshape(n, QK_K), _f16(blocks, 208), sc, 32)
 
 
-PartsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-# Types stored as d * (q - zero): ggml multiplies the signed difference, which differs from
-# scale * q - offset only in the sign of a zero result; dequantizing repeats ggml's form.
-_SYMMETRIC_ZERO = {"Q8_0": 128, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
+PartsFn = Callable[[torch.Tensor], Parts]
 
 
-def _dequantizer(parts: PartsFn, zero: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _dequantizer(parts: PartsFn) -> Callable[[torch.Tensor], torch.Tensor]:
     def decode(blocks: torch.Tensor) -> torch.Tensor:
-        q, scale, offset = parts(blocks)
-        n, groups = blocks.shape[0], scale.shape[1]
-        q = q.reshape(n, groups, -1)
-        if zero is None:
-            values = scale.unsqueeze(-1) * q.float() - offset.unsqueeze(-1)
-        else:
-            values = scale.unsqueeze(-1) * (q.to(torch.int16) - zero).float()
-        return values.reshape(n, -1)
+        p = parts(blocks)
+        n = blocks.shape[0]
+        return _affine(p, n).dequantize().reshape(n, -1)
 
     return decode
 
 
-dequantize_q8_0 = _dequantizer(_parts_q8_0, _SYMMETRIC_ZERO["Q8_0"])
-dequantize_q4_0 = _dequantizer(_parts_q4_0, _SYMMETRIC_ZERO["Q4_0"])
+dequantize_q8_0 = _dequantizer(_parts_q8_0)
+dequantize_q4_0 = _dequantizer(_parts_q4_0)
 dequantize_q4_1 = _dequantizer(_parts_q4_1)
-dequantize_q5_0 = _dequantizer(_parts_q5_0, _SYMMETRIC_ZERO["Q5_0"])
+dequantize_q5_0 = _dequantizer(_parts_q5_0)
 dequantize_q5_1 = _dequantizer(_parts_q5_1)
 dequantize_q2_k = _dequantizer(_parts_q2_k)
-dequantize_q3_k = _dequantizer(_parts_q3_k, _SYMMETRIC_ZERO["Q3_K"])
+dequantize_q3_k = _dequantizer(_parts_q3_k)
 dequantize_q4_k = _dequantizer(_parts_q4_k)
 dequantize_q5_k = _dequantizer(_parts_q5_k)
-dequantize_q6_k = _dequantizer(_parts_q6_k, _SYMMETRIC_ZERO["Q6_K"])
+dequantize_q6_k = _dequantizer(_parts_q6_k)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -290,23 +313,23 @@ def to_quantized_weight(data: np.ndarray | torch.Tensor, qtype: QType | int, sha
     if qtype not in DIRECT_TYPES:
         raise ValueError(f"{qtype.name} blocks are not a plain scale-and-zero quantization")
     affine = to_affine_weight(data, qtype, shape)
-    zeros = torch.full_like(affine.scales, _SYMMETRIC_ZERO[qtype.name], dtype=torch.int32)
+    zeros = affine.zero.to(torch.int32).unsqueeze(1).expand(-1, affine.num_groups).contiguous()
     return QuantizedWeight(affine.qweight, affine.scales, zeros, affine.bits, 32)
 
 
-# Types kept as ``AffineGroupWeight``: (block parts, code width the kernel streams, group size).
-# 5- and 6-bit codes widen to bytes (the kernel reads 4- or 8-bit codes); 2- and 3-bit ones to nibbles.
-AFFINE_TYPES: dict[QType, tuple[PartsFn, int, int]] = {
-    QType.Q8_0: (_parts_q8_0, 8, 32),  # only when fused with another type; alone, a ``QuantizedWeight``
-    QType.Q4_0: (_parts_q4_0, 4, 32),
-    QType.Q4_1: (_parts_q4_1, 4, 32),
-    QType.Q5_0: (_parts_q5_0, 8, 32),
-    QType.Q5_1: (_parts_q5_1, 8, 32),
-    QType.Q2_K: (_parts_q2_k, 4, 16),
-    QType.Q3_K: (_parts_q3_k, 4, 16),
-    QType.Q4_K: (_parts_q4_k, 4, 32),
-    QType.Q5_K: (_parts_q5_k, 8, 32),
-    QType.Q6_K: (_parts_q6_k, 8, 16),
+# Types kept as ``AffineGroupWeight``: (block parts, code width the kernel streams). 2- and
+# 3-bit codes widen to 4 (the kernels read 4-, 5-, 6- and 8-bit codes).
+AFFINE_TYPES: dict[QType, tuple[PartsFn, int]] = {
+    QType.Q8_0: (_parts_q8_0, 8),
+    QType.Q4_0: (_parts_q4_0, 4),
+    QType.Q4_1: (_parts_q4_1, 4),
+    QType.Q5_0: (_parts_q5_0, 5),
+    QType.Q5_1: (_parts_q5_1, 5),
+    QType.Q2_K: (_parts_q2_k, 4),
+    QType.Q3_K: (_parts_q3_k, 4),
+    QType.Q4_K: (_parts_q4_k, 4),
+    QType.Q5_K: (_parts_q5_k, 5),
+    QType.Q6_K: (_parts_q6_k, 6),
 }
 
 
@@ -315,18 +338,11 @@ def to_affine_weight(
 ) -> AffineGroupWeight:
     """Bytes of a [rows, cols] matrix of an ``AFFINE_TYPES`` type -> ``AffineGroupWeight``, losslessly."""
     qtype = QType(qtype)
-    rows, cols = shape
-    parts, bits, group = AFFINE_TYPES[qtype]
+    parts, bits = AFFINE_TYPES[qtype]
     _, block_bytes, _ = BLOCK_FORMATS[qtype]
     raw = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
-    q, scale, offset = parts(raw.contiguous().reshape(-1).view(torch.uint8).reshape(-1, block_bytes))
-    groups = cols // group
-    return AffineGroupWeight(
-        q.to(torch.uint8).reshape(rows, cols).contiguous(),
-        scale.reshape(rows, groups).contiguous(),
-        offset.reshape(rows, groups).contiguous(),
-        bits,
-        group,
+    return _affine(
+        parts(raw.contiguous().reshape(-1).view(torch.uint8).reshape(-1, block_bytes)), shape[0], bits
     )
 
 

@@ -301,7 +301,10 @@ def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def unpermute_rotary_rows(weight, num_heads: int):
     """llama.cpp layout -> HF layout (the inverse of ``permute_rotary_rows``), of a float tensor or of a
     ``QuantizedWeight`` / ``AffineGroupWeight`` (codes, scales, zeros or offsets move with their rows)."""
-    if isinstance(weight, (QuantizedWeight, AffineGroupWeight)):
+    if isinstance(weight, AffineGroupWeight):
+        order = unpermute_rotary_rows(torch.arange(weight.out_features), num_heads)
+        return weight.index_rows(order)
+    if isinstance(weight, QuantizedWeight):
         per_row = ("qweight", "scales", "zeros", "offsets")
         moved = {
             f: unpermute_rotary_rows(getattr(weight, f), num_heads) for f in per_row if hasattr(weight, f)

@@ -42,7 +42,7 @@ COMPILE_FLAGS = build.AVX512_BF16_FLAGS + ["-mavx512fp16"] + build.AMX_FLAGS
 # Rows of x from which the AMX path beats register-blocked AVX512-BF16, measured on Sapphire
 # Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2,
 # for NF4 / FP4 ("table") from 3 (2048->11264: AVX512 0.67 vs AMX 0.72 ms at 2 rows, 0.92 vs 0.72 at 3).
-AMX_MIN_ROWS = {8: 1, 4: 2, "table": 3}
+AMX_MIN_ROWS = {8: 1, 4: 2, 5: 2, 6: 2, "table": 3}
 
 
 @functools.cache
@@ -70,6 +70,16 @@ class WoqData:
     table: torch.Tensor | None = None  # int16 [32]: bf16 bits of the 16 levels the codes index (NF4 / FP4)
     table_lo: torch.Tensor | None = None  # the same for level - bf16(level), for float32 activations
     group_cols: int = CHUNK  # columns per unit of ``chunks``: 32, or 16 for groups of 16 (no AMX)
+    # GGUF blocks: (d, sc, dmin, mn, zc) in place of scales / zscales, see ``pack_two_level``.
+    two_level: list[torch.Tensor] | None = None
+    groups_per_super: int = 1
+
+    bound: Any = None  # the extension's BoundWeight for bf16 calls, made on first use
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per call for the weight (codes and scales, not the bias)."""
+        tensors = [self.codes, self.scales, self.zscales, *(self.two_level or [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def column_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +110,17 @@ def _blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows // BLOCK_N, BLOCK_N, -1).transpose(1, 2).contiguous()
 
 
+def _bit_masks(q: torch.Tensor, bit: int) -> torch.Tensor:
+    """uint8 [blocks, quads, 2, 32] codes -> [blocks, quads, 8]: bit ``bit`` of each row's 32 codes as
+    a little-endian 32-bit mask, row 0's then row 1's (uint8 arithmetic: the 1.5B model's lm_head
+    has 233M codes)."""
+    bits = ((q >> bit) & 1).reshape(*q.shape[:3], 4, 8)
+    mask = bits[..., 0].clone()
+    for i in range(1, 8):
+        mask |= bits[..., i] << i
+    return mask.flatten(2)
+
+
 def _packed_codes(
     qweight: torch.Tensor, bits: int, col_index: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
@@ -111,15 +132,19 @@ def _packed_codes(
     # [blocks, 16 rows, column pairs, 2] -> [blocks, column pairs, 16 rows, 2]: two columns of one
     # output row are adjacent, which is both AMX's B-tile layout and vdpbf16ps's pair order.
     q = q.reshape(rows // BLOCK_N, BLOCK_N, padded_in // 2, 2).transpose(1, 2).contiguous()
-    if bits == 4:
+    if bits in (4, 5, 6):
         q = q.reshape(rows // BLOCK_N, padded_in // 4, 2, 2 * BLOCK_N)  # quads of 4 columns, 2 rows each
-        q = q[:, :, 0] | (q[:, :, 1] << 4)
+        nibbles = (q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)
+        # 5 / 6 bits: after each quad's 32 bytes of nibbles, its bit planes (bit 4 of row 0's 32
+        # codes, of row 1's, then bit 5 likewise) as 32-bit little-endian masks.
+        planes = [_bit_masks(q, bit) for bit in range(4, bits)]
+        q = torch.cat([nibbles, *planes], dim=2)
     return q.contiguous()
 
 
 def _code_offset(bits: int) -> int:
-    """What the kernel adds to a code on conversion: bf16 128 + q (int4), q + 1 (int8); folded into zscales."""
-    return 128 if bits == 4 else 1
+    """What the kernel adds to a code on conversion: bf16 128 + q (4-6 bits), q + 1 (int8); folded into zscales."""
+    return 1 if bits == 8 else 128
 
 
 def pack(weight: QuantizedWeight, bias: torch.Tensor | None) -> WoqData:
@@ -166,10 +191,36 @@ def prepare_codebook(weight: CodebookWeight, bias: torch.Tensor | None, dtype: t
     return data
 
 
+def _exact_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` if that loses nothing, else None."""
+    narrow = t.to(dtype)
+    return narrow if torch.equal(narrow.to(t.dtype), t) else None
+
+
+def pack_two_level(weight: AffineGroupWeight, rows: int) -> list[torch.Tensor] | None:
+    """(d, sc, dmin, mn, zc) as ``TwoLevelScales`` in woq_kernels.cpp reads them, or None where the
+    narrow types would lose something (not so for GGUF blocks: fp16 d, sub-scales of at most 8 bits)."""
+    d = _exact_as(weight.d.cpu(), torch.float16)
+    sc = _exact_as(weight.sc.cpu(), torch.int8)
+    dmin = None if weight.dmin is None else _exact_as(weight.dmin.cpu(), torch.float16)
+    mn = None if weight.mn is None else _exact_as(weight.mn.cpu(), torch.uint8)
+    if d is None or sc is None or (weight.dmin is not None and (dmin is None or mn is None)):
+        return None
+    empty = torch.empty(0)
+    zc = (weight.zero.cpu().float() + _code_offset(weight.bits)).unsqueeze(1)
+    return [
+        _blocked(d, rows).view(torch.int16),
+        empty if bool((sc == 1).all()) else _blocked(sc, rows),
+        empty if dmin is None else _blocked(dmin, rows).view(torch.int16),
+        empty if mn is None or bool((mn == 1).all()) else _blocked(mn, rows),
+        _blocked(zc, rows).reshape(-1, BLOCK_N).contiguous(),
+    ]
+
+
 def prepare_affine(
     weight: AffineGroupWeight, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> WoqData | None:
-    """Pack GGUF-style groups (``W = scale * q - offset``, groups of 32 or 16); None where the kernel cannot run."""
+    """Pack GGUF-style groups (groups of 32 or 16, two-level scales); None where the kernel cannot run."""
     n, k = weight.out_features, weight.in_features
     if (
         weight.group_size not in (16, CHUNK)
@@ -179,13 +230,17 @@ def prepare_affine(
     ):
         return None
     rows = -(-n // BLOCK_N) * BLOCK_N
-    scales = weight.scales.float().cpu()
-    # sum((q + c) * x) * scale - zscale * sum(x) = sum((scale * q - offset) * x) with zscale = c * scale + offset.
-    zscales = _code_offset(weight.bits) * scales + weight.offsets.float().cpu()
+    two_level = pack_two_level(weight, rows)
+    if two_level is None:  # float32 scale and zero-point scale per group (2 or 4 more bits a weight)
+        scales = weight.scales.float().cpu()
+        zero_codes = weight.zero.cpu().float().unsqueeze(1) + _code_offset(weight.bits)
+        scales, zscales = _blocked(scales, rows), _blocked(zero_codes * scales + weight.offsets.cpu(), rows)
+    else:
+        scales = zscales = torch.empty(0)
     return WoqData(
         codes=_packed_codes(weight.qweight, weight.bits, None, rows),
-        scales=_blocked(scales, rows),
-        zscales=_blocked(zscales, rows),
+        scales=scales,
+        zscales=zscales,
         chunks=torch.arange(weight.num_groups + 1, dtype=torch.int32),
         bias=None if bias is None else bias.detach().float().cpu().contiguous(),
         bits=weight.bits,
@@ -194,21 +249,43 @@ def prepare_affine(
         padded_in=k,
         col_index=None,
         group_cols=weight.group_size,
+        two_level=two_level,
+        groups_per_super=weight.super_size // weight.group_size,
     )
+
+
+def _amx_min_rows(data: WoqData) -> int:
+    return AMX_MIN_ROWS["table" if data.table is not None else data.bits]
+
+
+def _bound(data: WoqData) -> Any:
+    if data.bound is None:
+        data.bound = extension().BoundWeight(
+            data.codes, data.scales, data.zscales, data.chunks, data.bias, data.table, data.bits,
+            data.out_features, data.group_cols, data.two_level, data.groups_per_super,
+        )  # fmt: skip
+    return data.bound
 
 
 def _run(
     data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool, table: torch.Tensor | None
 ) -> torch.Tensor:
-    amx_min_rows = AMX_MIN_ROWS["table" if table is not None else data.bits]
+    amx_min_rows = _amx_min_rows(data)
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
-        out_fp32, amx_min_rows, table, data.group_cols,
+        out_fp32, amx_min_rows, table, data.group_cols, data.two_level, data.groups_per_super,
     )  # fmt: skip
 
 
 def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
     """y = x @ dequantize(W)^T + bias for x [..., in], in x's dtype."""
+    if (
+        x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and data.padded_in == data.in_features
+        and data.col_index is None
+    ):
+        return _bound(data)(x, _amx_min_rows(data))  # the decode step's path: no reshaping, one argument
     lead = x.shape[:-1]
     x2 = x.reshape(-1, data.in_features)
     if data.col_index is not None:

@@ -21,7 +21,12 @@
 // "quads" of 4. For one (nb, quad), the 64 codes form two rows of AMX's VNNI B layout, each row
 // n0k0 n0k1 n1k0 n1k1 ... n15k0 n15k1 (one bf16 pair per output row, k = 2 consecutive columns):
 //   int8: 64 bytes, row 0 then row 1;
-//   int4 and table codes: 32 bytes, byte j = row0[j] | row1[j] << 4.
+//   int4 and table codes: 32 bytes, byte j = row0[j] | row1[j] << 4;
+//   5- and 6-bit codes (GGUF Q5_x, Q6_K): the int4 bytes of their low nibbles, then per higher
+//   bit (4, then 5) two 32-bit masks, row 0's and row 1's (bit j: that bit of code j): 40 / 48 bytes.
+// Scales are float32 per (16 rows, group), or for GGUF blocks two-level as the file has them
+// (fp16 super-block scale and min, int8 / uint8 group scale and min, see TwoLevelScales), so
+// a Q4_K weight streams 4.6 bits and a Q6_K one 6.6, as in the file.
 // Groups are padded to multiples of 32 columns (zero codes, zero x), so a group is a whole
 // number of AMX K-steps; ``chunks[g]`` is the first 32-column chunk of group g.
 // Groups of 16 (GGUF's Q6_K / Q3_K / Q2_K sub-blocks) count ``chunks`` in 16-column units
@@ -59,6 +64,8 @@ constexpr int64_t kPrefetchAmx = 2048;
 enum CodeKind : int {
   kInt8 = 8,     // uint8 integer codes
   kInt4 = 4,     // 4-bit integer codes
+  kInt5 = 5,     // 5-bit integer codes: the int4 nibbles plus one bit plane (GGUF Q5_x)
+  kInt6 = 6,     // 6-bit integer codes: the int4 nibbles plus two bit planes (GGUF Q6_K)
   kTable4 = 16,  // 4-bit indices into a table of 16 levels (NF4, FP4)
 };
 
@@ -90,20 +97,50 @@ inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1, __m512i t
     const __m512i magic = _mm512_set1_epi16(0x4300);  // bf16 128.0: OR a nibble in to get 128 + q
     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
     // (v & 0xF) | magic, in one ternary-logic op.
-    w0 = as_bh(_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), magic, 0xEA));
-    w1 = as_bh(_mm512_or_si512(_mm512_srli_epi16(v, 4), magic));
+    __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), magic, 0xEA);
+    __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+    if constexpr (Kind == kInt5 || Kind == kInt6) {
+      // 128 + q stays exact in bf16 up to q = 127: the bit planes after the nibbles are masks
+      // (bit j: the code of lane j), added as 16 and 32 (AVX-512 has no 16-bit masked OR; the bit
+      // is clear, so the add is an OR).
+      const uint32_t* planes = (const uint32_t*)(p + 32);
+      const __m512i b4 = _mm512_set1_epi16(0x10);
+      lo = _mm512_mask_add_epi16(lo, _cvtu32_mask32(planes[0]), lo, b4);
+      hi = _mm512_mask_add_epi16(hi, _cvtu32_mask32(planes[1]), hi, b4);
+      if constexpr (Kind == kInt6) {
+        const __m512i b5 = _mm512_set1_epi16(0x20);
+        lo = _mm512_mask_add_epi16(lo, _cvtu32_mask32(planes[2]), lo, b5);
+        hi = _mm512_mask_add_epi16(hi, _cvtu32_mask32(planes[3]), hi, b5);
+      }
+    }
+    w0 = as_bh(lo);
+    w1 = as_bh(hi);
   }
 }
 
 template <int Kind>
-constexpr int quad_bytes() { return Kind == kInt8 ? 64 : 32; }
+constexpr int quad_bytes() { return Kind == kInt8 ? 64 : Kind == kInt5 ? 40 : Kind == kInt6 ? 48 : 32; }
+
+// Two-level group scales (GGUF blocks; ``scales`` is then nullptr), per 16-row block nb:
+//   scale[g] = d[s] * sc[g],  zscale[g] = scale[g] * zc + dmin[s] * mn[g],
+// with s = g / groups_per_super, d / dmin fp16 [NB, S, 16], sc int8 / mn uint8 [NB, G, 16]
+// (nullptr: all 1), dmin nullptr: no float min, zc float [NB, 16] (the row's code offset + zero).
+struct TwoLevelScales {
+  const uint16_t* d = nullptr;
+  const int8_t* sc = nullptr;
+  const uint16_t* dmin = nullptr;
+  const uint8_t* mn = nullptr;
+  const float* zc = nullptr;
+  int64_t groups_per_super = 1;
+};
 
 struct Problem {
   const uint16_t* x;       // bf16 [M, Kp]
   int64_t M, Kp, N, G;
   const uint8_t* codes;    // packed, see above
-  const float* scales;     // [NB, G, 16]
+  const float* scales;     // [NB, G, 16], or nullptr: ``two_level`` holds them
   const float* zscales;    // [NB, G, 16]: (zero + offset) * scale; nullptr with a table
+  TwoLevelScales two_level;
   const int32_t* chunks;   // [G + 1], in units of ``unit_cols`` columns
   int64_t unit_cols;       // 32, or 16 for groups of 16 (AVX512-BF16 path only)
   const float* bias;       // [NB * 16] or nullptr
@@ -114,6 +151,28 @@ struct Problem {
 
   __m512i table_register() const {
     return table ? _mm512_loadu_si512((const void*)table) : _mm512_setzero_si512();
+  }
+
+  // Group g's scale and zero-point scale for the 16 rows of block nb.
+  inline void group_scales(int64_t nb, int64_t g, __m512& s, __m512& z) const {
+    const int64_t at = (nb * G + g) * kBlockN;
+    if (scales) {
+      s = _mm512_loadu_ps(scales + at);
+      if (zscales) z = _mm512_loadu_ps(zscales + at);
+      return;
+    }
+    const TwoLevelScales& t = two_level;
+    const int64_t super_at = (nb * (G / t.groups_per_super) + g / t.groups_per_super) * kBlockN;
+    s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(t.d + super_at)));
+    if (t.sc)
+      s = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(t.sc + at)))));
+    z = _mm512_mul_ps(s, _mm512_loadu_ps(t.zc + nb * kBlockN));
+    if (t.dmin) {
+      __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(t.dmin + super_at)));
+      if (t.mn)
+        m = _mm512_mul_ps(m, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(t.mn + at)))));
+      z = _mm512_add_ps(z, m);
+    }
   }
 };
 
@@ -141,8 +200,6 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
   constexpr int QB = quad_bytes<Kind>();
   const int64_t quads = P.Kp / 4;
   const uint8_t* w = P.codes + nb * quads * QB;
-  const float* sc = P.scales + nb * P.G * kBlockN;
-  const float* zs = P.zscales ? P.zscales + nb * P.G * kBlockN : nullptr;
   const int32_t* xrow[MB];
   for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(P.x + (m0 + m) * P.Kp);  // bf16 pairs
   const __m512i table = P.table_register();
@@ -168,15 +225,14 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
         }
       }
     }
-    const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
+    __m512 s, z;
+    P.group_scales(nb, g, s, z);
     for (int m = 0; m < MB; ++m) {
       __m512 a = acc[m][0];
       for (int c = 1; c < NC; ++c) a = _mm512_add_ps(a, acc[m][c]);
       total[m] = _mm512_fmadd_ps(a, s, total[m]);
-      if constexpr (Kind != kTable4) {  // table codes have no zero point
-        const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
+      if constexpr (Kind != kTable4)  // table codes have no zero point
         total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(m0 + m) * P.G + g]), total[m]);
-      }
     }
   }
   for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
@@ -252,8 +308,6 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
   constexpr int QB = quad_bytes<Kind>();
   const int64_t chunks = P.Kp / kChunk;
   const uint8_t* w = P.codes + nb * (P.Kp / 4) * QB;
-  const float* sc = P.scales + nb * P.G * kBlockN;
-  const float* zs = P.zscales ? P.zscales + nb * P.G * kBlockN : nullptr;
   const uint16_t* xt = xtiles + t0 * chunks * kTile;
   std::fill(totals, totals + NT * 16 * kBlockN, 0.0f);
   const __m512i table = P.table_register();
@@ -292,16 +346,14 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
       if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
     }
     // Apply the group's scale and zero point to the partial sums.
-    const __m512 s = _mm512_loadu_ps(sc + g * kBlockN);
+    __m512 s, z;
+    P.group_scales(nb, g, s, z);
     for (int r = 0; r < NT * 16; ++r) {
       __m512 c = _mm512_load_ps(cbuf[r / 16][r % 16]);
       if constexpr (NT <= 2) c = _mm512_add_ps(c, _mm512_load_ps(cbuf[2 + r / 16][r % 16]));
       float* tot = totals + r * kBlockN;
       __m512 v = _mm512_fmadd_ps(c, s, _mm512_loadu_ps(tot));
-      if constexpr (Kind != kTable4) {
-        const __m512 z = _mm512_loadu_ps(zs + g * kBlockN);
-        v = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(t0 * 16 + r) * P.G + g]), v);
-      }
+      if constexpr (Kind != kTable4) v = _mm512_fnmadd_ps(z, _mm512_set1_ps(P.xsum[(t0 * 16 + r) * P.G + g]), v);
       _mm512_storeu_ps(tot, v);
     }
   }
@@ -363,12 +415,17 @@ bool amx_ready() { return amx::ready(); }
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
 // M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
 // ``table`` (int16 [32], bf16 bit patterns of 16 levels then padding) makes 4-bit codes indices.
+// ``two_level`` = (d, sc, dmin, mn, zc, groups_per_super) replaces scales / zscales (empty then),
+// tensors as TwoLevelScales describes, an empty sc / dmin / mn standing for its nullptr.
 torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales,
                          torch::Tensor chunks, c10::optional<torch::Tensor> bias, int64_t bits, int64_t n,
                          bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table,
-                         int64_t group_cols) {
+                         int64_t group_cols, c10::optional<std::vector<torch::Tensor>> two_level,
+                         int64_t groups_per_super) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  TORCH_CHECK(!two_level.has_value() || (two_level->size() == 5 && !table.has_value()),
+              "two-level scales are (d, sc, dmin, mn, zc), for integer codes");
   TORCH_CHECK(group_cols == kChunk || (group_cols == 16 && !table.has_value()),
               "group_cols must be 32, or 16 for integer codes");
   TORCH_CHECK(!table.has_value() || (bits == 4 && table->numel() == 32 && table->element_size() == 2 &&
@@ -408,8 +465,21 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.N = n;
   P.G = G;
   P.codes = codes.data_ptr<uint8_t>();
-  P.scales = scales.data_ptr<float>();
-  P.zscales = table.has_value() ? nullptr : zscales.data_ptr<float>();  // no zero point with a table
+  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
+  if (two_level.has_value()) {
+    const auto& t = *two_level;
+    P.scales = nullptr;
+    P.zscales = nullptr;
+    P.two_level.d = (const uint16_t*)t[0].data_ptr();
+    P.two_level.sc = (const int8_t*)or_null(t[1]);
+    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
+    P.two_level.mn = (const uint8_t*)or_null(t[3]);
+    P.two_level.zc = t[4].data_ptr<float>();
+    P.two_level.groups_per_super = groups_per_super;
+  } else {
+    P.scales = scales.data_ptr<float>();
+    P.zscales = table.has_value() ? nullptr : zscales.data_ptr<float>();  // no zero point with a table
+  }
   P.chunks = chunks.data_ptr<int32_t>();
   P.unit_cols = group_cols;
   P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
@@ -421,15 +491,45 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   if (use_amx) {
     const auto* xt = (const uint16_t*)xtiles.data_ptr();
     if (P.table) large_m<kTable4>(P, xt);
-    else bits == 8 ? large_m<kInt8>(P, xt) : large_m<kInt4>(P, xt);
+    else if (bits == 8) large_m<kInt8>(P, xt);
+    else if (bits == 6) large_m<kInt6>(P, xt);
+    else if (bits == 5) large_m<kInt5>(P, xt);
+    else large_m<kInt4>(P, xt);
   } else {
     if (P.table) small_m<kTable4>(P);
-    else bits == 8 ? small_m<kInt8>(P) : small_m<kInt4>(P);
+    else if (bits == 8) small_m<kInt8>(P);
+    else if (bits == 6) small_m<kInt6>(P);
+    else if (bits == 5) small_m<kInt5>(P);
+    else small_m<kInt4>(P);
   }
   return out;
 }
 
+// A packed weight with its fixed arguments, bound once: a decode step's call converts one
+// tensor instead of fourteen (a 135M-parameter model makes ~120 such calls per token).
+struct BoundWeight {
+  torch::Tensor codes, scales, zscales, chunks;
+  c10::optional<torch::Tensor> bias, table;
+  int64_t bits, n, group_cols, groups_per_super;
+  c10::optional<std::vector<torch::Tensor>> two_level;
+
+  // bf16 x [M, Kp] -> bf16 [M, n], bias added.
+  torch::Tensor forward(torch::Tensor x, int64_t amx_min_rows) const {
+    return woq_linear(x, codes, scales, zscales, chunks, bias, bits, n, false, amx_min_rows, table, group_cols,
+                      two_level, groups_per_super);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("woq_linear", &woq_linear, "weight-only int8/int4/NF4 linear (see woq_kernels.cpp)");
+  pybind11::class_<BoundWeight>(m, "BoundWeight")
+      .def(pybind11::init([](torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales, torch::Tensor chunks,
+                             c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> table, int64_t bits,
+                             int64_t n, int64_t group_cols, c10::optional<std::vector<torch::Tensor>> two_level,
+                             int64_t groups_per_super) {
+        return BoundWeight{codes, scales, zscales, chunks, bias, table, bits, n, group_cols, groups_per_super,
+                           two_level};
+      }))
+      .def("__call__", &BoundWeight::forward, "bf16 x [M, Kp], AMX from amx_min_rows rows -> bf16 y [M, n]");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }
