@@ -47,8 +47,13 @@ def fill_model(
     source: str,
     desc: str = "loading weights",
     show_progress: bool = True,
+    prepare_quantized: bool = False,
 ) -> None:
-    """Copy each (HF name, tensor, bytes) into its parameter; fail if any parameter was not filled."""
+    """Copy each (HF name, tensor, bytes) into its parameter; fail if any parameter was not filled.
+
+    ``prepare_quantized`` packs a quantized layer for its kernel (releasing the loaded form) as
+    soon as all its tensors are in, so the loaded forms of all layers never coexist (peak memory).
+    """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -78,6 +83,8 @@ def fill_model(
             except ValueError as e:
                 raise WeightsError(f"{source}: tensor {name!r}: {e}") from None
             loaded.add(f"{ours}#{shard}")
+            if prepare_quantized and getattr(module, "quantized", None) is not None:
+                _prepare_when_complete(module_name, module, loaded)
     expected, seen = set(), set()
     for module_name, module in modules.items():
         for param_name, param in module.named_parameters(recurse=False):
@@ -85,6 +92,8 @@ def fill_model(
             if id(param) in seen:  # tied to a parameter filled under its own name (the embedding)
                 continue
             seen.add(id(param))
+            if param_name == "weight" and getattr(module, "quantized", None) is not None:
+                continue  # the layer's weight came in quantized (a tied lm_head made from the embedding's blocks)
             shards = len(getattr(module, "shard_sizes", [0])) if param_name in ("weight", "bias") else 1
             expected.update(f"{full}#{s}" for s in range(shards))
     missing = sorted(expected - loaded)
@@ -93,17 +102,27 @@ def fill_model(
         raise WeightsError(f"checkpoint {source} lacks {len(missing)} tensors, e.g. {names}")
 
 
+def _prepare_when_complete(module_name: str, module: torch.nn.Module, loaded: set[str]) -> None:
+    """``finalize`` a quantized layer once every shard of its weight and bias is loaded."""
+    params = ("weight", "bias") if getattr(module, "bias", None) is not None else ("weight",)
+    shards = range(len(module.shard_sizes))
+    if not module.prepared and all(f"{module_name}.{p}#{s}" in loaded for p in params for s in shards):
+        module.finalize(release_quantized=True)
+
+
 def finalize_model(
     model: CausalLM,
     device: torch.device,
     dtype: torch.dtype,
     prepare_kernels: bool = True,
     rope_freq_factors: torch.Tensor | None = None,
+    release_quantized: bool = False,
 ) -> CausalLM:
     """The model's post-load work (rotary tables), then each layer's kernel backend prepares its weights.
 
     ``prepare_kernels=False`` keeps plain float weights (what a compression pass works on);
-    ``rope_freq_factors`` come from a GGUF file's ``rope_freqs.weight``.
+    ``rope_freq_factors`` come from a GGUF file's ``rope_freqs.weight``; ``release_quantized``
+    drops a quantized weight's loaded form once its kernel holds a packed copy (``Linear.finalize``).
     """
     model.prepare(device, dtype, rope_freq_factors)
     if not prepare_kernels:
@@ -113,6 +132,6 @@ def finalize_model(
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
     for module in model.modules():
-        if hasattr(module, "finalize"):
-            module.finalize(release_weight=uses[id(module.weight)] == 1)
+        if hasattr(module, "finalize") and not getattr(module, "prepared", False):
+            module.finalize(release_weight=uses[id(module.weight)] == 1, release_quantized=release_quantized)
     return model.eval()

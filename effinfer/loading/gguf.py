@@ -19,6 +19,7 @@ with one ``np.frombuffer`` and leaves tensor data memory-mapped.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -32,6 +33,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.layers.embedding import QuantizedEmbedding
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.gguf_quants import (
     AFFINE_TYPES,
@@ -44,6 +46,7 @@ from effinfer.loading.gguf_quants import (
     to_affine_weight,
     to_quantized_weight,
 )
+from effinfer.loading.memory import release_freed_memory
 from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
 from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # noqa: F401  (tests, convert)
@@ -54,6 +57,7 @@ from effinfer.quant.integer import QuantizedWeight
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
+EMBEDDING = "token_embd.weight"
 # Per-dimension rope frequency divisors (Llama 3.1's rope scaling as llama.cpp stores it).
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -101,7 +105,9 @@ class GGUFFile:
         if not self.path.is_file():
             raise ConfigError(f"GGUF file {str(path)!r} does not exist")
         with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Private (copy-on-write) rather than read-only, so tensors can live on the map without
+            # torch's non-writable warning; nothing writes to it, so the pages stay shared with the page cache.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._pos = 0
         try:
             self._parse()
@@ -193,11 +199,30 @@ class GGUFFile:
             raise WeightsError(f"{self.path} is truncated: tensor {name!r} runs past the end of the file")
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def read(self, name: str) -> np.ndarray:
+        """A copy of the tensor's bytes; the map's pages it went through are dropped from this process.
+
+        Loading reads every tensor once and keeps a repacked copy, so the mapped pages would only
+        add the file's size to the resident set (the page cache keeps them for the next reader).
+        """
+        data = self.raw(name).copy()
+        info = self.tensors[name]
+        self.release_pages(info.offset, info.nbytes)
+        return data
+
+    def release_pages(self, offset: int = 0, length: int | None = None) -> None:
+        """Drop the map's pages in [offset, offset + length) from this process (re-read on next touch)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        length = len(self._map) - offset if length is None else length
+        start = offset - offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, min(len(self._map), offset + length) - start)
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantised to float32, in torch's row-major shape."""
         info = self.tensors[name]
-        # The copy detaches the tensor from the read-only map (torch wants writable memory).
-        return dequantize(self.raw(name).copy(), info.qtype, info.shape)
+        # A copy, detached from the map (whose pages it drops).
+        return dequantize(self.read(name), info.qtype, info.shape)
 
     # ---------------------------------------------------------------- model description
 
@@ -305,8 +330,10 @@ def hf_tensor_name(name: str, family: type[CausalLM] = CausalLM) -> str | None:
     return family.gguf_hf_name(name)
 
 
-def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False):
-    """Yield (HF name, tensor, bytes read) for every weight in the file.
+def hf_tensors(
+    gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = False, skip: frozenset[str] = frozenset()
+):
+    """Yield (HF name, tensor, bytes read) for every weight in the file but the GGUF names in ``skip``.
 
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
@@ -316,15 +343,13 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
     for name, info in gguf.tensors.items():
-        if name == ROPE_FREQS:
-            continue  # applied to the rotary tables after loading
+        if name == ROPE_FREQS or name in skip:
+            continue  # rope_freqs: applied to the rotary tables after loading
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
-        if layout is QuantizedWeight:
-            tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
-        elif layout is AffineGroupWeight:
-            tensor = to_affine_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+        if layout is not None:
+            tensor = _quantized_weight(gguf, name, layout)
         else:
             tensor = gguf.tensor(name)
         mapped = family.gguf_tensor(name, tensor, config)
@@ -332,6 +357,13 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
         yield hf_name, QuantizedShard(tensor) if keep_quantized else tensor, info.nbytes
+
+
+def _quantized_weight(gguf: GGUFFile, name: str, layout: type) -> QuantizedWeight | AffineGroupWeight:
+    """A block-quantized tensor as the weight type ``layout`` (exactly the same numbers)."""
+    info = gguf.tensors[name]
+    convert = to_quantized_weight if layout is QuantizedWeight else to_affine_weight
+    return convert(gguf.read(name), info.qtype, info.shape)
 
 
 def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]:
@@ -402,10 +434,66 @@ def load_model(
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions)
-    total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(gguf, config, quantized_linears=finalize)
-    fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
+    # For inference on CPU the embedding keeps the file's blocks (read row by row from the map).
+    placed = (
+        _keep_embedding_quantized(gguf, model, config, dtype) if finalize and device.type == "cpu" else ()
+    )
+    total = sum(info.nbytes for name, info in gguf.tensors.items() if name not in placed)
+    tensors = hf_tensors(gguf, config, quantized_linears=finalize, skip=frozenset(placed))
+    fill_model(
+        model,
+        config,
+        tensors,
+        total,
+        gguf.path.name,
+        "loading GGUF",
+        show_progress,
+        prepare_quantized=finalize,
+    )
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
-    finalize_model(model, device, dtype, finalize, rope_freq_factors)
+    finalize_model(model, device, dtype, finalize, rope_freq_factors, release_quantized=True)
+    gguf.release_pages()  # what loading touched; the embedding's rows come back as tokens use them
+    release_freed_memory()
     return model
+
+
+def _keep_embedding_quantized(
+    gguf: GGUFFile, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype
+) -> tuple[str, ...]:
+    """Put a block-quantized ``token_embd`` into the model as a ``QuantizedEmbedding`` over the map.
+
+    A tied output projection gets its own copy of the same blocks in the layout its kernel reads
+    (it streams the whole table every token; a lookup reads a few rows). Returns the GGUF names
+    placed (none when the table is stored in floating point or the family names it differently).
+    """
+    info = gguf.tensors.get(EMBEDDING)
+    family = model_class(config.architecture)
+    hf_name = family.gguf_hf_name(EMBEDDING)
+    target = model.checkpoint_target(hf_name) if hf_name else None
+    if info is None or info.qtype not in BLOCK_FORMATS or target is None or len(info.shape) != 2:
+        return ()
+    module_name = target[0].removesuffix(".weight")
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(getattr(parent, attr, None), torch.nn.Embedding):
+        return ()
+    rows, cols = info.shape
+    table = torch.from_numpy(gguf.raw(EMBEDDING).reshape(rows, info.nbytes // rows))
+    decode = functools.partial(_decode_rows, qtype=info.qtype, cols=cols)
+    setattr(parent, attr, QuantizedEmbedding(table, cols, decode, dtype, info.qtype.name))
+    if config.tie_word_embeddings:
+        layout = QuantizedWeight if info.qtype in DIRECT_TYPES else AffineGroupWeight
+        if layout is AffineGroupWeight and info.qtype not in AFFINE_TYPES:
+            raise WeightsError(
+                f"{gguf.path.name}: a tied {info.qtype.name} embedding cannot be an output layer"
+            )
+        model.lm_head.set_quantized(_quantized_weight(gguf, EMBEDDING, layout))
+        model.lm_head.finalize(
+            release_quantized=True
+        )  # packed now: its loaded form is freed before the rest loads
+    return (EMBEDDING,)
+
+
+def _decode_rows(raw_rows: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
+    return dequantize(raw_rows, qtype, (raw_rows.shape[0], cols))
