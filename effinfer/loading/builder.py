@@ -7,7 +7,8 @@ parameter, checking that nothing is missing and preparing the kernels happen her
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -30,13 +31,31 @@ def build_model(
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_random_init():
             model = cls(config, max_positions)
     finally:
         torch.set_default_dtype(previous_dtype)
     model.to_empty(device=device)
     model.tie_weights()
     return model
+
+
+@contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Module constructors skip ``torch.nn.init``'s random fills (``nn.Embedding`` draws normal values).
+
+    On the meta device they are pointless, and not free: a meta ``normal_`` runs through
+    ``torch._refs``, which imports ``torch._dynamo`` (SmolLM2's load: +150 MiB resident, ~3 s).
+    """
+    names = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def fill_model(
