@@ -19,20 +19,12 @@ from effinfer.layers.linear import Linear
 from effinfer.loading.builder import fill_model, finalize_model
 from effinfer.loading.gguf import GGUFFile, build_model, hf_tensors, load_model
 from effinfer.loading.memory import memory_accounting, rss_bytes
-from tests.test_gguf import PROMPT, _logits, _value_type
+from tests.test_gguf import PROMPT, _logits, _value_type, stories_gguf  # noqa: F401  (a fixture)
 
 gguf = pytest.importorskip("gguf")
 QType = gguf.GGMLQuantizationType
 CPU = torch.device("cpu")
 SMOLLM2 = Path(os.path.expanduser("~/.cache/effinfer-models")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def stories_gguf(shared_data):
-    path = shared_data / "stories260K" / "stories260K.gguf"
-    if not path.is_file():
-        pytest.skip("stories260K.gguf is not present")
-    return path
 
 
 def _requantized(source: Path, out: Path, embed_type, layer_type, tied: bool) -> GGUFFile:
@@ -62,9 +54,10 @@ def _requantized(source: Path, out: Path, embed_type, layer_type, tied: bool) ->
     ids=["q8_0-tied", "q5_0-untied", "q4_1-tied"],
 )
 def test_embedding_stays_quantized_and_each_weight_is_held_once(
-    stories_gguf, tmp_path, embed_type, layer_type, tied
+    request, tmp_path, embed_type, layer_type, tied
 ):
-    file = _requantized(stories_gguf, tmp_path / "q.gguf", embed_type, layer_type, tied)
+    source = request.getfixturevalue("stories_gguf")  # test_gguf's fixture: skips without shared data
+    file = _requantized(source, tmp_path / "q.gguf", embed_type, layer_type, tied)
     config = file.model_config()
     assert config.tie_word_embeddings == tied
     model = load_model(file, config, torch.float32, CPU, 64, show_progress=False)

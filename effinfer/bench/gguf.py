@@ -186,6 +186,19 @@ def effinfer_batch1(args: argparse.Namespace) -> dict:
     return result
 
 
+def kv_cache_bytes(model: str, tokens: int) -> int:
+    """A bf16 KV budget for ``tokens`` tokens (plus a little for block rounding), as llama.cpp sizes its context.
+
+    effinfer's default budget is a share of free memory, zero-filled and so resident: far more
+    than a short benchmark needs, and unfair in the memory column.
+    """
+    from effinfer.loading.gguf import GGUFFile
+
+    config = GGUFFile(model).model_config()
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+    return per_token * (tokens + 256)
+
+
 def _mean_sd(values: list[float]) -> dict:
     mean = sum(values) / len(values)
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
@@ -202,9 +215,10 @@ def worker(settings: dict) -> dict:
     from effinfer.sampling_params import SamplingParams
 
     torch.set_num_threads(settings["threads"])
+    context = settings["prefill_tokens"] + settings["decode_tokens"] + 16
     start = time.perf_counter()
     runner = EffinferRunner(settings["model"], dtype="bfloat16", num_threads=settings["threads"], max_num_seqs=1,
-                            max_model_len=settings["prefill_tokens"] + settings["decode_tokens"] + 16,
+                            max_model_len=context, kv_cache_memory=kv_cache_bytes(settings["model"], context),
                             enable_prefix_caching=False, show_progress=False)  # fmt: skip
     load_s = time.perf_counter() - start
     rss_after_load = rss_bytes()
@@ -302,17 +316,11 @@ def serve_race(name: str, command: list[str], port: int, args: argparse.Namespac
 
 
 def serving(server_tool: str, args: argparse.Namespace) -> dict:
-    from effinfer.loading.gguf import GGUFFile
-
     model = str(Path(args.model).expanduser())
-    config = GGUFFile(model).model_config()
     per_stream = 256  # context tokens per stream: prompt (~45) + output, with room
     while per_stream < args.serve_input_words * 2 + args.serve_output_tokens + 16:
         per_stream *= 2
-    # The same KV room on both: effinfer's budget in bytes for C streams of ``per_stream`` bf16 tokens.
-    kv_bytes = (
-        2 * config.num_layers * config.num_kv_heads * config.head_dim * 2 * per_stream * args.concurrent
-    )
+    kv_bytes = kv_cache_bytes(model, per_stream * args.concurrent)  # the KV room of llama-server's -c
     port = _free_port()
     ours = [sys.executable, "-m", "effinfer.cli", "serve", "--model", model, "--port", str(port), "--threads",
             str(args.threads), "--max-num-seqs", str(args.concurrent), "--max-model-len", str(per_stream),
