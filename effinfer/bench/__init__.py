@@ -7,6 +7,7 @@
     effinfer bench make-model --preset tinyllama-1.1b --out DIR
     effinfer bench quant --model DIR ...      (``quant.py``)
     effinfer bench serve --url URL ...        (``serve.py``)
+    effinfer bench gguf --model FILE.gguf ... (``gguf.py``: the race against llama.cpp's tools)
 
 The first form runs the suite in ``suite.py`` (batch-1 decode with weight bandwidth, offline
 throughput, C concurrent requests) and prints a table; ``--compare hf`` runs the same workloads
@@ -21,7 +22,7 @@ import argparse
 import shlex
 import sys
 
-from effinfer.bench import quant, report, serve
+from effinfer.bench import gguf, quant, report, serve
 from effinfer.bench.models import PRESETS, make_random_model
 from effinfer.bench.serve import BenchServeError
 from effinfer.bench.suite import BenchError, BenchSettings, run_suite
@@ -130,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", metavar="FILE.png", help="bar chart of tokens/s (needs matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
 
-    actions = parser.add_subparsers(dest="bench_action", metavar="{make-model,quant,serve}")
+    actions = parser.add_subparsers(dest="bench_action", metavar="{make-model,quant,serve,gguf}")
     make = actions.add_parser(
         "make-model",
         help="write a random-weight HF Llama model of a known shape",
@@ -143,6 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.set_defaults(func=_make_model)
     quant.register(actions)
     serve.register(actions)
+    gguf.register(actions)
     parser.set_defaults(func=run)
 
 

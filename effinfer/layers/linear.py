@@ -103,15 +103,34 @@ class Linear(nn.Module):
             return self.quantized.nbytes() + bias
         return self.out_features * self.in_features * self.weight.element_size() + bias
 
-    def finalize(self, release_weight: bool = True) -> None:
+    @property
+    def prepared(self) -> bool:
+        """Whether ``finalize`` ran (the kernel backend holds its prepared weight)."""
+        return self._kernel_state is not None
+
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor the layer keeps alive: parameters, loaded quantized form, kernel data."""
+        held = [(n, p) for n, p in (("weight", self.weight), ("bias", self.bias)) if p is not None]
+        if self.quantized is not None:
+            held += named_tensors(self.quantized.state_dict()[0], "quantized")
+        return held + named_tensors(self._kernel_state, "kernel")
+
+    def finalize(self, release_weight: bool = True, release_quantized: bool = False) -> None:
         """Called once after loading: lets the kernel backend repack the weight for inference.
 
         When the backend made its own copy, the original is released (``release_weight``) so the
         model is not held twice; a weight shared with another module (tied embeddings) is kept.
+        A quantized weight is released too with ``release_quantized`` (GGUF loading): ``quantized``
+        then keeps only its description on the meta device (shape, kind, bits, bytes), and
+        whatever needs its tensors (saving, dequantizing) must load with ``finalize=False``.
         """
         bias = self.bias.data if self.bias is not None else None
         if self.quantized is not None:
             self._kernel_state = quant_linear.prepare(self.quantized, bias, self.act_quant, self.weight.dtype)
+            if release_quantized and not _shares_storage(self._kernel_state.data, self.quantized):
+                # The kernel made its own (packed) copy: keep only the description (shape, kind,
+                # bytes) of the loaded form, so a GGUF model holds each weight once.
+                self.quantized = self.quantized.to("meta")
             return
         self._kernel_state = dense_linear.prepare(self.weight.data, bias)
         if self._kernel_state.packed and release_weight:
@@ -125,6 +144,33 @@ class Linear(nn.Module):
         if isinstance(self._kernel_state, quant_linear.QuantState):
             return quant_linear.apply(self._kernel_state, x)
         return dense_linear.apply(self._kernel_state, x)
+
+
+def _shares_storage(kernel_data: object, weight: CompressedWeight) -> bool:
+    """Whether the kernel's prepared data holds any of the weight's own tensors (then releasing saves nothing)."""
+    ours = {t.untyped_storage().data_ptr() for _, t in named_tensors(weight.state_dict()[0])}
+    return any(t.untyped_storage().data_ptr() in ours for _, t in named_tensors(kernel_data))
+
+
+def named_tensors(obj: object, prefix: str = "", depth: int = 4) -> list[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) for the tensors an object holds in its fields, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        children = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        children = enumerate(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)) and not callable(obj):
+        children = vars(obj).items()
+    else:
+        return []
+    if depth == 0:
+        return []
+    return [
+        found
+        for key, child in children
+        for found in named_tensors(child, f"{prefix}.{key}" if prefix else str(key), depth - 1)
+    ]
 
 
 def quantizable_linears(model: nn.Module) -> list[tuple[str, Linear]]:

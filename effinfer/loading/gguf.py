@@ -19,6 +19,7 @@ with one ``np.frombuffer`` and leaves tensor data memory-mapped.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -33,6 +34,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
 
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.layers.embedding import QuantizedEmbedding
 from effinfer.loading.builder import WeightsError, build_model, fill_model, finalize_model
 from effinfer.loading.gguf_quants import (
     AFFINE_TYPES,
@@ -44,6 +46,7 @@ from effinfer.loading.gguf_quants import (
     to_affine_weight,
     to_quantized_weight,
 )
+from effinfer.loading.memory import release_freed_memory
 from effinfer.loading.quant_formats import QuantizedShard
 from effinfer.loading.sharded import SplitLookup, checkpoint_splits, rank_head_config, split_gguf_bytes
 from effinfer.models.base import REQUIRED_GGUF_KEYS, CausalLM
@@ -104,7 +107,9 @@ class GGUFFile:
         if not self.path.is_file():
             raise ConfigError(f"GGUF file {str(path)!r} does not exist")
         with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Private (copy-on-write) rather than read-only, so tensors can live on the map without
+            # torch's non-writable warning; nothing writes to it, so the pages stay shared with the page cache.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._pos = 0
         try:
             self._parse()
@@ -196,11 +201,30 @@ class GGUFFile:
             raise WeightsError(f"{self.path} is truncated: tensor {name!r} runs past the end of the file")
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def read(self, name: str) -> np.ndarray:
+        """A copy of the tensor's bytes; the map's pages it went through are dropped from this process.
+
+        Loading reads every tensor once and keeps a repacked copy, so the mapped pages would only
+        add the file's size to the resident set (the page cache keeps them for the next reader).
+        """
+        data = self.raw(name).copy()
+        info = self.tensors[name]
+        self.release_pages(info.offset, info.nbytes)
+        return data
+
+    def release_pages(self, offset: int = 0, length: int | None = None) -> None:
+        """Drop the map's pages in [offset, offset + length) from this process (re-read on next touch)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        length = len(self._map) - offset if length is None else length
+        start = offset - offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, min(len(self._map), offset + length) - start)
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantised to float32, in torch's row-major shape."""
         info = self.tensors[name]
-        # The copy detaches the tensor from the read-only map (torch wants writable memory).
-        return dequantize(self.raw(name).copy(), info.qtype, info.shape)
+        # A copy, detached from the map (whose pages it drops).
+        return dequantize(self.read(name), info.qtype, info.shape)
 
     # ---------------------------------------------------------------- model description
 
@@ -315,8 +339,9 @@ def hf_tensors(
     quantized_linears: bool = False,
     split_for: SplitLookup | None = None,
     wanted: Callable[[str], bool] | None = None,
+    skip: frozenset[str] = frozenset(),
 ):
-    """Yield (HF name, tensor, bytes read) for every weight in the file.
+    """Yield (HF name, tensor, bytes read) for every weight in the file but the GGUF names in ``skip``.
 
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
@@ -329,8 +354,8 @@ def hf_tensors(
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
     mapping_config = rank_head_config(config) if split_for else config
     for name, info in gguf.tensors.items():
-        if name == ROPE_FREQS:
-            continue  # applied to the rotary tables after loading
+        if name == ROPE_FREQS or name in skip:
+            continue  # rope_freqs: applied to the rotary tables after loading
         hf_name = family.gguf_hf_name(name)
         if wanted is not None and hf_name is not None and not wanted(hf_name):
             continue
@@ -434,14 +459,74 @@ def load_model(
         gguf = GGUFFile(gguf)
     check_loadable(gguf)  # before the model is allocated
     model = build_model(config, dtype, device, max_positions, stage)
-    total = sum(info.nbytes for info in gguf.tensors.values())
-    tensors = hf_tensors(
-        gguf, config, finalize, split_for=checkpoint_splits(model), wanted=stage_tensor_filter(model)
+    splits = checkpoint_splits(model)
+    # For inference on CPU in one process the embedding keeps the file's blocks (read row by row
+    # from the map); under tensor parallelism each rank holds its vocabulary slice as floats.
+    placed = (
+        _keep_embedding_quantized(gguf, model, config, dtype)
+        if finalize and device.type == "cpu" and splits is None
+        else ()
     )
-    fill_model(model, config, tensors, total, gguf.path.name, "loading GGUF", show_progress)
-    if finalize and config.tie_word_embeddings:
+    total = sum(info.nbytes for name, info in gguf.tensors.items() if name not in placed)
+    tensors = hf_tensors(
+        gguf, config, finalize, split_for=splits, wanted=stage_tensor_filter(model), skip=frozenset(placed)
+    )
+    fill_model(
+        model,
+        config,
+        tensors,
+        total,
+        gguf.path.name,
+        "loading GGUF",
+        show_progress,
+        prepare_quantized=finalize,
+    )
+    holds_head = getattr(model, "lm_head", None) is not None
+    if finalize and config.tie_word_embeddings and not placed and splits is None and holds_head:
         quantize_tied_lm_head(model, gguf, config)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
-    finalize_model(model, device, dtype, finalize, rope_freq_factors)
+    finalize_model(model, device, dtype, finalize, rope_freq_factors, release_quantized=True)
+    gguf.release_pages()  # what loading touched; the embedding's rows come back as tokens use them
+    release_freed_memory()
     return model
+
+
+def _keep_embedding_quantized(
+    gguf: GGUFFile, model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype
+) -> tuple[str, ...]:
+    """Put a block-quantized ``token_embd`` into the model as a ``QuantizedEmbedding`` over the map.
+
+    A tied output projection gets its own copy of the same blocks in the layout its kernel reads
+    (it streams the whole table every token; a lookup reads a few rows). Returns the GGUF names
+    placed (none when the table is stored in floating point or the family names it differently).
+    """
+    info = gguf.tensors.get(TOKEN_EMBEDDING)
+    family = model_class(config.architecture)
+    hf_name = family.gguf_hf_name(TOKEN_EMBEDDING)
+    target = model.checkpoint_target(hf_name) if hf_name else None
+    if info is None or info.qtype not in BLOCK_FORMATS or target is None or len(info.shape) != 2:
+        return ()
+    module_name = target[0].removesuffix(".weight")
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(getattr(parent, attr, None), torch.nn.Embedding):
+        return ()
+    rows, cols = info.shape
+    table = torch.from_numpy(gguf.raw(TOKEN_EMBEDDING).reshape(rows, info.nbytes // rows))
+    decode = functools.partial(_decode_rows, qtype=info.qtype, cols=cols)
+    setattr(parent, attr, QuantizedEmbedding(table, cols, decode, dtype, info.qtype.name))
+    if config.tie_word_embeddings:
+        if info.qtype not in AFFINE_TYPES:
+            raise WeightsError(
+                f"{gguf.path.name}: a tied {info.qtype.name} embedding cannot be an output layer"
+            )
+        quantize_tied_lm_head(model, gguf, config)
+        model.lm_head.finalize(
+            release_quantized=True
+        )  # packed now: its loaded form is freed before the rest loads
+    return (TOKEN_EMBEDDING,)
+
+
+def _decode_rows(raw_rows: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
+    return dequantize(raw_rows, qtype, (raw_rows.shape[0], cols))
