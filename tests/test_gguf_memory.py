@@ -112,11 +112,10 @@ def test_smollm2_holds_each_weight_once(smollm2):
     assert accounting.mapped_bytes == GGUFFile(SMOLLM2).tensors["token_embd.weight"].nbytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CPU kernel's layout (kernels/cpu/woq.py) keeps float32 scales and zero-scales: 1.17x "
-    "the file; 16-bit ones bring it to ~1.0x",
-)
 def test_smollm2_resident_weights_within_1_15x_the_file(smollm2):
     _, accounting = smollm2
-    assert accounting.owned_bytes <= 1.15 * SMOLLM2.stat().st_size
+    # Issue 20's target: the weights held (the kernels' packed copies with their 16-bit scales, the
+    # float norms; the embedding's blocks on the map counted separately) within 1.15x the file.
+    assert accounting.owned_bytes <= 1.15 * SMOLLM2.stat().st_size, (
+        accounting.owned_bytes / SMOLLM2.stat().st_size
+    )
