@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="512-token perplexity windows per text")
     parser.add_argument("--repeats", type=int, default=3, help="speed rounds (models take turns)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the speed rounds (perplexity and fine-tuning only: a busy machine's timings are noise)")  # fmt: skip
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="which settings to write and measure (dense is always measured)")  # fmt: skip
     parser.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps (0: none)")
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}, flush=True
         )
-    speed = measure_speed(paths, stories[:20_000], args.repeats, args.decode_tokens)
+    speed = {} if args.no_speed else measure_speed(paths, stories[:20_000], args.repeats, args.decode_tokens)
     for name in speed:
         rows[name].update(speed[name])
         rows[name]["decode_speedup"] = (
@@ -240,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "calibration": f"{args.num_samples} x {args.seq_len} tokens, second half of tinystories_valid.txt",
         "perplexity": f"{args.windows} windows of 512 tokens per text",
-        "speed": f"median of {args.repeats} rounds; decode {args.decode_tokens} tokens after a 32-token prompt",
+        "speed": "not measured (--no-speed)"
+        if args.no_speed
+        else f"median of {args.repeats} rounds; decode {args.decode_tokens} tokens after a 32-token prompt",
         "models": rows,
     }
     if args.json:
