@@ -59,8 +59,10 @@ def texts(shared: Path, work: Path, which: str) -> tuple[Path, str]:
     return calib, valid[:-CALIB_BYTES]
 
 
-def evaluate(model: Path, text: str, windows: int) -> float:
-    llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
+def evaluate(model: Path, text: str, windows: int, threads: int | None = None) -> float:
+    llm = LLM(
+        str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, num_threads=threads, show_progress=False
+    )
     return perplexity(llm, text=text, ctx=512, max_windows=windows, show_progress=False).perplexity
 
 
@@ -152,7 +154,7 @@ def plot(results: list[dict], base: float, path: str) -> None:
 def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict) -> None:
     """Write what is measured so far (JSON and plot), so an interrupted run keeps its points."""
     summary = {"model": str(args.model), "texts": args.texts, "dense_perplexity": base, "windows": args.windows,
-               "num_samples": args.num_samples, "machine": platform.processor() or platform.machine(),
+               "num_samples": args.num_samples, "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "results": results, "speed": speed}  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +177,13 @@ def main() -> int:
     parser.add_argument(
         "--speed-only", metavar="RATIO:METHOD", help="only time this factorized model against dense"
     )
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the perplexity runs (1 on a busy shared machine; not for timings)")  # fmt: skip
     parser.add_argument("--json", help="write the results as JSON")
     parser.add_argument("--plot", help="perplexity vs parameters removed (png)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as work:
         calib, text = texts(Path(args.shared), Path(work), args.texts)
@@ -187,7 +193,7 @@ def main() -> int:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
             return 0
-        base = evaluate(Path(args.model), text, args.windows)
+        base = evaluate(Path(args.model), text, args.windows, args.threads)
         print(f"dense: {base:.3f}", flush=True)
         results, speed = [], {}
         # Ratio by ratio, both methods each time, so a run cut short still compares them.
@@ -197,7 +203,7 @@ def main() -> int:
                 out = Path(work) / f"{method}-{ratio}"
                 options = LowRankOptions(ratio, method)
                 _, report = compress_low_rank(args.model, out, options, calib, args.num_samples, 256)
-                ppl = evaluate(out, text, args.windows)
+                ppl = evaluate(out, text, args.windows, args.threads)
                 kept = report.parameters_after / report.parameters_before
                 row = {"method": method, "keep_ratio": ratio, "kept_pct": 100 * kept,
                        "removed_pct": 100 * (1 - kept), "perplexity": ppl, "seconds": time.perf_counter() - start}  # fmt: skip
