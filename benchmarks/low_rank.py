@@ -8,6 +8,14 @@ tokens of the rest. The baseline is the source model itself (a GGUF file is dequ
 its factors are taken from those same dequantized weights). ``--speed`` also times greedy decoding
 (batch 1) of the dense model and of one factorized model on the CPU.
 
+``--speed-only RATIO:METHOD`` skips the curve (timings need a quiet machine, perplexity does not):
+it factorizes once, then times every decoder Linear at batch 1 (bf16, dense against factorized,
+with the bytes each reads) and greedy batch-1 decoding of both models, taking turns. The dense
+side of a GGUF model is its dequantized bf16 weights (as the factors are), not its quantized kernels.
+
+    python benchmarks/low_rank.py --model ~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --speed-only 0.6:svd --json docs/results/low_rank_speed_smollm2.json
+
     python benchmarks/low_rank.py --model ~/.cache/effinfer-models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --ratios 0.9,0.8,0.7,0.6 --methods svd,svd-llm --json docs/results/low_rank.json \
         --plot docs/low_rank_ppl.png --speed 0.7:svd-llm
@@ -24,14 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from effinfer import LLM, SamplingParams  # noqa: E402
 from effinfer.compress.lowrank import LowRankOptions  # noqa: E402
 from effinfer.compress.lowrank_cli import compress_low_rank  # noqa: E402
+from effinfer.compress.prune.pipeline import load_source, save_pruned  # noqa: E402
 from effinfer.default_model import heldout_text_path  # noqa: E402
 from effinfer.eval.perplexity import perplexity  # noqa: E402
+from effinfer.loading.gguf import is_gguf_file  # noqa: E402
 
 CALIB_BYTES = 200_000
 KV_CACHE_BYTES = 256 * 2**20  # plenty for one 512-token window; the machine is shared
@@ -47,13 +59,15 @@ def texts(shared: Path, work: Path, which: str) -> tuple[Path, str]:
     return calib, valid[:-CALIB_BYTES]
 
 
-def evaluate(model: Path, text: str, windows: int) -> float:
-    llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
+def evaluate(model: Path, text: str, windows: int, threads: int | None = None) -> float:
+    llm = LLM(
+        str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, num_threads=threads, show_progress=False
+    )
     return perplexity(llm, text=text, ctx=512, max_windows=windows, show_progress=False).perplexity
 
 
 def decode_speed(model: Path, tokens: int = 64, runs: int = 3) -> float:
-    """Median tokens/s of greedy batch-1 decoding (after one warm-up run)."""
+    """Median tokens/s of greedy batch-1 decoding over ``runs`` runs (after one warm-up run)."""
     llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     llm.generate(["Once upon a time"], params)
@@ -63,6 +77,58 @@ def decode_speed(model: Path, tokens: int = 64, runs: int = 3) -> float:
         llm.generate(["Once upon a time"], params)
         rates.append(tokens / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def linear_timings(model: Path, runs: int = 200) -> dict[str, tuple[float, int]]:
+    """Per decoder Linear: (median microseconds of one batch-1 bf16 product, bytes its kernel reads)."""
+    llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
+    timings = {}
+    with torch.no_grad():
+        for name, linear in llm.engine.runner.model.compressible_linears():
+            x = torch.randn(1, linear.in_features, dtype=torch.bfloat16)
+            for _ in range(20):
+                linear(x)
+            samples = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(runs // 5):
+                    linear(x)
+                samples.append((time.perf_counter() - start) / (runs // 5) * 1e6)
+            timings[name] = (statistics.median(samples), linear.weight_nbytes())
+    return timings
+
+
+def speed_only(args: argparse.Namespace, calib: Path) -> dict:
+    """Kernel-level and decode-level CPU speed of one factorized model against the dense one."""
+    ratio, method = args.speed_only.split(":")
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "factorized"
+        _, report = compress_low_rank(args.model, out, LowRankOptions(float(ratio), method), calib,
+                                      args.num_samples, 256, show_progress=False)  # fmt: skip
+        source = Path(args.model).expanduser()
+        if is_gguf_file(source):  # a GGUF would run its quantized kernels: compare with its bf16 weights
+            source = save_pruned(
+                load_source(source, show_progress=False), Path(work) / "dense", {"method": "none"}
+            )
+        dense, factorized = linear_timings(source), linear_timings(out)
+        rates = {"dense": [], "factorized": []}
+        for _ in range(3):  # the models take turns, so a busy moment hits both alike
+            rates["dense"].append(decode_speed(source, runs=1))
+            rates["factorized"].append(decode_speed(out, runs=1))
+    layers = [{"linear": name, "dense_us": dense[name][0], "dense_bytes": dense[name][1],
+               "low_rank_us": factorized[name][0], "low_rank_bytes": factorized[name][1]} for name in dense]  # fmt: skip
+    total = {
+        key: sum(row[key] for row in layers)
+        for key in ("dense_us", "dense_bytes", "low_rank_us", "low_rank_bytes")
+    }
+    result = {"model": str(args.model), "factorized": args.speed_only, "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "kept_parameters": report.parameters_after / report.parameters_before,
+              "linears_total": total, "linears": layers,
+              "decode_tok_s": {name: statistics.median(r) for name, r in rates.items()}}  # fmt: skip
+    print(f"decoder Linears at batch 1: dense {total['dense_us']:.0f} us for {total['dense_bytes'] / 2**20:.1f} MiB, "
+          f"low-rank {total['low_rank_us']:.0f} us for {total['low_rank_bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    print(f"greedy decode (median of 3): {json.dumps(result['decode_tok_s'])} tokens/s")
+    return result
 
 
 def plot(results: list[dict], base: float, path: str) -> None:
@@ -88,7 +154,7 @@ def plot(results: list[dict], base: float, path: str) -> None:
 def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict) -> None:
     """Write what is measured so far (JSON and plot), so an interrupted run keeps its points."""
     summary = {"model": str(args.model), "texts": args.texts, "dense_perplexity": base, "windows": args.windows,
-               "num_samples": args.num_samples, "machine": platform.processor() or platform.machine(),
+               "num_samples": args.num_samples, "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "results": results, "speed": speed}  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -108,13 +174,26 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration rows of 256 tokens")
     parser.add_argument("--speed", help="RATIO:METHOD of the model whose decode speed is compared with dense")
+    parser.add_argument(
+        "--speed-only", metavar="RATIO:METHOD", help="only time this factorized model against dense"
+    )
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the perplexity runs (1 on a busy shared machine; not for timings)")  # fmt: skip
     parser.add_argument("--json", help="write the results as JSON")
     parser.add_argument("--plot", help="perplexity vs parameters removed (png)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as work:
         calib, text = texts(Path(args.shared), Path(work), args.texts)
-        base = evaluate(Path(args.model), text, args.windows)
+        if args.speed_only:
+            result = speed_only(args, calib)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            return 0
+        base = evaluate(Path(args.model), text, args.windows, args.threads)
         print(f"dense: {base:.3f}", flush=True)
         results, speed = [], {}
         # Ratio by ratio, both methods each time, so a run cut short still compares them.
@@ -124,7 +203,7 @@ def main() -> int:
                 out = Path(work) / f"{method}-{ratio}"
                 options = LowRankOptions(ratio, method)
                 _, report = compress_low_rank(args.model, out, options, calib, args.num_samples, 256)
-                ppl = evaluate(out, text, args.windows)
+                ppl = evaluate(out, text, args.windows, args.threads)
                 kept = report.parameters_after / report.parameters_before
                 row = {"method": method, "keep_ratio": ratio, "kept_pct": 100 * kept,
                        "removed_pct": 100 * (1 - kept), "perplexity": ppl, "seconds": time.perf_counter() - start}  # fmt: skip

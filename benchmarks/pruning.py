@@ -55,8 +55,10 @@ def checkpoint_sparsity(directory: Path, pattern: SparsityPattern) -> dict:
     }
 
 
-def held_out_perplexity(model: Path, text: Path, ctx: int, max_windows: int) -> float:
-    llm = LLM(str(model), dtype="float32", device="cpu", show_progress=False)
+def held_out_perplexity(
+    model: Path, text: Path, ctx: int, max_windows: int, threads: int | None = None
+) -> float:
+    llm = LLM(str(model), dtype="float32", device="cpu", num_threads=threads, show_progress=False)
     return perplexity(llm, path=text, ctx=ctx, max_windows=max_windows, show_progress=False).perplexity
 
 
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="CPU threads (1 on a busy shared machine)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--layer-error", type=int, metavar="L",
@@ -125,7 +128,9 @@ def main() -> None:
             args.json.write_text(json.dumps(errors, indent=2) + "\n")
         return
     torch.manual_seed(0)
-    eval_args = dict(text=Path(args.eval), ctx=args.ctx, max_windows=args.max_windows)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_args = dict(text=Path(args.eval), ctx=args.ctx, max_windows=args.max_windows, threads=args.threads)
     # Rows an earlier run measured with the same settings are kept (the runs are long on a CPU).
     done = {}
     if args.json and args.json.is_file():
@@ -147,6 +152,7 @@ def main() -> None:
             out = args.work / f"{method}-{sparsity.replace(':', 'of')}"
             if (method, sparsity) in done:
                 rows.append(done[(method, sparsity)])
+                save_rows(args, rows)  # a row kept from an earlier run stays in the file
                 continue
             row = {"method": method, "sparsity": sparsity}
             if not (out / "model.safetensors").is_file():
@@ -163,13 +169,17 @@ def main() -> None:
             row["eval_seconds"] = time.perf_counter() - start
             rows.append(row)
             print(row, flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({"args": vars(args) | {"work": str(args.work), "json": str(args.json),
-                                     "plot": str(args.plot)}, "rows": rows}, indent=2) + "\n")  # fmt: skip
+            save_rows(args, rows)
     print(markdown_table(rows))
     if args.plot:
         plot(rows, args.plot, f"Pruning {Path(args.model).name}")
+
+
+def save_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": vars(args) | {"work": str(args.work), "json": str(args.json),
+                             "plot": str(args.plot)}, "rows": rows}, indent=2) + "\n")  # fmt: skip
 
 
 def markdown_table(rows: list[dict]) -> str:

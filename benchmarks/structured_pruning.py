@@ -100,18 +100,22 @@ def measure_quality(path: Path, texts: dict[str, str], windows: int) -> dict:
     return result
 
 
-def recover(init: Path, out: Path, data: Path, steps: int, minutes: float) -> dict:
+def recover(
+    init: Path, out: Path, data: Path, steps: int, minutes: float, threads: int | None = None
+) -> dict:
     """``effinfer train --init``: a short fine-tune on ``data``; what it ran."""
     if not (out / "config.json").is_file():
         args = ["--data", str(data), "--val-fraction", "0", "--seq-len", "256", "--batch-size", "4"]
         args += ["--lr", "5e-5", "--warmup-steps", str(max(1, steps // 10)), "--max-steps", str(steps)]
         args += ["--eval-every", "0", "--save-every", "0", "--max-time-minutes", str(minutes), "--seed", "0"]
+        args += ["--threads", str(threads)] if threads else []
         start = time.perf_counter()
         if train_main([*args, "--save-dtype", "bfloat16", "--init", str(init), "--out", str(out)]) != 0:
             raise SystemExit(f"fine-tuning {init} failed")
         print(f"fine-tuned {init.name} in {time.perf_counter() - start:.0f} s", flush=True)
     summary = json.loads((out / "train_summary.json").read_text())
-    return {"steps": summary["steps"], "tokens": summary["tokens_seen"]}
+    return {"steps": summary["steps"], "tokens": summary["tokens_seen"], "train_seconds": summary["train_seconds"],
+            "train_loss": summary["train_loss"]}  # fmt: skip
 
 
 def measure_speed(paths: dict[str, Path], prompt_text: str, repeats: int, decode_tokens: int) -> dict:
@@ -191,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="512-token perplexity windows per text")
     parser.add_argument("--repeats", type=int, default=3, help="speed rounds (models take turns)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for perplexity and fine-tuning (1 on a busy machine)"
+    )
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the speed rounds (perplexity and fine-tuning only: a busy machine's timings are noise)")  # fmt: skip
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="which settings to write and measure (dense is always measured)")  # fmt: skip
     parser.add_argument("--recover-steps", type=int, default=0, help="fine-tune steps (0: none)")
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
     args.settings = ["dense", *(n for n in args.settings if n != "dense")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        ENGINE["num_threads"] = args.threads
     args.work.mkdir(parents=True, exist_ok=True)
 
     stories = (TEXTS / "tinystories_valid.txt").read_text()
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}, flush=True
         )
-    speed = measure_speed(paths, stories[:20_000], args.repeats, args.decode_tokens)
+    speed = {} if args.no_speed else measure_speed(paths, stories[:20_000], args.repeats, args.decode_tokens)
     for name in speed:
         rows[name].update(speed[name])
         rows[name]["decode_speedup"] = (
@@ -231,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.recover_steps:
         for name in ["dense", *args.recover]:
             tuned = paths[name].with_name(paths[name].name + "_tuned")
-            run = recover(paths[name], tuned, calib_text, args.recover_steps, args.recover_minutes)
+            run = recover(
+                paths[name], tuned, calib_text, args.recover_steps, args.recover_minutes, args.threads
+            )
             rows[f"{name} + fine-tune"] = {**measure_quality(tuned, texts, args.windows), "fine_tune": run}
             print(f"{name} + fine-tune", rows[f"{name} + fine-tune"], flush=True)
     results = {
@@ -240,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "calibration": f"{args.num_samples} x {args.seq_len} tokens, second half of tinystories_valid.txt",
         "perplexity": f"{args.windows} windows of 512 tokens per text",
-        "speed": f"median of {args.repeats} rounds; decode {args.decode_tokens} tokens after a 32-token prompt",
+        "speed": "not measured (--no-speed)"
+        if args.no_speed
+        else f"median of {args.repeats} rounds; decode {args.decode_tokens} tokens after a 32-token prompt",
         "models": rows,
     }
     if args.json:

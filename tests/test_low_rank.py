@@ -22,7 +22,8 @@ from effinfer.compress.lowrank import (
     truncated_svd,
 )
 from effinfer.config import ConfigError
-from effinfer.kernels import quant_linear
+from effinfer.kernels import lowrank_linear, quant_linear
+from effinfer.kernels.cpu import skinny
 from effinfer.layers.linear import Linear
 from effinfer.quant import registry
 from effinfer.quant.lowrank import LowRankWeight
@@ -109,6 +110,24 @@ def test_a_linear_runs_the_two_products_not_the_dense_matrix():
     assert linear._kernel_state.backend == "low-rank"
     x = torch.randn(3, 32)
     torch.testing.assert_close(linear(x), linear.quantized.reference_linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_ranks_are_padded_to_whole_amx_tiles_without_changing_the_product():
+    """A rank off a multiple of 32 would send U's product to oneDNN (slow at batch 1): the kernel pads it."""
+    if skinny.extension() is None:
+        pytest.skip("no AMX skinny kernel on this CPU: ranks are left as they are")
+    weight = LowRankWeight.cat_rows([random_low_rank(48, 64, 6, 0), random_low_rank(16, 64, 33, 1)])
+    state = lowrank_linear.prepare(weight, None, torch.bfloat16)
+    assert [second.weight.shape for _, _, second, _ in state.parts] == [(48, 32), (16, 64)]
+    assert state.first.skinny and all(second.skinny for _, _, second, _ in state.parts)
+    for (u, v), (start, stop, second, _) in zip(zip(weight.us, weight.vs), state.parts):
+        padded_v = state.first.weight[start:stop]
+        exact = u.bfloat16().double() @ v.bfloat16().double()
+        assert torch.equal(second.weight.double() @ padded_v.double(), exact)
+    x = torch.randn(1, 64).bfloat16()
+    torch.testing.assert_close(
+        lowrank_linear.apply(state, x).float(), weight.reference_linear(x).float(), rtol=3e-2, atol=0.3
+    )
 
 
 # ---- the factorizations ------------------------------------------------------------------------

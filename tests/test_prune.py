@@ -153,7 +153,7 @@ def tiny_llama(tmp_path_factory):
 CALIB = ["--num-samples", "4", "--seq-len", "32"]
 
 
-@pytest.mark.parametrize("method,sparsity", [("wanda", "0.5"), ("sparsegpt", "2:4")])
+@pytest.mark.parametrize("method,sparsity", [("wanda", "0.5"), ("sparsegpt", "0.5"), ("sparsegpt", "2:4")])
 def test_prune_cli_writes_a_sparse_checkpoint_transformers_loads(tiny_llama, tmp_path, method, sparsity):
     original, path = tiny_llama
     out = tmp_path / "pruned"
