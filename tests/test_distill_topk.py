@@ -5,7 +5,6 @@ run against an on-the-fly one, and the SVD embedding against NumPy's SVD."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,57 +16,25 @@ from effinfer.train.distill import distillation_loss, truncated_svd_rows
 from effinfer.train.distill import main as distill_main
 from effinfer.train.teacher_topk import (
     CachedTeacher,
+    TeacherTopK,
     TeacherTopKCache,
     build_teacher_cache,
     sparse_distillation_loss,
     top_k_log_probs,
 )
+from tests import test_distill
+from tests.test_distill import RUN, STUDENT
 
-STUDENT = [
-    "--hidden-size",
-    "32",
-    "--layers",
-    "2",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--intermediate-size",
-    "64",
-]
-RUN = [
-    "--seq-len", "64",
-    "--batch-size", "4",
-    "--val-fraction", "0.2",
-    "--eval-every", "0",
-    "--eval-batches", "2",
-    "--save-every", "0",
-    "--threads", "1",
-    "--save-dtype", "float32",
-    "--seed", "3",
-]  # fmt: skip
+# test_distill's fixtures: its forty story files (module-scoped) and the torch thread count kept.
+stories_files = test_distill.stories_files
+_keep_torch_threads = test_distill._keep_torch_threads
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def stories_files(shared_data, tmp_path_factory) -> Path:
-    text = (shared_data / "text" / "tinystories_valid.txt").read_text(encoding="utf-8")
-    stories = [s.strip() for s in text.split("\n\n") if s.strip()][:40]
-    directory = tmp_path_factory.mktemp("stories")
-    for i, story in enumerate(stories):
-        (directory / f"story{i:02d}.txt").write_text(story + "\n")
-    return directory
-
-
-def _through_fp16(values, ids, tail):
+def _through_fp16(teacher: TeacherTopK) -> TeacherTopK:
     """What the cache stores and gives back: float16 log-probabilities, int32 ids, float32 tail."""
-    return values.half().float(), ids.int().long(), tail.float()
+    return TeacherTopK(
+        teacher.log_probs.half().float(), teacher.ids.int().long(), teacher.tail_log_mass.float()
+    )
 
 
 # ---------------------------------------------------------------- the loss
@@ -80,8 +47,8 @@ def test_sparse_loss_with_the_whole_vocabulary_is_the_full_loss(direction, weigh
     student = (torch.randn(2, 5, 13, generator=generator) * 3).requires_grad_(True)
     teacher = torch.randn(2, 5, 13, generator=generator) * 3
     targets = torch.randint(0, 13, (2, 5), generator=generator)
-    cached = _through_fp16(*top_k_log_probs(teacher, 13, temperature))
-    sparse = sparse_distillation_loss(student, *cached, targets, weight, temperature, direction)
+    cached = _through_fp16(top_k_log_probs(teacher, 13, temperature))
+    sparse = sparse_distillation_loss(student, cached, targets, weight, temperature, direction)
     (sparse_grad,) = torch.autograd.grad(sparse, student)
     full = distillation_loss(student, teacher, targets, weight, temperature, direction)
     (full_grad,) = torch.autograd.grad(full, student)
@@ -115,8 +82,8 @@ def test_sparse_loss_is_the_kl_over_top_k_and_a_tail_bucket(direction, k, temper
     student = torch.randn(3, 4, 17, generator=generator) * 2
     teacher = torch.randn(3, 4, 17, generator=generator) * 2
     targets = torch.randint(0, 17, (3, 4), generator=generator)
-    values, ids, tail = top_k_log_probs(teacher, k, temperature)  # float32, no float16 rounding here
-    ours = sparse_distillation_loss(student, values, ids, tail, targets, 0.6, temperature, direction).item()
+    cached = top_k_log_probs(teacher, k, temperature)  # float32, no float16 rounding here
+    ours = sparse_distillation_loss(student, cached, targets, 0.6, temperature, direction).item()
     expected = coarse_reference(student, teacher, targets, k, 0.6, temperature, direction)
     assert ours == pytest.approx(expected, rel=1e-5)
     # A lower bound of the full KL (data processing): coarsening never adds divergence.
@@ -166,7 +133,10 @@ def test_an_interrupted_cache_pass_resumes(stories260k, tmp_path):
     partial = TeacherTopKCache(tmp_path / "part", whole.settings, *whole.shape)
     for row in range(17):
         partial.write(
-            row, *(torch.from_numpy(np.asarray(whole.arrays[n][row])) for n in ("values", "ids", "tail"))
+            row,
+            TeacherTopK(
+                *(torch.from_numpy(np.asarray(whole.arrays[n][row])) for n in TeacherTopKCache.FILES)
+            ),
         )
     partial.arrays["values"][17:] = 99  # garbage past the saved progress is overwritten
     partial.flush()

@@ -253,13 +253,13 @@ class DistillTrainer(Trainer):
         cfg = self.cfg
         rows = self._rows_read()
         directory = cfg.teacher_cache or self.state_dir / "teacher-topk"
-        if self.dist.is_main:  # rank 0 runs the teacher; the others wait, then read its files
-            build_teacher_cache(
-                cfg.teacher, rows, directory, cfg.teacher_topk, cfg.kd_temperature, cfg.threads
-            )
+        build = partial(
+            build_teacher_cache, cfg.teacher, rows, directory, cfg.teacher_topk, cfg.kd_temperature
+        )
+        if self.dist.is_main:  # rank 0 runs the teacher; the others wait, then open its files
+            build(threads=cfg.threads)
         self.dist.barrier()
-        cache = build_teacher_cache(cfg.teacher, rows, directory, cfg.teacher_topk, cfg.kd_temperature,
-                                    show_progress=False)  # fmt: skip
+        cache = build(show_progress=False)  # complete by now: only opens it
         return CachedDistillationLoss(
             self.model, CachedTeacher(cache, rows), cfg.kd_weight, cfg.kd_temperature, cfg.kd_loss
         )

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,12 +42,18 @@ FLUSH_EVERY = 16
 MIN_TAIL_LOG_MASS = -1e4
 
 
-def top_k_log_probs(
-    logits: torch.Tensor, top_k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probabilities at T of the ``top_k`` likeliest tokens, their ids, log of the remaining mass).
+class TeacherTopK(NamedTuple):
+    """The teacher's sparse next-token distribution at each position ([..., K] and [...])."""
 
-    ``logits`` are [..., vocab]; the log-softmax runs in float32 over the whole vocabulary.
+    log_probs: torch.Tensor  # of the K likeliest tokens, at the distillation temperature
+    ids: torch.Tensor
+    tail_log_mass: torch.Tensor  # log of the probability of all other tokens (-inf when K = vocab)
+
+
+def top_k_log_probs(logits: torch.Tensor, top_k: int, temperature: float) -> TeacherTopK:
+    """The ``top_k`` likeliest tokens of ``logits`` [..., vocab] at temperature T, and the rest's mass.
+
+    The log-softmax runs in float32 over the whole vocabulary.
     """
     log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
     values, ids = log_probs.topk(top_k, dim=-1)
@@ -54,14 +61,12 @@ def top_k_log_probs(
         tail = torch.full(values.shape[:-1], float("-inf"), device=values.device)
     else:
         tail = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return values, ids, tail
+    return TeacherTopK(values, ids, tail)
 
 
 def sparse_distillation_loss(
     student_logits: torch.Tensor,
-    teacher_top_log_probs: torch.Tensor,
-    teacher_top_ids: torch.Tensor,
-    teacher_tail_log_mass: torch.Tensor,
+    teacher: TeacherTopK,
     targets: torch.Tensor,
     kd_weight: float,
     temperature: float = 1.0,
@@ -74,19 +79,21 @@ def sparse_distillation_loss(
     equal to the vocabulary this is the full KL, so the loss equals the on-the-fly one.
     """
     student_logits = student_logits.float()
-    cross_entropy = F.cross_entropy(student_logits.flatten(0, -2), targets.flatten())
-    scaled = student_logits / temperature
-    log_norm = scaled.logsumexp(-1)
-    student_top = scaled.gather(-1, teacher_top_ids) - log_norm[..., None]
-    teacher_top = teacher_top_log_probs.float()
+    # Cross-entropy from the log-sum-exp, which T = 1 shares with the KL: no second [N, vocab] tensor.
+    log_z = student_logits.logsumexp(-1)
+    cross_entropy = (log_z - student_logits.gather(-1, targets[..., None])[..., 0]).mean()
+    scaled = student_logits if temperature == 1 else student_logits / temperature
+    log_norm = log_z if temperature == 1 else scaled.logsumexp(-1)
+    student_top = scaled.gather(-1, teacher.ids) - log_norm[..., None]
+    teacher_top = teacher.log_probs.float()
     if kd_loss == "forward":
         kl = (teacher_top.exp() * (teacher_top - student_top)).sum(-1)
     else:
         kl = (student_top.exp() * (student_top - teacher_top)).sum(-1)
-    if teacher_top_ids.shape[-1] < student_logits.shape[-1]:
+    if teacher.ids.shape[-1] < student_logits.shape[-1]:
         # Exact log-mass outside the cached ids (no 1 - sum cancellation when it is small).
-        student_tail = scaled.scatter(-1, teacher_top_ids, float("-inf")).logsumexp(-1) - log_norm
-        teacher_tail = teacher_tail_log_mass.float().clamp(min=MIN_TAIL_LOG_MASS)
+        student_tail = scaled.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1) - log_norm
+        teacher_tail = teacher.tail_log_mass.float().clamp(min=MIN_TAIL_LOG_MASS)
         if kd_loss == "forward":
             kl = kl + teacher_tail.exp() * (teacher_tail - student_tail)
         else:
@@ -144,15 +151,15 @@ class TeacherTopKCache:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         tmp.replace(self.directory / "meta.json")
 
-    def write(self, row: int, values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> None:
+    def write(self, row: int, teacher: TeacherTopK) -> None:
         """Store one row; rows are written in order, and ``rows_done`` is saved every ``FLUSH_EVERY``."""
         if row != self.rows_done:
             raise ValueError(
                 f"teacher cache rows are written in order: expected row {self.rows_done}, got {row}"
             )
-        self.arrays["values"][row] = values.cpu().to(torch.float16).numpy()
-        self.arrays["ids"][row] = ids.cpu().to(torch.int32).numpy()
-        self.arrays["tail"][row] = tail.cpu().float().numpy()
+        self.arrays["values"][row] = teacher.log_probs.cpu().to(torch.float16).numpy()
+        self.arrays["ids"][row] = teacher.ids.cpu().to(torch.int32).numpy()
+        self.arrays["tail"][row] = teacher.tail_log_mass.cpu().float().numpy()
         self.rows_done += 1
         if self.rows_done % FLUSH_EVERY == 0 or self.complete:
             self.flush()
@@ -205,7 +212,7 @@ def build_teacher_cache(
             # One extra token: teacher_forced_logits scores every token but the last.
             tokens = [*rows[row].tolist(), 0]
             logits = torch.cat(list(llm.engine.teacher_forced_logits(tokens, chunk=seq_len)))
-            cache.write(row, *top_k_log_probs(logits, top_k, temperature))
+            cache.write(row, top_k_log_probs(logits, top_k, temperature))
             bar.update(1)
     cache.flush()
     return cache
@@ -220,7 +227,7 @@ class CachedTeacher:
         self.cache = cache
         self.slot = {row_key(tokens): i for i, tokens in enumerate(rows)}
 
-    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor) -> TeacherTopK:
         try:
             slots = [self.slot[row_key(tokens)] for tokens in inputs.cpu().numpy()]
         except KeyError:
@@ -232,7 +239,7 @@ class CachedTeacher:
         values = torch.from_numpy(arrays["values"][slots]).to(device)
         ids = torch.from_numpy(arrays["ids"][slots].astype(np.int64)).to(device)
         tail = torch.from_numpy(arrays["tail"][slots]).to(device)
-        return values, ids, tail
+        return TeacherTopK(values, ids, tail)
 
 
 class CachedDistillationLoss(nn.Module):
@@ -249,5 +256,5 @@ class CachedDistillationLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         student_logits = self.model.compute_logits(self.model.forward_dense(inputs))
         return sparse_distillation_loss(
-            student_logits, *self.teacher(inputs), targets, self.kd_weight, self.temperature, self.kd_loss
+            student_logits, self.teacher(inputs), targets, self.kd_weight, self.temperature, self.kd_loss
         )
