@@ -119,7 +119,8 @@ class TeacherTopKCache:
         self.settings = settings
         self.shape = (num_rows, seq_len, top_k)
         meta = self._read_meta()
-        fresh = meta is None or meta.get("settings") != settings
+        files_present = all((self.directory / f"{name}.npy").is_file() for name in self.FILES)
+        fresh = meta is None or meta.get("settings") != settings or not files_present
         if fresh:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.rows_done = 0
@@ -199,7 +200,8 @@ def build_teacher_cache(
     if cache.complete:
         return cache
     kv_bytes = 64 * 2**20  # one row of context at a time
-    llm = LLM(teacher_path, max_model_len=seq_len + 1, kv_cache_memory=kv_bytes, num_threads=threads,
+    # The scored rows' positions stop at seq_len - 1 (the extra token below is never run).
+    llm = LLM(teacher_path, max_model_len=seq_len, kv_cache_memory=kv_bytes, num_threads=threads,
               show_progress=False)  # fmt: skip
     vocab = llm.engine.model_config.vocab_size
     if top_k > vocab:
