@@ -141,7 +141,8 @@ def write_data(args: argparse.Namespace) -> None:
     out = Path(args.out)
     (out / "selfgen").mkdir(parents=True, exist_ok=True)
     (out / "code").mkdir(parents=True, exist_ok=True)
-    answers = [json.loads(line) for line in Path(args.selfgen).read_text(encoding="utf-8").splitlines()]
+    lines = Path(args.selfgen).read_text(encoding="utf-8").splitlines() if args.selfgen else []
+    answers = [json.loads(line) for line in lines]
     for i, item in enumerate(answers):
         (out / "selfgen" / f"answer{i:03d}.md").write_text(
             f"{item['task']}\n\n{item['answer']}\n", encoding="utf-8"
@@ -231,7 +232,7 @@ def main() -> None:
     g.add_argument("--batch", type=int, default=32)
     g.add_argument("--threads", type=int)
     d = sub.add_parser("data", help="write the training files")
-    d.add_argument("--selfgen", required=True)
+    d.add_argument("--selfgen", help="the teacher's answers from `generate` (default: none)")
     d.add_argument("--out", required=True)
     d.add_argument("--code-dir", help="default: this Python's standard library")
     d.add_argument("--code-bytes", type=int, default=600_000)

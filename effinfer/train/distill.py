@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from effinfer.loading.checkpoint import Checkpoint, open_checkpoint
+from effinfer.loading.safetensors import find_weight_files
 from effinfer.models.base import CausalLM
 from effinfer.train import add_arguments as add_train_arguments
 from effinfer.train import run as run_training
@@ -267,13 +269,9 @@ class DistillTrainer(Trainer):
     @torch.no_grad()
     def _init_embedding_from_teacher(self) -> None:
         """The teacher's input embedding cut to the student's width; an untied student's head gets the same."""
-        teacher = self.teacher_checkpoint.load_model(
-            torch.float32, torch.device("cpu"), 1, show_progress=False
-        )
         embedding = truncated_svd_rows(
-            teacher.model.embed_tokens.weight.float(), self.model.config.hidden_size
+            teacher_embedding(self.teacher_checkpoint), self.model.config.hidden_size
         )
-        del teacher
         self.model.model.embed_tokens.weight.copy_(embedding)
         if not self.model.config.tie_word_embeddings:
             self.model.lm_head.weight.copy_(embedding)
@@ -284,14 +282,26 @@ def truncated_svd_rows(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
     ``U_r S_r V_rᵀ`` is the closest rank-r matrix to ``matrix`` (Eckart–Young), so a student whose
     embedding (and tied head) is ``U_r S_r`` can express the teacher's logits for any final hidden state
-    in the span of ``V_r``. Computed from the eigenvectors of the d × d Gram matrix in float64.
+    in the span of ``V_r``. Computed from the eigenvectors of the d × d Gram matrix (float32 product,
+    float64 eigensolver: a float64 product of a 151k-row matrix takes minutes on a CPU).
     """
     if rank > matrix.shape[1]:
         raise ValueError(f"the student is wider ({rank}) than the teacher's embedding ({matrix.shape[1]})")
-    wide = matrix.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(wide.T @ wide)  # ascending
-    basis = eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]]
-    return (wide @ basis).to(matrix.dtype)
+    matrix = matrix.float()
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix.T @ matrix).double())  # ascending
+    basis = eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]].float()
+    return matrix @ basis
+
+
+def teacher_embedding(teacher: Checkpoint) -> torch.Tensor:
+    """The teacher's input embedding [vocab, hidden] in float32, read on its own (no model is built)."""
+    if teacher.gguf is not None:
+        return teacher.gguf.tensor("token_embd.weight").float()
+    for file in find_weight_files(teacher.path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                return f.get_tensor("model.embed_tokens.weight").float()
+    raise ValueError(f"the teacher {teacher.path} has no model.embed_tokens.weight to start the student from")
 
 
 def teacher_tokenizer_dir(teacher: Checkpoint, gguf_target: Path) -> Path:
