@@ -19,7 +19,9 @@ vocabulary size. Everything else is ``effinfer train``: the same flags, data pip
 checkpoints and export; only the loss differs. ``--kd-weight 0`` (without ``--hidden-weight``) never
 runs the teacher and is plain training of the same student on the same tokens, the honest baseline.
 The teacher is anything effinfer loads (HF directory or GGUF), frozen, run in float32 without
-autograd on the same batches.
+autograd on the same batches. ``--teacher-topk K`` runs the teacher once instead and trains from its
+cached top-K distribution (``teacher_topk.py``). ``--embedding-from-teacher`` starts a fresh student's
+token embedding (and output head) from the teacher's, cut to the student's width by a truncated SVD.
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from effinfer.loading.checkpoint import Checkpoint, open_checkpoint
+from effinfer.loading.safetensors import find_weight_files
 from effinfer.models.base import CausalLM
 from effinfer.train import add_arguments as add_train_arguments
 from effinfer.train import run as run_training
 from effinfer.train.config import TrainConfig
 from effinfer.train.distributed import init_distributed
+from effinfer.train.teacher_topk import CachedDistillationLoss, CachedTeacher, build_teacher_cache
 from effinfer.train.trainer import Trainer
 
 KD_LOSSES = ("forward", "reverse")
@@ -147,6 +153,9 @@ class DistillConfig(TrainConfig):
     kd_temperature: float = 1.0
     kd_loss: str = "forward"
     hidden_weight: float = 0.0
+    teacher_topk: int | None = None
+    teacher_cache: Path | None = None
+    embedding_from_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.teacher is None:
@@ -162,6 +171,17 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"--kd-temperature must be positive, got {self.kd_temperature}")
         if not self.hidden_weight >= 0:
             raise ValueError(f"--hidden-weight must be 0 or more, got {self.hidden_weight}")
+        if self.teacher_topk is not None and self.teacher_topk < 1:
+            raise ValueError(f"--teacher-topk must be at least 1, got {self.teacher_topk}")
+        if self.teacher_topk is not None and self.hidden_weight > 0:
+            raise ValueError(
+                "--hidden-weight needs the teacher's hidden states, which --teacher-topk does not cache"
+            )
+        if self.embedding_from_teacher and self.init is not None:
+            raise ValueError(
+                "--embedding-from-teacher initialises a fresh student; it cannot be used with --student"
+            )
+        self.teacher_cache = Path(self.teacher_cache) if self.teacher_cache else None
         if self.kd_loss not in KD_LOSSES:
             raise ValueError(f"--kd-loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
         super().__post_init__()
@@ -188,6 +208,10 @@ class DistillTrainer(Trainer):
                     f"{teacher.path.name} {self.teacher_vocab}: they must share one tokenizer"
                 )
         context = teacher.model_config.max_position_embeddings
+        if config.teacher_topk is not None and config.teacher_topk > self.teacher_vocab:
+            raise ValueError(
+                f"--teacher-topk {config.teacher_topk} exceeds the teacher's vocabulary of {self.teacher_vocab}"
+            )
         if config.runs_teacher and config.seq_len > context:
             raise ValueError(f"--seq-len {config.seq_len} exceeds the teacher's context of {context} tokens")
         config.tokenizer_dir = teacher_tokenizer_dir(teacher, config.out / "training" / "teacher-tokenizer")
@@ -198,8 +222,13 @@ class DistillTrainer(Trainer):
         return {**super()._scratch_config(), "vocab_size": self.teacher_vocab}
 
     def build_loss(self) -> nn.Module:
+        # Called once the fresh model exists and before a checkpoint is restored (which then overrides it).
+        if self.cfg.embedding_from_teacher:
+            self._init_embedding_from_teacher()
         if not self.cfg.runs_teacher:
             return super().build_loss()  # plain next-token training: the baseline runs no teacher
+        if self.cfg.teacher_topk is not None:
+            return self._cached_loss()
         teacher_model = self.teacher_checkpoint.load_model(
             torch.float32,
             self.device,
@@ -214,6 +243,65 @@ class DistillTrainer(Trainer):
             self.cfg.kd_loss,
             self.cfg.hidden_weight,
         )
+
+    def _rows_read(self) -> np.ndarray:
+        """The distinct training rows the whole run reads, inputs only, in the order first read."""
+        positions = self.order.take(0, self.cfg.max_steps * self.global_batch)
+        _, first = np.unique(positions, return_index=True)
+        rows = self.train_data.rows(positions[np.sort(first)])
+        return rows[:, :-1].numpy()
+
+    def _cached_loss(self) -> nn.Module:
+        cfg = self.cfg
+        rows = self._rows_read()
+        directory = cfg.teacher_cache or self.state_dir / "teacher-topk"
+        build = partial(
+            build_teacher_cache, cfg.teacher, rows, directory, cfg.teacher_topk, cfg.kd_temperature
+        )
+        if self.dist.is_main:  # rank 0 runs the teacher; the others wait, then open its files
+            build(threads=cfg.threads)
+        self.dist.barrier()
+        cache = build(show_progress=False)  # complete by now: only opens it
+        return CachedDistillationLoss(
+            self.model, CachedTeacher(cache, rows), cfg.kd_weight, cfg.kd_temperature, cfg.kd_loss
+        )
+
+    @torch.no_grad()
+    def _init_embedding_from_teacher(self) -> None:
+        """The teacher's input embedding cut to the student's width; an untied student's head gets the same."""
+        embedding = truncated_svd_rows(
+            teacher_embedding(self.teacher_checkpoint), self.model.config.hidden_size
+        )
+        self.model.model.embed_tokens.weight.copy_(embedding)
+        if not self.model.config.tie_word_embeddings:
+            self.model.lm_head.weight.copy_(embedding)
+
+
+def truncated_svd_rows(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """U_r S_r of ``matrix`` [n, d] (n ≥ d): its rows in the best rank-``rank`` basis, [n, rank].
+
+    ``U_r S_r V_rᵀ`` is the closest rank-r matrix to ``matrix`` (Eckart–Young), so a student whose
+    embedding (and tied head) is ``U_r S_r`` can express the teacher's logits for any final hidden state
+    in the span of ``V_r``. Computed from the eigenvectors of the d × d Gram matrix (float32 product,
+    float64 eigensolver: a float64 product of a 151k-row matrix takes minutes on a CPU).
+    """
+    if rank > matrix.shape[1]:
+        raise ValueError(f"the student is wider ({rank}) than the teacher's embedding ({matrix.shape[1]})")
+    matrix = matrix.float()
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix.T @ matrix).double())  # ascending
+    basis = eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]].float()
+    return matrix @ basis
+
+
+def teacher_embedding(teacher: Checkpoint) -> torch.Tensor:
+    """The teacher's input embedding [vocab, hidden] in float32, read on its own (no model is built)."""
+    if teacher.gguf is not None:
+        return teacher.gguf.tensor("token_embd.weight").float()
+    for file in find_weight_files(teacher.path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                return f.get_tensor("model.embed_tokens.weight").float()
+    raise ValueError(f"the teacher {teacher.path} has no model.embed_tokens.weight to start the student from")
 
 
 def teacher_tokenizer_dir(teacher: Checkpoint, gguf_target: Path) -> Path:
@@ -251,6 +339,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     for flag, field_name, text in LOSS_FLAGS:
         kd.add_argument(flag, type=float, default=getattr(DistillConfig, field_name), help=text)
+    kd.add_argument(
+        "--teacher-topk",
+        type=int,
+        metavar="K",
+        help="run the teacher once over the rows the run reads and train from its cached top-K "
+        "log-probabilities (the rest as one tail bucket); default: the teacher runs on every batch",
+    )
+    kd.add_argument(
+        "--teacher-cache",
+        metavar="DIR",
+        help="where the top-K cache lives (default: OUT/training/teacher-topk)",
+    )
+    kd.add_argument(
+        "--embedding-from-teacher",
+        action="store_true",
+        help="start a fresh student's embedding (and output head) from the teacher's, by truncated SVD",
+    )
     kd.add_argument(
         "--kd-loss",
         choices=KD_LOSSES,
