@@ -481,8 +481,7 @@ def load_model(
         show_progress,
         prepare_quantized=finalize,
     )
-    holds_head = getattr(model, "lm_head", None) is not None
-    if finalize and config.tie_word_embeddings and not placed and splits is None and holds_head:
+    if finalize and config.tie_word_embeddings and not placed and splits is None and _holds_head(model):
         quantize_tied_lm_head(model, gguf, config)
     # llama.cpp stores Llama 3 rope scaling as per-frequency divisors of the rotary tables.
     rope_freq_factors = gguf.tensor(ROPE_FREQS) if ROPE_FREQS in gguf.tensors else None
@@ -516,7 +515,7 @@ def _keep_embedding_quantized(
     table = torch.from_numpy(gguf.raw(TOKEN_EMBEDDING).reshape(rows, info.nbytes // rows))
     decode = functools.partial(_decode_rows, qtype=info.qtype, cols=cols)
     setattr(parent, attr, QuantizedEmbedding(table, cols, decode, dtype, info.qtype.name))
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and _holds_head(model):
         if info.qtype not in AFFINE_TYPES:
             raise WeightsError(
                 f"{gguf.path.name}: a tied {info.qtype.name} embedding cannot be an output layer"
@@ -526,6 +525,11 @@ def _keep_embedding_quantized(
             release_quantized=True
         )  # packed now: its loaded form is freed before the rest loads
     return (TOKEN_EMBEDDING,)
+
+
+def _holds_head(model: torch.nn.Module) -> bool:
+    """Whether this process runs the output head (a pipeline stage other than the last does not)."""
+    return hasattr(getattr(model, "lm_head", None), "set_quantized")
 
 
 def _decode_rows(raw_rows: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
