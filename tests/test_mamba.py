@@ -12,6 +12,7 @@ import transformers
 
 from effinfer import LLM, SamplingParams
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.layers import mamba as mamba_layer
 from effinfer.layers.cache_spec import RecurrentStateSpec
 from effinfer.layers.mamba import SCAN_CHUNK, SCAN_WINDOW, chunked_scan, sequential_scan
 from effinfer.models.registry import family_for_gguf
@@ -135,26 +136,38 @@ def test_chunked_scan_equals_the_sequential_scan(length):
         torch.testing.assert_close(states, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
-def test_long_prompt_matches_hf_across_scan_windows_and_prefill_chunks(hf_mamba):
-    """1000 tokens: several scan windows and many scan chunks inside each engine prefill chunk of 300,
-    the state carried across all three kinds of boundary; logits against HF's sequential
-    ``slow_forward``, greedy tokens against HF ``generate`` with chunked prefill in the scheduler."""
-    model, path = hf_mamba
-    assert 1000 > 3 * SCAN_WINDOW
+@pytest.fixture(scope="module")
+def long_prompt(hf_mamba):
+    """A 1000-token prompt with HF's logits (its sequential ``slow_forward``) and 4 greedy tokens."""
+    model, _ = hf_mamba
     gen = torch.Generator().manual_seed(7)
     tokens = [1] + torch.randint(3, VOCAB, (999,), generator=gen).tolist()
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
     with torch.no_grad():
-        reference = model(torch.tensor([tokens])).logits[0, :-1]
-        config = copy.deepcopy(model.generation_config)
-        config.eos_token_id = None
-        expected = model.generate(
+        logits = model(torch.tensor([tokens])).logits[0, :-1]
+        generated = model.generate(
             torch.tensor([tokens]),
             generation_config=config,
             max_new_tokens=4,
             do_sample=False,
             pad_token_id=0,
-        )[0, len(tokens) :].tolist()
-    llm = _llm(path, enable_chunked_prefill=True, max_num_batched_tokens=300)
+        )
+    return tokens, logits, generated[0, len(tokens) :].tolist()
+
+
+@pytest.mark.parametrize("scan", [sequential_scan, chunked_scan], ids=["sequential", "chunked"])
+def test_long_prompt_matches_hf_across_scan_windows_and_prefill_chunks(
+    hf_mamba, long_prompt, scan, monkeypatch
+):
+    """1000 tokens: several scan windows (and, chunked, many scan chunks) inside each engine prefill
+    chunk of 300, the state carried across every kind of boundary; logits against HF's sequential
+    ``slow_forward``, greedy tokens against HF ``generate`` with chunked prefill in the scheduler.
+    Both scans run through the engine whatever the device would pick."""
+    monkeypatch.setattr(mamba_layer, "scan_for", lambda device: scan)
+    tokens, reference, expected = long_prompt
+    assert len(tokens) > 3 * SCAN_WINDOW
+    llm = _llm(hf_mamba[1], enable_chunked_prefill=True, max_num_batched_tokens=300)
     ours = torch.cat(list(llm.engine.teacher_forced_logits(tokens, chunk=300)))
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
