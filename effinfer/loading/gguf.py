@@ -214,7 +214,7 @@ class GGUFFile:
         tokenizer = tokenizer_from_gguf(self.metadata)
         # A vocabulary-only file may name an architecture effinfer cannot run; its tokenizer still works.
         if tokenizer.chat_template is None and self.architecture in gguf_architectures():
-            template = family_for_gguf(self.architecture).default_chat_template
+            template = family_for_gguf(self.architecture, self.metadata).default_chat_template
             if template:
                 tokenizer.chat_template = tokenizer.chat_templates["default"] = template
         return tokenizer
@@ -256,7 +256,7 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
     """The file's hyper-parameters as an HF config.json dict (what a checkpoint written from it carries)."""
     meta, arch = gguf.metadata, gguf.architecture
     try:
-        family = family_for_gguf(arch)
+        family = family_for_gguf(arch, meta)
     except ConfigError as e:
         raise ConfigError(f"{gguf.path.name}: {e}") from None
 
@@ -311,7 +311,7 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
     same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
-    block types (``quantized_layouts``).
+    block types (``quantized_layouts``); a stack of expert matrices as a list, one per expert.
     """
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
@@ -321,17 +321,25 @@ def hf_tensors(gguf: GGUFFile, config: ModelConfig, quantized_linears: bool = Fa
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
-        if layout is QuantizedWeight:
-            tensor = to_quantized_weight(gguf.raw(name).copy(), info.qtype, info.shape)
-        elif layout is AffineGroupWeight:
-            tensor = to_affine_weight(gguf.raw(name).copy(), info.qtype, info.shape)
+        if keep_quantized:
+            convert = to_quantized_weight if layout is QuantizedWeight else to_affine_weight
+            raw = gguf.raw(name).copy()
+            if len(info.shape) == 3:  # stacked experts: one quantized matrix per expert
+                per_expert = raw.reshape(info.shape[0], -1)
+                tensor = [convert(part, info.qtype, info.shape[1:]) for part in per_expert]
+            else:
+                tensor = convert(raw, info.qtype, info.shape)
         else:
             tensor = gguf.tensor(name)
         mapped = family.gguf_tensor(name, tensor, config)
         if mapped is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
-        yield hf_name, QuantizedShard(tensor) if keep_quantized else tensor, info.nbytes
+        if isinstance(tensor, list):
+            tensor = [QuantizedShard(t) for t in tensor]
+        elif keep_quantized:
+            tensor = QuantizedShard(tensor)
+        yield hf_name, tensor, info.nbytes
 
 
 def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]:
@@ -340,14 +348,17 @@ def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]
     A fused layer (q/k/v, gate/up) needs one weight type: one Q8_0 / Q4_0 type throughout is a
     ``QuantizedWeight``; any other mix of block types (Q4_K_M puts Q6_K or Q8_0 next to Q4_K /
     Q5_0) is an ``AffineGroupWeight``, whose ``cat_rows`` widens the parts to a common code width
-    and group size, still exactly. Float tensors in a group keep the whole group float.
+    and group size, still exactly. Float tensors in a group keep the whole group float. Stacked
+    expert matrices (``*_exps``, 3-D) load as a list of such weights, one per expert.
     """
     group_types: dict[str, set] = {}
     for name, info in gguf.tensors.items():
         hf_name = family.gguf_hf_name(name)
-        if hf_name is not None and (hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight"):
-            if len(info.shape) == 2:
-                group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
+        if hf_name is None:
+            continue
+        linear = (hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight") and len(info.shape) == 2
+        if linear or (hf_name.endswith("_exps.weight") and len(info.shape) == 3):
+            group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
     layouts: dict[str, type] = {}
     for group, types in group_types.items():
         if len(types) == 1 and next(iter(types)) in DIRECT_TYPES:
@@ -359,7 +370,7 @@ def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]
 
 def check_loadable(gguf: GGUFFile) -> None:
     """Every tensor has an HF name and a type effinfer dequantises; else a one-line error, nothing allocated."""
-    family = family_for_gguf(gguf.architecture)
+    family = family_for_gguf(gguf.architecture, gguf.metadata)
     for name, info in gguf.tensors.items():
         if name != ROPE_FREQS and family.gguf_hf_name(name) is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
@@ -375,6 +386,8 @@ def _fusion_group(name: str) -> str:
     for members, fused in (
         (("attn_q", "attn_k", "attn_v"), "attn_qkv"),
         (("ffn_gate", "ffn_up"), "ffn_gate_up"),
+        (("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps"),  # each expert's gate/up is fused
+        (("ffn_gate_shexp", "ffn_up_shexp"), "ffn_gate_up_shexp"),
     ):
         for member in members:
             if f".{member}." in name:
