@@ -70,9 +70,9 @@ def chunked_scan(
 def scan_for(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The prefill scan for ``device``: the chunked parallel scan where each op costs a kernel launch
     and bandwidth is plentiful (GPUs), the token loop on CPU. There one step's [intermediate,
-    state_size] update stays in cache while the doubling steps stream the whole window ~10 times:
-    on the shared 2-core test machine the loop measured 2.5x (128 x 16 state) to 6.6x (1536 x 16)
-    faster per token."""
+    state_size] update stays in cache while the doubling steps stream the whole window ~10 times
+    (a rough measurement on a loaded 2-core machine: the loop 2.5x faster per token with a 128 x 16
+    state, 6.6x with 1536 x 16)."""
     return sequential_scan if device.type == "cpu" else chunked_scan
 
 
