@@ -4,8 +4,9 @@ time per token as the context grows (Gu & Dao 2023; the survey's §4.3 on Transf
 Both models are random-init (their speed and memory do not depend on the weights) and fed token
 ids. For each context C in ``--contexts``: one sequence with a C-token prompt (prefilled in chunks of
 ``--prefill-chunk`` tokens), then ``--new-tokens`` greedy tokens (``--new-tokens-long`` from
-``--long-from`` tokens on, to fit the time). Decode time is the median step time after the prompt;
-cache per sequence is what the engine holds for it at the end: Llama's KV blocks times the bytes per
+``--long-from`` tokens on, to fit the time). Prefill tokens/s is the prompt over the time to the
+first token (every prompt chunk; the first context's includes first-call warm-up); decode time is
+the median step time after the prompt; cache per sequence is what the engine holds for it at the end: Llama's KV blocks times the bytes per
 block, Mamba's one state slot (the engine's own accounting, not the process's RSS).
 Run: ``python benchmarks/mamba_vs_llama.py --out docs/results/mamba_vs_llama.json --plot docs/mamba_vs_llama.png``
 """
@@ -88,6 +89,7 @@ def measure(llm: LLM, context: int, new_tokens: int) -> dict:
         "context": context,
         "new_tokens": new_tokens,
         "prefill_s": round(prefill_s, 2),
+        "prefill_tokens_per_s": round(context / prefill_s, 1),
         "decode_ms_per_token": round(decode_s * 1e3, 2),
         "decode_tokens_per_s": round(1 / decode_s, 1),
         "cache_mib_per_seq": round(held / 2**20, 2),

@@ -12,7 +12,9 @@ import transformers
 
 from effinfer import LLM, SamplingParams
 from effinfer.config import ConfigError, ModelConfig
+from effinfer.layers import mamba as mamba_layer
 from effinfer.layers.cache_spec import RecurrentStateSpec
+from effinfer.layers.mamba import SCAN_CHUNK, SCAN_WINDOW, chunked_scan, sequential_scan
 from effinfer.models.registry import family_for_gguf
 from tests.conftest import copy_tokenizer
 
@@ -116,6 +118,60 @@ def test_prefill_logits_match_hf_whole_and_in_chunks(hf_mamba, prompts):
     for chunk in (len(tokens), 7, 1):  # the state carries from chunk to chunk
         ours = torch.cat(list(llm.engine.teacher_forced_logits(tokens, chunk=chunk)))
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+    assert _all_slots_free(llm)
+
+
+@pytest.mark.parametrize("length", [1, SCAN_CHUNK - 1, SCAN_CHUNK, 3 * SCAN_CHUNK + 5, 1000])
+def test_chunked_scan_equals_the_sequential_scan(length):
+    """Decays from ~1 (a long memory: states grow over 1000 tokens) to ~e^-100 per token (a
+    cumulative-sum form would overflow float32), from a nonzero state, over whole and partial chunks."""
+    gen = torch.Generator().manual_seed(length)
+    decay = torch.exp(-torch.rand(length, 24, 8, generator=gen) * torch.logspace(-2, 2, 8))
+    inputs = torch.randn(length, 24, 8, generator=gen)
+    start = torch.randn(24, 8, generator=gen)
+    reference = sequential_scan(decay, inputs, start)
+    for chunk in (SCAN_CHUNK, 7):
+        states = chunked_scan(decay.clone(), inputs.clone(), start.clone(), chunk)
+        assert torch.isfinite(states).all()
+        torch.testing.assert_close(states, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def long_prompt(hf_mamba):
+    """A 1000-token prompt with HF's logits (its sequential ``slow_forward``) and 4 greedy tokens."""
+    model, _ = hf_mamba
+    gen = torch.Generator().manual_seed(7)
+    tokens = [1] + torch.randint(3, VOCAB, (999,), generator=gen).tolist()
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0, :-1]
+        generated = model.generate(
+            torch.tensor([tokens]),
+            generation_config=config,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return tokens, logits, generated[0, len(tokens) :].tolist()
+
+
+@pytest.mark.parametrize("scan", [sequential_scan, chunked_scan], ids=["sequential", "chunked"])
+def test_long_prompt_matches_hf_across_scan_windows_and_prefill_chunks(
+    hf_mamba, long_prompt, scan, monkeypatch
+):
+    """1000 tokens: several scan windows (and, chunked, many scan chunks) inside each engine prefill
+    chunk of 300, the state carried across every kind of boundary; logits against HF's sequential
+    ``slow_forward``, greedy tokens against HF ``generate`` with chunked prefill in the scheduler.
+    Both scans run through the engine whatever the device would pick."""
+    monkeypatch.setattr(mamba_layer, "scan_for", lambda device: scan)
+    tokens, reference, expected = long_prompt
+    assert len(tokens) > 3 * SCAN_WINDOW
+    llm = _llm(hf_mamba[1], enable_chunked_prefill=True, max_num_batched_tokens=300)
+    ours = torch.cat(list(llm.engine.teacher_forced_logits(tokens, chunk=300)))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert llm.generate([tokens], greedy)[0].outputs[0].token_ids == expected
     assert _all_slots_free(llm)
 
 

@@ -6,13 +6,21 @@ h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t, whose step dt a
 depend on the token (selective), gated by silu(z). A sequence's whole past lives in a fixed-size
 state (the last ``conv_kernel - 1`` conv inputs and h, intermediate x state_size), so memory per
 sequence does not grow with its length and one decode step costs the same at any context.
-Prefill scans its tokens sequentially in float32 from the state the previous chunk left (zero for
-a sequence's first chunk); decode takes one recurrent step for all single-token sequences at once.
+Prefill scans in float32 from the state the previous prefill chunk left (zero for a sequence's
+first chunk). On accelerators it runs a chunked parallel scan: h_t = a_t h_{t-1} + b_t composes
+affine maps, an associative operation, so within a chunk of ``SCAN_CHUNK`` tokens log2(``SCAN_CHUNK``)
+doubling steps (Hillis & Steele 1986; Blelloch 1990) give every token the map from the chunk's
+start as whole-tensor ops, and only the chunks' end states are carried one after another. Only
+products of decays in (0, 1] are formed, never exp of a positive sum, so it cannot overflow
+whatever the step sizes. On CPU ``sequential_scan``, the token-by-token reference, is faster (see
+``scan_for``). Decode takes one recurrent step for all single-token sequences at once.
 The engine gives every running sequence a slot of the state pool (``RecurrentStateSpec``) and
 binds the pool's tensors here; switch it on by loading a ``MambaForCausalLM`` checkpoint.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +30,65 @@ from effinfer.layers.attention import DenseCausal
 from effinfer.layers.cache_spec import SSM_STATE_DTYPE, RecurrentMetadata, RecurrentStateSpec
 from effinfer.layers.linear import Linear
 
-# Tokens whose discretised A and B x are materialised at once during a scan: bounds the scratch
-# memory ([chunk, intermediate, state_size] floats) for long prompts.
-SCAN_CHUNK = 256
+# Tokens whose discretised A and B x are materialised at once during a prefill: bounds the scratch
+# memory (a few [window, intermediate, state_size] float32 tensors) for long prompts.
+SCAN_WINDOW = 256
+# Tokens one doubling scan combines: log2 of it whole-window steps, then window / chunk sequential
+# carries of one [intermediate, state_size] state each.
+SCAN_CHUNK = 16
+
+
+def sequential_scan(decay: torch.Tensor, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """h_t = decay_t * h_{t-1} + inputs_t token by token from h_0 = ``state``: every h_t [T, ...]
+    (the reference for ``chunked_scan``)."""
+    states = torch.empty_like(decay)
+    for t in range(decay.shape[0]):
+        state = torch.addcmul(inputs[t], decay[t], state, out=states[t])
+    return states
+
+
+def chunked_scan(
+    decay: torch.Tensor, inputs: torch.Tensor, state: torch.Tensor, chunk: int = SCAN_CHUNK
+) -> torch.Tensor:
+    """``sequential_scan`` as whole-tensor ops: every h_t [T, ...] of h_t = decay_t * h_{t-1} + inputs_t.
+
+    ``decay`` and ``inputs`` are overwritten (the result lives in ``inputs``' memory). Each token's
+    pair (a, b) stands for the map h -> a h + b; after the doubling steps over a chunk, token j holds
+    the composition of its chunk's maps 0..j, so h_j = a_j h_start + b_j once the chunk's starting
+    state is known.
+    """
+    length = decay.shape[0]
+    full = length - length % chunk
+    for part, size in ((slice(0, full), chunk), (slice(full, length), length - full)):
+        if part.stop > part.start:  # the whole chunks, then the rest as one shorter chunk
+            shape = (-1, size, *decay.shape[1:])
+            states = _compose_and_apply(decay[part].view(shape), inputs[part].view(shape), state)
+            state = states[-1, -1]
+    return inputs
+
+
+def scan_for(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The prefill scan for ``device``: the chunked parallel scan where each op costs a kernel launch
+    and bandwidth is plentiful (GPUs), the token loop on CPU. There one step's [intermediate,
+    state_size] update stays in cache while the doubling steps stream the whole window ~10 times
+    (a rough measurement on a loaded 2-core machine: the loop 2.5x faster per token with a 128 x 16
+    state, 6.6x with 1536 x 16)."""
+    return sequential_scan if device.type == "cpu" else chunked_scan
+
+
+def _compose_and_apply(decay: torch.Tensor, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """[chunks, L, ...] maps (in place) -> the states [chunks, L, ...], chunk 0 starting from ``state``."""
+    length = decay.shape[1]
+    step = 1
+    while step < length:  # token j's map (tokens j - step + 1..j) after token j - step's (the step before)
+        inputs[:, step:] = torch.addcmul(inputs[:, step:], decay[:, step:], inputs[:, :-step])
+        decay[:, step:] = decay[:, step:] * decay[:, :-step]
+        step *= 2
+    starts = torch.empty_like(decay[:, 0])
+    for c in range(decay.shape[0]):  # each chunk starts where the previous one ended
+        starts[c] = state
+        state = torch.addcmul(inputs[c, -1], decay[c, -1], state)
+    return inputs.addcmul_(decay, starts[:, None])
 
 
 class MambaMixer(nn.Module):
@@ -119,13 +183,12 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         h = ssm_state.float()
         scanned = torch.empty(length, self.intermediate_size, dtype=torch.float32, device=u.device)
-        for first in range(0, length, SCAN_CHUNK):
-            part = slice(first, min(first + SCAN_CHUNK, length))
-            decay = torch.exp(dt[part, :, None] * A)  # [c, intermediate, N]
+        for first in range(0, length, SCAN_WINDOW):
+            part = slice(first, min(first + SCAN_WINDOW, length))
+            decay = torch.exp(dt[part, :, None] * A)  # [w, intermediate, N]
             inputs = (dt[part] * xc[part].float())[:, :, None] * B[part, None, :]
-            states = torch.empty_like(decay)
-            for t in range(decay.shape[0]):  # h_t = decay_t * h_{t-1} + inputs_t, written in place
-                h = torch.addcmul(inputs[t], decay[t], h, out=states[t])
+            states = scan_for(u.device)(decay, inputs, h)
+            h = states[-1]
             scanned[part] = (states @ C[part, :, None])[..., 0]
         ssm_state.copy_(h)
         return self._finish(scanned, xc, gate)

@@ -241,7 +241,7 @@ class GGUFFile:
         tokenizer = tokenizer_from_gguf(self.metadata)
         # A vocabulary-only file may name an architecture effinfer cannot run; its tokenizer still works.
         if tokenizer.chat_template is None and self.architecture in gguf_architectures():
-            template = family_for_gguf(self.architecture).default_chat_template
+            template = family_for_gguf(self.architecture, self.metadata).default_chat_template
             if template:
                 tokenizer.chat_template = tokenizer.chat_templates["default"] = template
         return tokenizer
@@ -284,7 +284,7 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
     """The file's hyper-parameters as an HF config.json dict (what a checkpoint written from it carries)."""
     meta, arch = gguf.metadata, gguf.architecture
     try:
-        family = family_for_gguf(arch)
+        family = family_for_gguf(arch, meta)
     except ConfigError as e:
         raise ConfigError(f"{gguf.path.name}: {e}") from None
 
@@ -346,9 +346,9 @@ def hf_tensors(
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
     same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
-    block types (``quantized_layouts``). ``split_for`` (tensor parallelism): each tensor's slice
-    for this rank, cut in the stored bytes before decoding. ``wanted`` (pipeline parallelism): which
-    tensors, by HF name, to decode at all.
+    block types (``quantized_layouts``); a stack of expert matrices as a list, one per expert.
+    ``split_for`` (tensor parallelism): each tensor's slice for this rank, cut in the stored bytes
+    before decoding. ``wanted`` (pipeline parallelism): which tensors, by HF name, to decode at all.
     """
     family = model_class(config.architecture)
     layouts = quantized_layouts(gguf, family) if quantized_linears else {}
@@ -366,17 +366,25 @@ def hf_tensors(
         # Keep llama.cpp's own blocks where possible: the layer runs on the quantized kernels, no dequantising.
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
-        if layout is QuantizedWeight:
-            tensor = to_quantized_weight(raw.copy(), info.qtype, shape)
-        elif layout is AffineGroupWeight:
-            tensor = to_affine_weight(raw.copy(), info.qtype, shape)
+        if keep_quantized:
+            convert = to_quantized_weight if layout is QuantizedWeight else to_affine_weight
+            raw = raw.copy()
+            if len(shape) == 3:  # stacked experts: one quantized matrix per expert
+                per_expert = raw.reshape(shape[0], -1)
+                tensor = [convert(part, info.qtype, shape[1:]) for part in per_expert]
+            else:
+                tensor = convert(raw, info.qtype, shape)
         else:
             tensor = dequantize(raw.copy(), info.qtype, shape)
         mapped = family.gguf_tensor(name, tensor, mapping_config)
         if mapped is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
         hf_name, tensor = mapped
-        yield hf_name, QuantizedShard(tensor) if keep_quantized else tensor, info.nbytes
+        if isinstance(tensor, list):
+            tensor = [QuantizedShard(t) for t in tensor]
+        elif keep_quantized:
+            tensor = QuantizedShard(tensor)
+        yield hf_name, tensor, info.nbytes
 
 
 def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]:
@@ -385,14 +393,17 @@ def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]
     A fused layer (q/k/v, gate/up) needs one weight type: one Q8_0 / Q4_0 type throughout is a
     ``QuantizedWeight``; any other mix of block types (Q4_K_M puts Q6_K or Q8_0 next to Q4_K /
     Q5_0) is an ``AffineGroupWeight``, whose ``cat_rows`` widens the parts to a common code width
-    and group size, still exactly. Float tensors in a group keep the whole group float.
+    and group size, still exactly. Float tensors in a group keep the whole group float. Stacked
+    expert matrices (``*_exps``, 3-D) load as a list of such weights, one per expert.
     """
     group_types: dict[str, set] = {}
     for name, info in gguf.tensors.items():
         hf_name = family.gguf_hf_name(name)
-        if hf_name is not None and (hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight"):
-            if len(info.shape) == 2:
-                group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
+        if hf_name is None:
+            continue
+        linear = (hf_name.endswith("_proj.weight") or hf_name == "lm_head.weight") and len(info.shape) == 2
+        if linear or (hf_name.endswith("_exps.weight") and len(info.shape) == 3):
+            group_types.setdefault(_fusion_group(name), set()).add(info.qtype)
     layouts: dict[str, type] = {}
     for group, types in group_types.items():
         if all(t in AFFINE_TYPES for t in types):  # Q8_0 / Q4_0 too: fp16 scales stream fewer bytes
@@ -414,7 +425,7 @@ def quantize_tied_lm_head(model: torch.nn.Module, gguf: GGUFFile, config: ModelC
 
 def check_loadable(gguf: GGUFFile) -> None:
     """Every tensor has an HF name and a type effinfer dequantises; else a one-line error, nothing allocated."""
-    family = family_for_gguf(gguf.architecture)
+    family = family_for_gguf(gguf.architecture, gguf.metadata)
     for name, info in gguf.tensors.items():
         if name != ROPE_FREQS and family.gguf_hf_name(name) is None:
             raise WeightsError(f"{gguf.path.name}: tensor {name!r} is not supported")
@@ -430,6 +441,8 @@ def _fusion_group(name: str) -> str:
     for members, fused in (
         (("attn_q", "attn_k", "attn_v"), "attn_qkv"),
         (("ffn_gate", "ffn_up"), "ffn_gate_up"),
+        (("ffn_gate_exps", "ffn_up_exps"), "ffn_gate_up_exps"),  # each expert's gate/up is fused
+        (("ffn_gate_shexp", "ffn_up_shexp"), "ffn_gate_up_shexp"),
     ):
         for member in members:
             if f".{member}." in name:

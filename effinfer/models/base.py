@@ -123,6 +123,9 @@ class CausalLM(nn.Module):
 
     hf_architectures: tuple[str, ...] = ()  # HF config.json ``architectures`` names
     gguf_architectures: tuple[str, ...] = ()  # GGUF ``general.architecture`` values
+    # GGUF architectures whose files with ``{arch}.expert_count`` > 0 are this family's (llama.cpp
+    # writes Mixtral as ``llama`` with expert tensors).
+    gguf_expert_architectures: tuple[str, ...] = ()
     # checkpoint module name -> (our fused module's name, shard index), e.g. q_proj -> (qkv_proj, 0)
     packed_modules: dict[str, tuple[str, int]] = {}
     gguf_global_tensors: dict[str, str] = GGUF_GLOBAL_TENSORS

@@ -8,7 +8,8 @@ config: Mixtral renormalises the top-k weights and routes in every layer; Qwen r
 ``norm_topk_prob``, routes in the layers ``decoder_sparse_step`` selects (a dense MLP in the others
 and in ``mlp_only_layers``); Qwen2-MoE adds a shared expert scaled by a sigmoid gate and q/k/v
 biases, Qwen3-MoE per-head q/k RMSNorm. Switched on by loading such a checkpoint (HF directory with
-per-expert or transformers-5 stacked expert tensors, or a ``qwen2moe`` / ``qwen3moe`` GGUF file).
+per-expert or transformers-5 stacked expert tensors, a ``qwen2moe`` / ``qwen3moe`` GGUF file, or a
+``llama`` GGUF file with experts, which is how llama.cpp writes Mixtral).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from effinfer.models.llama import (
     LlamaMLP,
     LlamaModel,
     attention_smoothing_pairs,
+    unpermute_rotary_rows,
 )
 
 MIXTRAL, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
@@ -108,8 +110,9 @@ _MIXTRAL_NAMES = {
     ".w2.": ".down_proj.",
 }
 # Experts stacked [E, ...] in one tensor: transformers 5's gate_up_proj [E, 2I, hidden] and down_proj
-# [E, hidden, I]; llama.cpp's ffn_{gate,up,down}_exps (named *_exps here, so that the GGUF loader
-# hands them over dequantised). ``checkpoint_tensors`` splits them per expert.
+# [E, hidden, I]; llama.cpp's ffn_{gate,up,down}_exps (named *_exps here: the GGUF loader hands such
+# a stack over as one float tensor, or as a list of per-expert quantized weights when its blocks can
+# run as they are). ``checkpoint_tensors`` splits them per expert.
 _STACKED_EXPERTS = re.compile(
     r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj|gate_exps|up_exps|down_exps)(\.weight)?"
 )
@@ -127,12 +130,15 @@ _GGUF_LAYER_TENSORS = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-_GGUF_NAMES = {QWEN2_MOE: "qwen2moe", QWEN3_MOE: "qwen3moe"}
+_GGUF_NAMES = {QWEN2_MOE: "qwen2moe", QWEN3_MOE: "qwen3moe", MIXTRAL: "llama"}
+# llama.cpp writes Mixtral as a ``llama`` file with ``llama.expert_count`` and permuted q/k rows.
+_MIXTRAL_GGUF = "llama"
 
 
 class MoeForCausalLM(CausalLM):
     hf_architectures = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
-    gguf_architectures = tuple(_GGUF_NAMES.values())
+    gguf_architectures = (_GGUF_NAMES[QWEN2_MOE], _GGUF_NAMES[QWEN3_MOE])
+    gguf_expert_architectures = (_MIXTRAL_GGUF,)
     gguf_layer_tensors = _GGUF_LAYER_TENSORS
     packed_modules = LlamaForCausalLM.packed_modules
     # The causal-LM plumbing is Llama's.
@@ -188,10 +194,12 @@ class MoeForCausalLM(CausalLM):
 
     @classmethod
     def hf_config_from_gguf(cls, arch: str, key: Callable[[str, Any], Any]) -> dict[str, Any]:
-        """llama.cpp's ``qwen2moe`` / ``qwen3moe`` keys: expert count, experts per token, widths."""
+        """llama.cpp's ``qwen2moe`` / ``qwen3moe`` / ``llama`` (Mixtral) keys: expert count, experts
+        per token, widths."""
         hf = super().hf_config_from_gguf(arch, key)
         hf.update(
             num_experts=key("expert_count", None),
+            num_local_experts=key("expert_count", None),  # Mixtral's name
             num_experts_per_tok=key("expert_used_count", None),
             moe_intermediate_size=key("expert_feed_forward_length", None),
             # llama.cpp's converter does not store Qwen3-MoE's norm_topk_prob; its graph renormalises.
@@ -209,20 +217,30 @@ class MoeForCausalLM(CausalLM):
 
     @classmethod
     def gguf_tensor(cls, name: str, tensor, config: ModelConfig) -> tuple[str, Any] | None:
-        """llama.cpp stores the shared-expert gate as a vector; HF as a [1, hidden] projection."""
+        """llama.cpp stores the shared-expert gate as a vector (HF: a [1, hidden] projection) and, for
+        Mixtral, q/k rows permuted as for a Llama."""
         mapped = super().gguf_tensor(name, tensor, config)
-        if mapped is not None and ".ffn_gate_inp_shexp." in name and isinstance(tensor, torch.Tensor):
-            mapped = mapped[0], tensor.reshape(1, -1)
-        return mapped
+        if mapped is None:
+            return None
+        hf_name, tensor = mapped
+        if ".ffn_gate_inp_shexp." in name and isinstance(tensor, torch.Tensor):
+            tensor = tensor.reshape(1, -1)
+        elif config.architecture == MIXTRAL and ".self_attn.q_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, config.num_heads)
+        elif config.architecture == MIXTRAL and ".self_attn.k_proj." in hf_name:
+            tensor = unpermute_rotary_rows(tensor, config.num_kv_heads)
+        return hf_name, tensor
 
     # ---------------------------------------------------------------- checkpoint names
 
     def checkpoint_tensors(self, tensors: Iterable[tuple[str, Any, int]]) -> Iterable[tuple[str, Any, int]]:
         """Stacked experts (transformers 5's [E, 2I, hidden] gate_up_proj / [E, hidden, I] down_proj,
-        llama.cpp's gate / up / down stacks) as one tensor per expert and projection."""
+        llama.cpp's gate / up / down stacks, float or a list of quantized per-expert weights) as one
+        tensor per expert and projection."""
         for name, tensor, nbytes in tensors:
             match = _STACKED_EXPERTS.fullmatch(name)
-            if match is None or not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+            stacked = isinstance(tensor, list) or (isinstance(tensor, torch.Tensor) and tensor.dim() == 3)
+            if match is None or not stacked:
                 yield name, tensor, nbytes
                 continue
             prefix, projection = match[1], match[2]

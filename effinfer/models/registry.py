@@ -7,7 +7,8 @@ the models in the import layers and so cannot import them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from effinfer.config import ConfigError, register_hf_config_parser
 from effinfer.models.base import CausalLM
@@ -51,8 +52,13 @@ def model_class(architecture: str) -> type[CausalLM]:
     return _family(architecture, lambda f: f.hf_architectures, f"unsupported architecture {architecture!r}")
 
 
-def family_for_gguf(arch: str) -> type[CausalLM]:
-    """The family that loads a GGUF ``general.architecture``."""
+def family_for_gguf(arch: str, metadata: Mapping[str, Any] | None = None) -> type[CausalLM]:
+    """The family that loads a GGUF ``general.architecture``; with the file's ``metadata``, a file
+    with experts goes to the family that claims the architecture's expert files (Mixtral's ``llama``)."""
+    if metadata and metadata.get(f"{arch}.expert_count"):
+        for family in FAMILIES:
+            if arch in family.gguf_expert_architectures:
+                return family
     return _family(arch, lambda f: f.gguf_architectures, f"GGUF architecture {arch!r} is not supported")
 
 
