@@ -259,8 +259,10 @@ def test_llm_int8_stories260k_end_to_end(stories260k, stories_prompts, monkeypat
 
     real_load_model = checkpoint_module.load_model
 
-    def load_llm_int8(path, config, dtype, device, max_len, show_progress):
-        model = real_load_model(path, config, dtype, device, max_len, show_progress, finalize=False)
+    def load_llm_int8(path, config, dtype, device, max_len, show_progress, stage=None):
+        model = real_load_model(
+            path, config, dtype, device, max_len, show_progress, finalize=False, stage=stage
+        )
         with torch.no_grad():
             apply_method(model, QuantizeOptions("llm_int8"), None, show_progress=False)
         return finalize_model(model, device, dtype)

@@ -272,7 +272,7 @@ class DistillTrainer(Trainer):
         embedding = truncated_svd_rows(
             teacher_embedding(self.teacher_checkpoint), self.model.config.hidden_size
         )
-        self.model.model.embed_tokens.weight.copy_(embedding)
+        self.model.get_submodule(self.model.embedding_module).weight.copy_(embedding)
         if not self.model.config.tie_word_embeddings:
             self.model.lm_head.weight.copy_(embedding)
 
