@@ -8,8 +8,7 @@ Idea: the metadata says what the model is (``general.architecture`` picks the mo
 so it becomes a ``ModelConfig`` and a ``Tokenizer``; the family renames each tensor to its Hugging
 Face name (``CausalLM.gguf_tensor``), it is dequantised to float32 (``gguf_quants``), cast to the working
 dtype and copied into the model exactly as a safetensors tensor would be; block-quantized layer
-weights instead stay quantized (Q8_0 / Q4_0 as ``QuantizedWeight``, Q4_1, Q5_x and the K-quants as
-``AffineGroupWeight``, see docs/gguf-kernels.md) and run on the quantized kernels.
+weights instead stay quantized (every block type as ``AffineGroupWeight``, see docs/gguf-kernels.md) and run on the quantized kernels.
 Use it with ``LLM("model.gguf")`` or ``effinfer generate --model model.gguf``.
 
 The header is parsed here rather than with ``gguf.GGUFReader``: that reader builds a Python object
@@ -44,7 +43,6 @@ from effinfer.loading.gguf_quants import (
     block_values,
     dequantize,
     to_affine_weight,
-    to_quantized_weight,
 )
 from effinfer.loading.memory import release_freed_memory
 from effinfer.loading.quant_formats import QuantizedShard
@@ -54,7 +52,6 @@ from effinfer.models.llama import permute_rotary_rows, unpermute_rotary_rows  # 
 from effinfer.models.registry import family_for_gguf, gguf_architectures, model_class
 from effinfer.models.stage import PipelineStage, stage_tensor_filter
 from effinfer.quant.affine import AffineGroupWeight
-from effinfer.quant.integer import QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -345,8 +342,7 @@ def hf_tensors(
 
     Tensors are dequantised to float32, except, with ``quantized_linears``, the block-quantized
     weights of the layers' linears and of an untied lm_head, which stay quantized (exactly the
-    same numbers): ``QuantizedWeight`` for Q8_0 / Q4_0, ``AffineGroupWeight`` for the other
-    block types (``quantized_layouts``); a stack of expert matrices as a list, one per expert.
+    same numbers) as ``AffineGroupWeight`` (every block type, ``quantized_layouts``); a stack of expert matrices as a list, one per expert.
     ``split_for`` (tensor parallelism): each tensor's slice for this rank, cut in the stored bytes
     before decoding. ``wanted`` (pipeline parallelism): which tensors, by HF name, to decode at all.
     """
@@ -367,13 +363,12 @@ def hf_tensors(
         layout = layouts.get(_fusion_group(name)) if info.qtype in BLOCK_FORMATS else None  # not a float bias
         keep_quantized = layout is not None
         if keep_quantized:
-            convert = to_quantized_weight if layout is QuantizedWeight else to_affine_weight
             raw = raw.copy()
             if len(shape) == 3:  # stacked experts: one quantized matrix per expert
                 per_expert = raw.reshape(shape[0], -1)
-                tensor = [convert(part, info.qtype, shape[1:]) for part in per_expert]
+                tensor = [to_affine_weight(part, info.qtype, shape[1:]) for part in per_expert]
             else:
-                tensor = convert(raw, info.qtype, shape)
+                tensor = to_affine_weight(raw, info.qtype, shape)
         else:
             tensor = dequantize(raw.copy(), info.qtype, shape)
         mapped = family.gguf_tensor(name, tensor, mapping_config)
@@ -390,10 +385,10 @@ def hf_tensors(
 def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]:
     """Fusion group -> the weight type its block-quantized tensors load as (groups absent stay float).
 
-    A fused layer (q/k/v, gate/up) needs one weight type: one Q8_0 / Q4_0 type throughout is a
-    ``QuantizedWeight``; any other mix of block types (Q4_K_M puts Q6_K or Q8_0 next to Q4_K /
-    Q5_0) is an ``AffineGroupWeight``, whose ``cat_rows`` widens the parts to a common code width
-    and group size, still exactly. Float tensors in a group keep the whole group float. Stacked
+    Every block type loads as an ``AffineGroupWeight`` (Q8_0 / Q4_0 too: fp16 scales stream fewer
+    bytes); a fused layer (q/k/v, gate/up) mixing types (Q4_K_M puts Q6_K or Q8_0 next to Q4_K /
+    Q5_0) is one, whose ``cat_rows`` widens the parts to a common code width and group size, still
+    exactly. Float tensors in a group keep the whole group float. Stacked
     expert matrices (``*_exps``, 3-D) load as a list of such weights, one per expert.
     """
     group_types: dict[str, set] = {}
@@ -413,7 +408,7 @@ def quantized_layouts(gguf: GGUFFile, family: type[CausalLM]) -> dict[str, type]
 
 def quantize_tied_lm_head(model: torch.nn.Module, gguf: GGUFFile, config: ModelConfig) -> None:
     """A tied lm_head reads the embedding's own blocks, as llama.cpp does: for SmolLM2's Q8_0 table
-    8.5 bits a weight per token instead of bf16's 16 (the lookup keeps its float table)."""
+    8.5 bits a weight per token instead of bf16's 16."""
     info = gguf.tensors.get(TOKEN_EMBEDDING)
     if info is None or info.qtype not in AFFINE_TYPES:
         return

@@ -23,7 +23,6 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from effinfer.quant.affine import AffineGroupWeight
-from effinfer.quant.integer import QuantizedWeight
 
 QK_K = 256  # values in one k-quant super-block
 
@@ -301,21 +300,6 @@ def block_values(qtype: QType | int) -> int:
 
 
 # ---------------------------------------------------------------- blocks as quantized weights
-
-# Types whose blocks are exactly a ``QuantizedWeight`` (one scale per 32 values, a fixed zero):
-# they load without dequantising and run on the quantized kernels, the same numbers as llama.cpp.
-DIRECT_TYPES = (QType.Q8_0, QType.Q4_0)
-
-
-def to_quantized_weight(data: np.ndarray | torch.Tensor, qtype: QType | int, shape: tuple[int, ...]):
-    """Q8_0 / Q4_0 bytes of a [rows, cols] matrix -> ``QuantizedWeight`` (group 32, symmetric)."""
-    qtype = QType(qtype)
-    if qtype not in DIRECT_TYPES:
-        raise ValueError(f"{qtype.name} blocks are not a plain scale-and-zero quantization")
-    affine = to_affine_weight(data, qtype, shape)
-    zeros = affine.zero.to(torch.int32).unsqueeze(1).expand(-1, affine.num_groups).contiguous()
-    return QuantizedWeight(affine.qweight, affine.scales, zeros, affine.bits, 32)
-
 
 # Types kept as ``AffineGroupWeight``: (block parts, code width the kernel streams). 2- and
 # 3-bit codes widen to 4 (the kernels read 4-, 5-, 6- and 8-bit codes).
