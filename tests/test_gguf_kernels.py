@@ -86,14 +86,18 @@ def test_fusing_different_types_is_exact():
 
 @requires_kernel
 @pytest.mark.parametrize("extreme", [False, True], ids=["ordinary", "extreme"])
-@pytest.mark.parametrize("path", ["default", "avx512", "amx"])
+@pytest.mark.parametrize("path", ["default", "vnni", "avx512", "amx"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
-    """The kernel multiplies bf16 x by the exact codes and scales (no activation quantization):
-    the error bound is the bf16 output's rounding plus fp32 summation, ``assert_close_to_reference``'s."""
+    """The kernel multiplies x by the exact codes and scales, x in bf16 or (VNNI path) rounded to
+    int8 per 32 columns: against the reference on that same x, the error bound is the bf16
+    output's rounding plus fp32 summation, ``assert_close_to_reference``'s. (Groups of 16 on AMX
+    multiply the weights rounded once to bf16, well inside that bound; float32 x stays exact.)"""
     if path != "default":
         for bits in woq.AMX_MIN_ROWS:
             monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, 1 if path == "amx" else 10**9)
+        for bits in woq.VNNI_MAX_ROWS:
+            monkeypatch.setitem(woq.VNNI_MAX_ROWS, bits, 10**9 if path == "vnni" else 0)
     n, k = 40, 768  # 40 rows: two full 16-row blocks and a partial one; three K-quant super-blocks
     weight = affine(qtype, n, k, seed=int(qtype) + 7, extreme=extreme)
     bias = torch.randn(n)
@@ -102,9 +106,9 @@ def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     assert state.data.two_level is not None  # the file's own scales, not float32 ones per group
     for rows in (1, 2, 3, 4, 5, 16, 64):
         x = torch.randn(rows, k).to(torch.bfloat16)
-        assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
+        assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias, state.data)
     x = torch.randn(3, k)
-    assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias)
+    assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias, state.data)
 
 
 # Types whose codes the kernel streams at their own width (2- and 3-bit codes widen to 4).
@@ -142,7 +146,7 @@ def test_kernel_on_a_fused_mixed_layer(qtypes):
     assert state.backend == "cpu-woq"
     for rows in (1, 64):
         x = torch.randn(rows, 512).to(torch.bfloat16)
-        assert_close_to_reference(quant_linear.apply(state, x), x, weight, None)
+        assert_close_to_reference(quant_linear.apply(state, x), x, weight, None, state.data)
 
 
 # ---------------------------------------------------------------- real files against llama.cpp

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from effinfer.kernels.cpu import build, woq
 from effinfer.layers.linear import Linear
@@ -34,14 +35,44 @@ LAYOUTS = [
     (29, 256, 64, True),
     (37, 172, 32, True),
 ]
-# Forced paths and the row counts that exercise their blocking (remainders included).
-PATHS = {"avx512": (10**9, [1, 2, 3, 4, 7]), "amx": (1, [1, 5, 17, 33, 70])}
+# Forced paths (AMX from this many rows, int8-activation VNNI up to this many) and the row counts
+# that exercise their blocking (remainders included).
+PATHS = {
+    "vnni": (10**9, 10**9, [1, 2, 3, 4, 7]),
+    "avx512": (10**9, 0, [1, 2, 3, 4, 7]),
+    "amx": (1, 0, [1, 5, 17, 33, 70]),
+}
 
 
-def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias) -> None:
-    expected = qw.reference_linear(x.float(), bias)
+def int8_activations(x: torch.Tensor, data: woq.WoqData) -> torch.Tensor:
+    """x as the VNNI path multiplies it: in the kernel's column order (act-order gather, padding),
+    each 32 columns rounded to int8 steps of max|x| / 127, then back in the original order."""
+    k = data.in_features
+    index = data.col_index if data.col_index is not None else torch.arange(data.padded_in).clamp(max=k)
+    cols = F.pad(x.float().reshape(-1, k), (0, 1))[:, index]
+    blocks = cols.reshape(cols.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    steps = torch.where(amax > 0, torch.round(blocks * (127 / amax)), torch.zeros(()))
+    rounded = (steps * (amax / 127)).reshape(cols.shape)
+    back = torch.zeros(cols.shape[0], k + 1)
+    back[:, index] = rounded  # padding lands in the extra column k
+    return back[:, :k].reshape(x.shape)
+
+
+def uses_int8_activations(data: woq.WoqData, x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= woq._vnni_max_rows(data)
+
+
+def assert_close_to_reference(
+    y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias, data: woq.WoqData | None = None
+) -> None:
+    """``y`` against the dequantized weight times x; where ``data`` says the VNNI path ran, times x
+    rounded to int8 as that path rounds it (then only fp32 sums and the bf16 output differ)."""
     # bf16 output is rounded once (2**-9 relative); float32 goes through a two-term bf16 split of x.
     tol = 8e-3 if x.dtype == torch.bfloat16 else 1e-4
+    if data is not None and uses_int8_activations(data, x):
+        x = int8_activations(x, data)
+    expected = qw.reference_linear(x.float(), bias)
     err = (y.float() - expected).abs().max()
     assert err <= tol * expected.abs().max(), f"max error {err:.3g} vs scale {expected.abs().max():.3g}"
 
@@ -53,8 +84,9 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWei
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_kernel_matches_reference(path, bits, layout, symmetric, monkeypatch):
     n, k, group, act_order = layout
-    min_rows, row_counts = PATHS[path]
+    min_rows, vnni_rows, row_counts = PATHS[path]
     monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, min_rows)
+    monkeypatch.setitem(woq.VNNI_MAX_ROWS, bits, vnni_rows)
     qw = quantized(n, k, bits, group, symmetric, act_order, seed=n + k + bits)
     assert qw.has_act_order() == act_order
     bias = torch.randn(n) if symmetric else None
@@ -65,7 +97,7 @@ def test_kernel_matches_reference(path, bits, layout, symmetric, monkeypatch):
             x = torch.randn(rows, k).to(dtype)
             y = woq.apply(data, x)
             assert y.dtype == dtype and y.shape == (rows, n)
-            assert_close_to_reference(y, x, qw, bias)
+            assert_close_to_reference(y, x, qw, bias, data)
 
 
 @requires_kernel
@@ -75,7 +107,7 @@ def test_leading_dimensions_and_large_values():
     x = (torch.randn(2, 3, 128) * 100).to(torch.bfloat16)
     y = woq.apply(data, x)
     assert y.shape == (2, 3, 50)
-    assert_close_to_reference(y.reshape(6, 50), x.reshape(6, 128), qw, None)
+    assert_close_to_reference(y.reshape(6, 50), x.reshape(6, 128), qw, None, data)
 
 
 def test_column_layout_groups_act_order_columns_contiguously():

@@ -99,6 +99,9 @@ class Linear(nn.Module):
     def weight_nbytes(self) -> int:
         """Bytes of the weight (and bias) as the kernels read them: packed codes and scales if quantized."""
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        packed = getattr(getattr(self._kernel_state, "data", None), "nbytes", None)
+        if callable(packed):  # the kernel's own layout (the loaded tensors may be released to meta)
+            return packed() + bias
         if self.quantized is not None:
             return self.quantized.nbytes() + bias
         return self.out_features * self.in_features * self.weight.element_size() + bias

@@ -37,7 +37,10 @@ inline void configure_tiles() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  // GCC's _tile_loadconfig tells the compiler it reads only the first 8 bytes, so the stores to
+  // rows and colsb can be dropped as dead (seen with GCC 12: every tile then has 0 rows and the
+  // first tile instruction faults). This asm reads the whole 64-byte configuration.
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 }  // namespace amx

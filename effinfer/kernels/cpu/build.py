@@ -111,7 +111,14 @@ def _build(name: str, source: Path, compile_flags: list[str]) -> Any:
     # The cache key covers the source, the headers beside it and the flags: any change rebuilds.
     text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     # (The "sources by digest" salt keeps these builds apart from those that compiled in place.)
-    digest = hashlib.sha1(b"sources by digest" + text + " ".join(compile_flags).encode()).hexdigest()[:10]
+    # The torch installation is in the key too: its include paths are written into the build file,
+    # so two virtual environments sharing ~/.cache/torch_extensions would rebuild each other's module.
+    import torch
+
+    installation = f"{torch.__version__} {Path(torch.__file__).parent}".encode()
+    digest = hashlib.sha1(
+        b"sources by digest" + text + " ".join(compile_flags).encode() + installation
+    ).hexdigest()[:10]
     if not _is_built(f"{name}_{digest}"):
         logger.warning("first use: compiling %s (~20 s; cached for later runs)", source.name)
         _remove_stale_lock(f"{name}_{digest}")

@@ -21,6 +21,7 @@ dequantized bf16 weight. ``EFFINFER_CPU_WOQ=0`` disables the kernel.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,21 @@ from effinfer.quant.registry import Kernel, register_kernel
 SOURCE = Path(__file__).with_name("woq_kernels.cpp")
 BLOCK_N = 16  # output rows per packed block (the kernel's register width in fp32)
 CHUNK = 32  # groups are padded to multiples of this many input columns (one AMX K-step)
-REQUIRED_CPU_FLAGS = build.AVX512_BF16_CPU_FLAGS + ("avx512_fp16",) + build.AMX_CPU_FLAGS
-COMPILE_FLAGS = build.AVX512_BF16_FLAGS + ["-mavx512fp16"] + build.AMX_FLAGS
+REQUIRED_CPU_FLAGS = (
+    build.AVX512_BF16_CPU_FLAGS + ("avx512_fp16", "avx512_vnni", "avx512vbmi", "bmi2") + build.AMX_CPU_FLAGS
+)
+COMPILE_FLAGS = (
+    build.AVX512_BF16_FLAGS + ["-mavx512fp16", "-mavx512vnni", "-mavx512vbmi", "-mbmi2"] + build.AMX_FLAGS
+)
 # Rows of x from which the AMX path beats register-blocked AVX512-BF16, measured on Sapphire
 # Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2,
 # for NF4 / FP4 ("table") from 3 (2048->11264: AVX512 0.67 vs AMX 0.72 ms at 2 rows, 0.92 vs 0.72 at 3).
 AMX_MIN_ROWS = {8: 1, 4: 2, 5: 2, 6: 2, "table": 3}
+# Rows of x up to which integer codes run the VNNI path with x quantized to int8 per 32 columns
+# (llama.cpp's way: twice the products per instruction of bf16, and int8 codes need no conversion).
+# Only for bf16 outputs; ``EFFINFER_WOQ_INT8_ACTIVATIONS=0`` keeps bf16 activations everywhere.
+VNNI_MAX_ROWS = {8: 4, 4: 1, 5: 1, 6: 1}
+INT8_ACTIVATIONS = os.environ.get("EFFINFER_WOQ_INT8_ACTIVATIONS", "1") != "0"
 
 
 @functools.cache
@@ -110,11 +120,11 @@ def _blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows // BLOCK_N, BLOCK_N, -1).transpose(1, 2).contiguous()
 
 
-def _bit_masks(q: torch.Tensor, bit: int) -> torch.Tensor:
-    """uint8 [blocks, quads, 2, 32] codes -> [blocks, quads, 8]: bit ``bit`` of each row's 32 codes as
-    a little-endian 32-bit mask, row 0's then row 1's (uint8 arithmetic: the 1.5B model's lm_head
-    has 233M codes)."""
-    bits = ((q >> bit) & 1).reshape(*q.shape[:3], 4, 8)
+def _bit_masks(halves: torch.Tensor, bit: int) -> torch.Tensor:
+    """uint8 [blocks, octets, 2, 64] codes -> [blocks, octets, 16]: bit ``bit`` of each half's 64
+    codes as a little-endian 64-bit mask, half 0's then half 1's (uint8 arithmetic: the 1.5B
+    model's lm_head has 233M codes)."""
+    bits = ((halves >> bit) & 1).reshape(*halves.shape[:3], 8, 8)
     mask = bits[..., 0].clone()
     for i in range(1, 8):
         mask |= bits[..., i] << i
@@ -124,22 +134,23 @@ def _bit_masks(q: torch.Tensor, bit: int) -> torch.Tensor:
 def _packed_codes(
     qweight: torch.Tensor, bits: int, col_index: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
-    """uint8 codes [out, in] -> AMX VNNI order per 16 output rows (``col_index``: column gather with padding)."""
+    """uint8 codes [out, in] -> octets of 16 rows x 8 columns in vpdpbusd order (woq_kernels.cpp's
+    layout; ``col_index``: column gather with padding)."""
     n = qweight.shape[0]
     q = qweight.cpu() if col_index is None else F.pad(qweight.cpu(), (0, 1))[:, col_index]
     padded_in = q.shape[1]
     q = F.pad(q, (0, 0, 0, rows - n))
-    # [blocks, 16 rows, column pairs, 2] -> [blocks, column pairs, 16 rows, 2]: two columns of one
-    # output row are adjacent, which is both AMX's B-tile layout and vdpbf16ps's pair order.
-    q = q.reshape(rows // BLOCK_N, BLOCK_N, padded_in // 2, 2).transpose(1, 2).contiguous()
-    if bits in (4, 5, 6):
-        q = q.reshape(rows // BLOCK_N, padded_in // 4, 2, 2 * BLOCK_N)  # quads of 4 columns, 2 rows each
-        nibbles = (q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)
-        # 5 / 6 bits: after each quad's 32 bytes of nibbles, its bit planes (bit 4 of row 0's 32
-        # codes, of row 1's, then bit 5 likewise) as 32-bit little-endian masks.
-        planes = [_bit_masks(q, bit) for bit in range(4, bits)]
-        q = torch.cat([nibbles, *planes], dim=2)
-    return q.contiguous()
+    # [blocks, 16 rows, octets, 2 halves, 4 columns] -> [blocks, octets, halves, 16 rows, 4 columns]:
+    # byte 4n + i of a half is row n, column i, the four bytes one vpdpbusd lane multiplies.
+    halves = q.reshape(rows // BLOCK_N, BLOCK_N, padded_in // 8, 2, 4).permute(0, 2, 3, 1, 4)
+    halves = halves.reshape(rows // BLOCK_N, padded_in // 8, 2, 4 * BLOCK_N).contiguous()
+    if bits == 8:
+        return halves.flatten(2).contiguous()
+    nibbles = (halves[:, :, 0] & 0x0F) | ((halves[:, :, 1] & 0x0F) << 4)
+    # 5 / 6 bits: after each octet's 64 bytes of nibbles, its bit planes (bit 4 of half 0's codes,
+    # of half 1's, then bit 5 likewise) as 64-bit little-endian masks.
+    planes = [_bit_masks(halves, bit) for bit in range(4, bits)]
+    return torch.cat([nibbles, *planes], dim=2).contiguous()
 
 
 def _code_offset(bits: int) -> int:
@@ -258,6 +269,12 @@ def _amx_min_rows(data: WoqData) -> int:
     return AMX_MIN_ROWS["table" if data.table is not None else data.bits]
 
 
+def _vnni_max_rows(data: WoqData) -> int:
+    if data.table is not None or not INT8_ACTIVATIONS:
+        return 0
+    return VNNI_MAX_ROWS[data.bits]
+
+
 def _bound(data: WoqData) -> Any:
     if data.bound is None:
         data.bound = extension().BoundWeight(
@@ -270,10 +287,10 @@ def _bound(data: WoqData) -> Any:
 def _run(
     data: WoqData, x: torch.Tensor, bias: torch.Tensor | None, out_fp32: bool, table: torch.Tensor | None
 ) -> torch.Tensor:
-    amx_min_rows = _amx_min_rows(data)
     return extension().woq_linear(
         x, data.codes, data.scales, data.zscales, data.chunks, bias, data.bits, data.out_features,
-        out_fp32, amx_min_rows, table, data.group_cols, data.two_level, data.groups_per_super,
+        out_fp32, _amx_min_rows(data), table, data.group_cols, data.two_level, data.groups_per_super,
+        _vnni_max_rows(data),
     )  # fmt: skip
 
 
@@ -285,7 +302,8 @@ def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
         and data.padded_in == data.in_features
         and data.col_index is None
     ):
-        return _bound(data)(x, _amx_min_rows(data))  # the decode step's path: no reshaping, one argument
+        # The decode step's path: no reshaping, the fixed arguments bound once.
+        return _bound(data)(x, _amx_min_rows(data), _vnni_max_rows(data))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, data.in_features)
     if data.col_index is not None:

@@ -5,36 +5,44 @@
 // y[m, n] = sum_g absmax[n, g] * sum_{k in g} level[q[n, k]] * x[m, k]
 //
 // Decoding is memory-bound: the win comes from streaming 1 (int8) or 0.5 (int4) bytes per weight
-// instead of bf16's 2. Two ideas keep the arithmetic cheap enough to stay at DRAM speed:
-//  * The integer codes are converted to bf16 *exactly* (integers up to 256 fit bf16's 8-bit
-//    significand) and dotted with bf16 x; the group's scale and zero point are applied once per
-//    group, to the fp32 partial sums: acc * scale - zero * scale * sum_{k in g} x[m, k].
-//  * int4 codes become bf16 with one OR: the bit pattern 0x4300 | q is the bf16 number 128 + q,
-//    and the extra 128 * sum(x) is folded into the zero point (done in Python at pack time);
-//    int8 codes go through fp16 (see dequant_quad), offset by 1, likewise folded.
-//  * NF4 / FP4 codes are looked up in a 16-entry table of bf16 levels held in one zmm: one
-//    vpermw turns 32 nibbles into 32 levels, so a codebook costs what an int4 OR costs. Each
-//    level is rounded to bf16 once (up to 2**-8 relative); for float32 activations woq.py adds
-//    a second pass with a table of the rounding remainders.
+// instead of bf16's 2, with arithmetic cheap enough to keep up with the memory:
+//  * Decode (a few rows of x, integer codes): x is quantized to int8 per 32 columns (one float
+//    step each, as llama.cpp's Q8_0 activations) and the raw codes are multiplied by ``vpdpbusd``
+//    (64 unsigned-code x int8 products per instruction, twice vdpbf16ps's 32). The layout below
+//    is vpdpbusd's own order, so a 64-byte load of 4-bit codes is two operands after one AND and
+//    one shift, int8 codes need nothing, the 5th and 6th bits one masked add each. Per 32
+//    columns the int32 sums are scaled by x's step in fp32; per group, by the weight's scale, and
+//    the zero point comes off as zero * scale * sum(x).
+//  * Batches (and float32 activations, and NF4 / FP4 tables): the codes are converted to bf16
+//    *exactly* (integers up to 256 fit bf16's 8-bit significand) and dotted with bf16 x; scale and
+//    zero point again once per group, on fp32 partial sums. 4- to 6-bit codes become bf16 with one
+//    OR (0x4300 | q is the bf16 number 128 + q), int8 codes go through fp16 as q + 1 (see
+//    bf16_pairs); both offsets are folded into the zero point at pack time. NF4 / FP4 codes are
+//    looked up in a 16-entry table of bf16 levels held in one zmm (one vpermw per 32 codes), each
+//    level rounded to bf16 once (up to 2**-8 relative); for float32 activations woq.py adds a
+//    second pass with a table of the rounding remainders.
 //
 // Packed layout (built by woq.py): output rows in blocks of 16 ("nb"), input columns in
-// "quads" of 4. For one (nb, quad), the 64 codes form two rows of AMX's VNNI B layout, each row
-// n0k0 n0k1 n1k0 n1k1 ... n15k0 n15k1 (one bf16 pair per output row, k = 2 consecutive columns):
-//   int8: 64 bytes, row 0 then row 1;
-//   int4 and table codes: 32 bytes, byte j = row0[j] | row1[j] << 4;
-//   5- and 6-bit codes (GGUF Q5_x, Q6_K): the int4 bytes of their low nibbles, then per higher
-//   bit (4, then 5) two 32-bit masks, row 0's and row 1's (bit j: that bit of code j): 40 / 48 bytes.
+// "octets" of 8. One (nb, octet) holds 128 codes in two halves, columns 0-3 and 4-7, each half
+// in vpdpbusd's order: byte 4n + i = the code of row n, column i of the half.
+//   int8: 128 bytes, half 0 then half 1;
+//   int4 and table codes: 64 bytes, byte j = half0[j] | half1[j] << 4;
+//   5- and 6-bit codes (GGUF Q5_x, Q6_K): those 64 bytes of low nibbles, then per higher bit (4,
+//   then 5) two 64-bit masks, half 0's and half 1's (bit j: that bit of code j): 80 / 96 bytes.
+// The bf16 paths regroup a half into AMX's VNNI pair order with one byte permute (bf16_pairs).
 // Scales are float32 per (16 rows, group), or for GGUF blocks two-level as the file has them
 // (fp16 super-block scale and min, int8 / uint8 group scale and min, see TwoLevelScales), so
 // a Q4_K weight streams 4.6 bits and a Q6_K one 6.6, as in the file.
 // Groups are padded to multiples of 32 columns (zero codes, zero x), so a group is a whole
 // number of AMX K-steps; ``chunks[g]`` is the first 32-column chunk of group g.
 // Groups of 16 (GGUF's Q6_K / Q3_K / Q2_K sub-blocks) count ``chunks`` in 16-column units
-// instead and run only the AVX512-BF16 path (an AMX K-step spans two such groups).
+// instead; on AMX (an AMX K-step spans two such groups) their weights are converted with the scale
+// applied, to bf16, like a dequantized weight (amx_block_scaled).
 //
-// Two paths over the same layout (woq.AMX_MIN_ROWS picks one per call by the rows of x):
+// Three paths over the same layout (woq.py picks one per call by the rows of x):
+//  * VNNI: integer codes, up to woq.VNNI_MAX_ROWS rows of x, bf16 output (see above);
 //  * AVX512-BF16: per 16 output rows, dot products (vdpbf16ps) with the converted codes held
-//    in registers, 4 rows of x at a time (int4 decode: its conversion is 4 ops per 64 codes);
+//    in registers, 4 rows of x at a time;
 //  * AMX: per 16 output rows, codes are converted chunk by chunk into a 8 KB L1 ring, a few
 //    chunks ahead of the tile products that consume them, each chunk reused by up to 4 row
 //    tiles (64 rows) of x; more rows take several 64-row passes.
@@ -52,7 +60,7 @@ namespace {
 
 constexpr int kBlockN = 16;       // output rows per block (one zmm of fp32 results)
 constexpr int kChunk = 32;        // input columns per AMX K-step and per padded-group unit
-constexpr int kQuadsPerChunk = 8; // 32 columns = 8 quads of 4
+constexpr int kOctetsPerChunk = 4; // 32 columns = 4 octets of 8
 constexpr int64_t kStage = 8;     // ring of dequantized chunks feeding the AMX tiles
 constexpr int64_t kLag = 4;       // chunks converted ahead of the one being multiplied
 // Software prefetch distance (bytes of codes ahead). One core alone cannot keep enough misses in
@@ -71,55 +79,78 @@ enum CodeKind : int {
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// The 64 codes of one quad, as two zmm of 32 bf16 each (exact integers, int4 offset by 128; or
-// table levels). ``table`` holds the 16 bf16 levels in its low 16 words (kTable4 only).
+// One octet: the 128 codes of 16 output rows x 8 columns, as two zmm of unsigned bytes in
+// vpdpbusd's order: ``lo`` byte 4n + i = code (row n, column i), ``hi`` the same for column 4 + i.
+// 4-bit codes are the two nibbles of one 64-byte load; 5- and 6-bit codes add their higher bits
+// under the bit-plane masks (the bit is clear, so the add is an OR).
 template <int Kind>
-inline void dequant_quad(const uint8_t* p, __m512bh& w0, __m512bh& w1, __m512i table) {
-  if constexpr (Kind == kTable4) {
-    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-    // vpermw reads the low 5 bits of each index: the low nibble needs its upper bits cleared.
-    w0 = as_bh(_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x000F)), table));
-    w1 = as_bh(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-  } else if constexpr (Kind == kInt8) {
-    // uint8 -> bf16 in 5 ops (the fp32 route takes 7): c = q + 1 is in [1, 256], so its fp16
-    // (AVX512-FP16 converts 32 words at once) has at most 8 significant bits; dropping fp16's 3
-    // spare mantissa bits and rebiasing the exponent (127 - 15) gives bf16 exactly. The +1 is
-    // folded into the zero point at pack time.
-    auto cvt = [](const uint8_t* s) {
-      __m512i c = _mm512_add_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)s)),
-                                   _mm512_set1_epi16(1));
-      __m512i h = _mm512_castph_si512(_mm512_cvtepu16_ph(c));
-      return as_bh(_mm512_add_epi16(_mm512_srli_epi16(h, 3), _mm512_set1_epi16(0x3800)));
-    };
-    w0 = cvt(p);
-    w1 = cvt(p + 32);
+inline void octet_codes(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  if constexpr (Kind == kInt8) {
+    lo = _mm512_loadu_si512((const void*)p);
+    hi = _mm512_loadu_si512((const void*)(p + 64));
   } else {
-    const __m512i magic = _mm512_set1_epi16(0x4300);  // bf16 128.0: OR a nibble in to get 128 + q
-    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-    // (v & 0xF) | magic, in one ternary-logic op.
-    __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), magic, 0xEA);
-    __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    const __m512i v = _mm512_loadu_si512((const void*)p);
+    lo = _mm512_and_si512(v, low_nibbles);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
     if constexpr (Kind == kInt5 || Kind == kInt6) {
-      // 128 + q stays exact in bf16 up to q = 127: the bit planes after the nibbles are masks
-      // (bit j: the code of lane j), added as 16 and 32 (AVX-512 has no 16-bit masked OR; the bit
-      // is clear, so the add is an OR).
-      const uint32_t* planes = (const uint32_t*)(p + 32);
-      const __m512i b4 = _mm512_set1_epi16(0x10);
-      lo = _mm512_mask_add_epi16(lo, _cvtu32_mask32(planes[0]), lo, b4);
-      hi = _mm512_mask_add_epi16(hi, _cvtu32_mask32(planes[1]), hi, b4);
+      const uint64_t* planes = (const uint64_t*)(p + 64);
+      const __m512i b4 = _mm512_set1_epi8(0x10);
+      lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(planes[0]), lo, b4);
+      hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(planes[1]), hi, b4);
       if constexpr (Kind == kInt6) {
-        const __m512i b5 = _mm512_set1_epi16(0x20);
-        lo = _mm512_mask_add_epi16(lo, _cvtu32_mask32(planes[2]), lo, b5);
-        hi = _mm512_mask_add_epi16(hi, _cvtu32_mask32(planes[3]), hi, b5);
+        const __m512i b5 = _mm512_set1_epi8(0x20);
+        lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(planes[2]), lo, b5);
+        hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(planes[3]), hi, b5);
       }
     }
-    w0 = as_bh(lo);
-    w1 = as_bh(hi);
   }
 }
 
 template <int Kind>
-constexpr int quad_bytes() { return Kind == kInt8 ? 64 : Kind == kInt5 ? 40 : Kind == kInt6 ? 48 : 32; }
+constexpr int octet_bytes() { return Kind == kInt8 ? 128 : Kind == kInt5 ? 80 : Kind == kInt6 ? 96 : 64; }
+
+// Four columns of codes (one ``octet_codes`` half) as two zmm of 32 bf16 in AMX's VNNI pair order:
+// w0 = (n, k0), (n, k1) for n = 0..15, w1 = the same for k2, k3. Integers are exact in bf16: 4- to
+// 6-bit codes become 128 + q with one OR (the bits of bf16 0x4300 | q); int8 codes go through
+// fp16 as q + 1 (see below); table codes (NF4 / FP4) index 16 bf16 levels with one vpermw.
+// Both offsets are folded into the zero point at pack time.
+template <int Kind>
+inline void bf16_pairs(__m512i codes, __m512bh& w0, __m512bh& w1, __m512i table) {
+  // Bytes 4n, 4n + 1 (columns k0, k1 of row n) to the low half, 4n + 2, 4n + 3 to the high half.
+  static const __m512i by_pairs = [] {
+    alignas(64) int8_t idx[64];
+    for (int n = 0; n < 16; ++n)
+      for (int i = 0; i < 2; ++i) idx[2 * n + i] = (int8_t)(4 * n + i), idx[32 + 2 * n + i] = (int8_t)(4 * n + 2 + i);
+    return _mm512_load_si512(idx);
+  }();
+  const __m512i v = _mm512_permutexvar_epi8(by_pairs, codes);
+  __m512i h[2] = {_mm512_cvtepu8_epi16(_mm512_castsi512_si256(v)), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(v, 1))};
+  for (int j = 0; j < 2; ++j) {
+    if constexpr (Kind == kTable4) {
+      h[j] = _mm512_permutexvar_epi16(h[j], table);
+    } else if constexpr (Kind == kInt8) {
+      // uint8 -> bf16 in 4 ops: c = q + 1 is in [1, 256], so its fp16 (AVX512-FP16 converts 32
+      // words at once) has at most 8 significant bits; dropping fp16's 3 spare mantissa bits and
+      // rebiasing the exponent (127 - 15) gives bf16 exactly.
+      __m512i c = _mm512_castph_si512(_mm512_cvtepu16_ph(_mm512_add_epi16(h[j], _mm512_set1_epi16(1))));
+      h[j] = _mm512_add_epi16(_mm512_srli_epi16(c, 3), _mm512_set1_epi16(0x3800));
+    } else {
+      h[j] = _mm512_or_si512(h[j], _mm512_set1_epi16(0x4300));  // bf16 128.0 | q = 128 + q
+    }
+  }
+  w0 = as_bh(h[0]);
+  w1 = as_bh(h[1]);
+}
+
+// An octet as four bf16 pair vectors (columns k0 k1, k2 k3, k4 k5, k6 k7).
+template <int Kind>
+inline void dequant_octet(const uint8_t* p, __m512bh w[4], __m512i table) {
+  __m512i lo, hi;
+  octet_codes<Kind == kTable4 ? kInt4 : Kind>(p, lo, hi);
+  bf16_pairs<Kind>(lo, w[0], w[1], table);
+  bf16_pairs<Kind>(hi, w[2], w[3], table);
+}
 
 // Two-level group scales (GGUF blocks; ``scales`` is then nullptr), per 16-row block nb:
 //   scale[g] = d[s] * sc[g],  zscale[g] = scale[g] * zc + dmin[s] * mn[g],
@@ -197,9 +228,8 @@ inline void store_block(const Problem& P, int64_t m, int64_t nb, __m512 y) {
 template <int Kind, int MB>
 void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
   constexpr int NC = MB == 1 ? 4 : (MB <= 3 ? 2 : 1);
-  constexpr int QB = quad_bytes<Kind>();
-  const int64_t quads = P.Kp / 4;
-  const uint8_t* w = P.codes + nb * quads * QB;
+  constexpr int OB = octet_bytes<Kind == kTable4 ? kInt4 : Kind>();
+  const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
   const int32_t* xrow[MB];
   for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(P.x + (m0 + m) * P.Kp);  // bf16 pairs
   const __m512i table = P.table_register();
@@ -210,17 +240,16 @@ void small_m_block(const Problem& P, int64_t m0, int64_t nb) {
     __m512 acc[MB][NC];
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
-    const int64_t unit_quads = P.unit_cols / 4;
-    const int64_t q_end = (int64_t)P.chunks[g + 1] * unit_quads;
-    for (int64_t q = (int64_t)P.chunks[g] * unit_quads; q < q_end; q += 2) {  // 8 columns
-      _mm_prefetch((const char*)(w + q * QB + kPrefetchSmallM), _MM_HINT_T0);
+    const int64_t unit_octets = P.unit_cols / 8;
+    const int64_t o_end = (int64_t)P.chunks[g + 1] * unit_octets;
+    for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < o_end; ++o) {  // 8 columns
+      _mm_prefetch((const char*)(w + o * OB + kPrefetchSmallM), _MM_HINT_T0);
       __m512bh wv[4];
-      dequant_quad<Kind>(w + q * QB, wv[0], wv[1], table);
-      dequant_quad<Kind>(w + (q + 1) * QB, wv[2], wv[3], table);
+      dequant_octet<Kind>(w + o * OB, wv, table);
       for (int m = 0; m < MB; ++m) {
         for (int i = 0; i < 4; ++i) {
-          // Column pair 2q + i of row m, broadcast: lane j gets x[k]*w[j,k] + x[k+1]*w[j,k+1].
-          __m512bh xv = as_bh(_mm512_set1_epi32(xrow[m][2 * q + i]));
+          // Column pair 4o + i of row m, broadcast: lane j gets x[k]*w[j,k] + x[k+1]*w[j,k+1].
+          __m512bh xv = as_bh(_mm512_set1_epi32(xrow[m][4 * o + i]));
           acc[m][i % NC] = _mm512_dpbf16_ps(acc[m][i % NC], xv, wv[i]);
         }
       }
@@ -249,6 +278,115 @@ void small_m(const Problem& P) {
         case 3: small_m_block<Kind, 3>(P, m, nb); break;
         case 2: small_m_block<Kind, 2>(P, m, nb); break;
         case 1: small_m_block<Kind, 1>(P, m, nb); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode with int8 activations: VNNI integer dot products (see the header). x is quantized per
+// 32 columns: xq = round(x / dx), dx = max|x| / 127; ``qsum`` holds sum(xq) per 16 columns (the
+// zero-point term of groups of 16 and of 32 alike).
+struct QuantizedRows {
+  const int8_t* q;      // [M, Kp]
+  const float* dx;      // [M, Kp / 32]
+  const int32_t* qsum;  // [M, Kp / 16]
+};
+
+void quantize_rows(const Problem& P, int8_t* q, float* dx, int32_t* qsum) {
+  const int64_t chunks = P.Kp / kChunk;
+  for (int64_t m = 0; m < P.M; ++m) {
+    const uint16_t* row = P.x + m * P.Kp;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint16_t* src = row + c * kChunk;
+      __m512 v[2];
+      for (int h = 0; h < 2; ++h)  // bf16 -> fp32: the bits moved up a half word
+        v[h] = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + 16 * h))), 16));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+      const float step = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      for (int h = 0; h < 2; ++h) {
+        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inv));  // round to nearest even
+        _mm_storeu_si128((__m128i*)(q + m * P.Kp + c * kChunk + 16 * h), _mm512_cvtsepi32_epi8(r));
+        qsum[m * (P.Kp / 16) + 2 * c + h] = _mm512_reduce_add_epi32(r);
+      }
+      dx[m * chunks + c] = step;
+    }
+  }
+}
+
+template <int Kind>
+constexpr int code_offset() { return Kind == kInt8 ? 1 : 128; }  // what zc includes for the bf16 paths
+
+template <int Kind, int MB>
+void vnni_block(const Problem& P, const QuantizedRows& X, int64_t m0, int64_t nb) {
+  constexpr int NC = MB == 1 ? 2 : 1;
+  constexpr int OB = octet_bytes<Kind>();
+  const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
+  const int32_t* xrow[MB];  // 4 int8 of x per int32
+  for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(X.q + (m0 + m) * P.Kp);
+  const int64_t chunks = P.Kp / kChunk;
+  const int64_t units = P.Kp / 16;
+  const int64_t unit_octets = P.unit_cols / 8;
+
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < P.G; ++g) {
+    __m512 fsum[MB];
+    float xs[MB];
+    for (int m = 0; m < MB; ++m) fsum[m] = _mm512_setzero_ps(), xs[m] = 0.0f;
+    const int64_t o_end = (int64_t)P.chunks[g + 1] * unit_octets;
+    for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < o_end;) {
+      const int64_t c = o / 4;  // the 32 columns x's step covers
+      const int64_t stop = std::min<int64_t>(o_end, (c + 1) * 4);
+      const int64_t first_unit = o / 2;
+      __m512i acc[MB][2 * NC];
+      for (int m = 0; m < MB; ++m)
+        for (int i = 0; i < 2 * NC; ++i) acc[m][i] = _mm512_setzero_si512();
+      for (int j = 0; o < stop; ++o, ++j) {
+        _mm_prefetch((const char*)(w + o * OB + kPrefetchSmallM), _MM_HINT_T0);
+        __m512i lo, hi;
+        octet_codes<Kind>(w + o * OB, lo, hi);
+        const int a = NC == 1 ? 0 : 2 * (j & 1);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][a] = _mm512_dpbusd_epi32(acc[m][a], lo, _mm512_set1_epi32(xrow[m][2 * o]));
+          acc[m][a + 1] = _mm512_dpbusd_epi32(acc[m][a + 1], hi, _mm512_set1_epi32(xrow[m][2 * o + 1]));
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        __m512i a = acc[m][0];
+        for (int i = 1; i < 2 * NC; ++i) a = _mm512_add_epi32(a, acc[m][i]);
+        const float d = X.dx[(m0 + m) * chunks + c];
+        fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(d), fsum[m]);
+        int32_t qs = 0;
+        for (int64_t u = first_unit; u < o / 2; ++u) qs += X.qsum[(m0 + m) * units + u];
+        xs[m] += d * (float)qs;
+      }
+    }
+    __m512 s, z;
+    P.group_scales(nb, g, s, z);
+    z = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)code_offset<Kind>()), z);  // raw codes here
+    for (int m = 0; m < MB; ++m) {
+      total[m] = _mm512_fmadd_ps(fsum[m], s, total[m]);
+      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[m]), total[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
+}
+
+template <int Kind>
+void vnni_m(const Problem& P, const QuantizedRows& X) {
+  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      int64_t m = 0;
+      for (; m + 4 <= P.M; m += 4) vnni_block<Kind, 4>(P, X, m, nb);
+      switch (P.M - m) {
+        case 3: vnni_block<Kind, 3>(P, X, m, nb); break;
+        case 2: vnni_block<Kind, 2>(P, X, m, nb); break;
+        case 1: vnni_block<Kind, 1>(P, X, m, nb); break;
         default: break;
       }
     }
@@ -305,9 +443,9 @@ inline void odd_chunk(const uint16_t* b, const uint16_t* xc, int64_t xstep) {
 template <int Kind, int NT>
 void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0, uint16_t* stage,
                float (*cbuf)[16][16], float* totals) {
-  constexpr int QB = quad_bytes<Kind>();
+  constexpr int OB = octet_bytes<Kind == kTable4 ? kInt4 : Kind>();
   const int64_t chunks = P.Kp / kChunk;
-  const uint8_t* w = P.codes + nb * (P.Kp / 4) * QB;
+  const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
   const uint16_t* xt = xtiles + t0 * chunks * kTile;
   std::fill(totals, totals + NT * 16 * kBlockN, 0.0f);
   const __m512i table = P.table_register();
@@ -315,13 +453,12 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
   // while the tile unit multiplies chunk c, from a ring of kStage converted chunks.
   auto dequant_chunk = [&](int64_t c) {
     uint16_t* dst = stage + (c % kStage) * kTile;
-    const uint8_t* src = w + c * kQuadsPerChunk * QB;
-    for (int q = 0; q < kQuadsPerChunk; ++q) {
-      _mm_prefetch((const char*)(src + q * QB + kPrefetchAmx), _MM_HINT_T0);
-      __m512bh w0, w1;
-      dequant_quad<Kind>(src + q * QB, w0, w1, table);
-      _mm512_store_si512(dst + q * 64, (__m512i)w0);
-      _mm512_store_si512(dst + q * 64 + 32, (__m512i)w1);
+    const uint8_t* src = w + c * kOctetsPerChunk * OB;
+    for (int o = 0; o < kOctetsPerChunk; ++o) {
+      _mm_prefetch((const char*)(src + o * OB + kPrefetchAmx), _MM_HINT_T0);
+      __m512bh wv[4];
+      dequant_octet<Kind>(src + o * OB, wv, table);
+      for (int i = 0; i < 4; ++i) _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
     }
   };
   for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
@@ -361,6 +498,76 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
   for (int64_t r = 0; r < rows; ++r) store_block(P, t0 * 16 + r, nb, _mm512_loadu_ps(totals + r * kBlockN));
 }
 
+// Groups of 16 (an AMX K-step spans two): the ring holds the weights themselves, w = s * c - z
+// in fp32 rounded once to bf16 (what dequantize-then-bf16-GEMM computes), so the tiles accumulate
+// over the whole row with no per-group step. Only for batches: decode keeps the exact codes.
+template <int Kind>
+inline void scaled_pairs(__m512bh& w, __m512 s_lo, __m512 s_hi, __m512 z_lo, __m512 z_hi) {
+  // Pair vector: lanes 2n, 2n + 1 are row n; fp32 halves hold rows 0-7 and 8-15.
+  const __m512i v = (__m512i)w;
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  w = _mm512_cvtne2ps_pbh(_mm512_fmsub_ps(hi, s_hi, z_hi), _mm512_fmsub_ps(lo, s_lo, z_lo));
+}
+
+template <int Kind, int NT>
+void amx_block_scaled(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0, uint16_t* stage,
+                      float (*cbuf)[16][16]) {
+  constexpr int OB = octet_bytes<Kind>();
+  const int64_t chunks = P.Kp / kChunk;
+  const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
+  const uint16_t* xt = xtiles + t0 * chunks * kTile;
+  const __m512i table = P.table_register();
+  // Row n of a group's 16 scales to lanes 2n and 2n + 1 (rows 0-7; rows 8-15 the second index).
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  auto dequant_chunk = [&](int64_t c) {
+    uint16_t* dst = stage + (c % kStage) * kTile;
+    const uint8_t* src = w + c * kOctetsPerChunk * OB;
+    for (int half = 0; half < 2; ++half) {  // the chunk's two groups of 16 columns
+      __m512 s, z;
+      P.group_scales(nb, 2 * c + half, s, z);
+      const __m512 s_lo = _mm512_permutexvar_ps(rows_lo, s), s_hi = _mm512_permutexvar_ps(rows_hi, s);
+      const __m512 z_lo = _mm512_permutexvar_ps(rows_lo, z), z_hi = _mm512_permutexvar_ps(rows_hi, z);
+      for (int o = 2 * half; o < 2 * half + 2; ++o) {
+        _mm_prefetch((const char*)(src + o * OB + kPrefetchAmx), _MM_HINT_T0);
+        __m512bh wv[4];
+        dequant_octet<Kind>(src + o * OB, wv, table);
+        for (int i = 0; i < 4; ++i) {
+          scaled_pairs<Kind>(wv[i], s_lo, s_hi, z_lo, z_hi);
+          _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
+        }
+      }
+    }
+  };
+  for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (c + kLag < chunks) dequant_chunk(c + kLag);
+    if (c & 1)
+      odd_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+    else
+      even_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+  }
+  _tile_stored(0, cbuf[0], 64);
+  if constexpr (NT > 1) _tile_stored(1, cbuf[1], 64);
+  if constexpr (NT > 2) _tile_stored(2, cbuf[2], 64);
+  if constexpr (NT > 3) _tile_stored(3, cbuf[3], 64);
+  if constexpr (NT <= 2) {  // the odd chunks' accumulators
+    _tile_stored(2, cbuf[2], 64);
+    if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
+  }
+  const int64_t rows = std::min<int64_t>(NT * 16, P.M - t0 * 16);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 y = _mm512_load_ps(cbuf[r / 16][r % 16]);
+    if constexpr (NT <= 2) y = _mm512_add_ps(y, _mm512_load_ps(cbuf[2 + r / 16][r % 16]));
+    store_block(P, t0 * 16 + r, nb, y);
+  }
+}
+
 // x arrives rearranged into AMX A tiles, [row tiles][32-column chunks][16 rows][32 columns], so
 // each tile is one contiguous KB (loading 16 rows at the matrix's own stride thrashes L1 sets).
 // Up to 4 row tiles (64 rows of x) per pass; each block of codes is dequantized once per pass.
@@ -378,6 +585,17 @@ void large_m(const Problem& P, const uint16_t* xtiles) {
     // per pass; the other order reloads all of x (too big for L2) for every block.
     for (int64_t t0 = 0; t0 < row_tiles; t0 += 4) {
       for (int64_t nb = begin; nb < end; ++nb) {
+        if (P.unit_cols == 16) {
+          if constexpr (Kind != kTable4) {
+            switch (std::min<int64_t>(4, row_tiles - t0)) {
+              case 1: amx_block_scaled<Kind, 1>(P, xtiles, nb, t0, stage, cbuf); break;
+              case 2: amx_block_scaled<Kind, 2>(P, xtiles, nb, t0, stage, cbuf); break;
+              case 3: amx_block_scaled<Kind, 3>(P, xtiles, nb, t0, stage, cbuf); break;
+              default: amx_block_scaled<Kind, 4>(P, xtiles, nb, t0, stage, cbuf); break;
+            }
+          }
+          continue;
+        }
         switch (std::min<int64_t>(4, row_tiles - t0)) {
           case 1: amx_block<Kind, 1>(P, xtiles, nb, t0, stage, cbuf, totals); break;
           case 2: amx_block<Kind, 2>(P, xtiles, nb, t0, stage, cbuf, totals); break;
@@ -413,7 +631,8 @@ void group_sums(const Problem& P, float* xsum) {
 bool amx_ready() { return amx::ready(); }
 
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
-// M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
+// M <= vnni_max_rows (bf16 output, integer codes) quantizes x to int8 and runs the VNNI path;
+// otherwise M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
 // ``table`` (int16 [32], bf16 bit patterns of 16 levels then padding) makes 4-bit codes indices.
 // ``two_level`` = (d, sc, dmin, mn, zc, groups_per_super) replaces scales / zscales (empty then),
 // tensors as TwoLevelScales describes, an empty sc / dmin / mn standing for its nullptr.
@@ -421,7 +640,7 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
                          torch::Tensor chunks, c10::optional<torch::Tensor> bias, int64_t bits, int64_t n,
                          bool out_fp32, int64_t amx_min_rows, c10::optional<torch::Tensor> table,
                          int64_t group_cols, c10::optional<std::vector<torch::Tensor>> two_level,
-                         int64_t groups_per_super) {
+                         int64_t groups_per_super, int64_t vnni_max_rows) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be a 2-D bf16 tensor");
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(!two_level.has_value() || (two_level->size() == 5 && !table.has_value()),
@@ -436,7 +655,10 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   const int64_t Kp = x.size(1);
   TORCH_CHECK(Kp % kChunk == 0, "padded width must be a multiple of 32");
   const int64_t G = chunks.size(0) - 1;
-  const bool use_amx = M >= amx_min_rows && group_cols == kChunk && amx_ready();
+  // int8 activations only where the output is bf16 anyway (the float32 path is the exact one).
+  const bool use_vnni = M <= vnni_max_rows && !out_fp32 && !table.has_value();
+  // Groups of 16 run on AMX with their weights rounded to bf16: not for the exact float32 path.
+  const bool use_amx = !use_vnni && M >= amx_min_rows && amx_ready() && (group_cols == kChunk || !out_fp32);
   torch::Tensor xtiles;
   if (use_amx) {  // [M, Kp] -> zero-padded whole tiles [M/16][Kp/32][16][32]
     const int64_t row_tiles = (M + 15) / 16;
@@ -457,7 +679,10 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   }
   auto out = torch::empty({M, n}, x.options().dtype(out_fp32 ? torch::kFloat32 : torch::kBFloat16));
   // Per-group sums of x feed only the zero-point term, which table codes do not have.
-  auto xsum = torch::zeros({table.has_value() ? 0 : (M + 15) / 16 * 16, G}, x.options().dtype(torch::kFloat32));
+  // (Groups of 16 on AMX fold the zero point into the weights they convert.)
+  const bool needs_xsum = !table.has_value() && !use_vnni && !(use_amx && group_cols == 16);
+  auto xsum = use_amx ? torch::zeros({needs_xsum ? (M + 15) / 16 * 16 : 0, G}, x.options().dtype(torch::kFloat32))
+                      : torch::empty({needs_xsum ? M : 0, G}, x.options().dtype(torch::kFloat32));
   Problem P;
   P.x = (const uint16_t*)x.data_ptr();
   P.M = M;
@@ -487,8 +712,18 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.xsum = xsum.data_ptr<float>();
   P.out = out.data_ptr();
   P.out_fp32 = out_fp32;
-  if (!table.has_value()) group_sums(P, xsum.data_ptr<float>());
-  if (use_amx) {
+  if (needs_xsum) group_sums(P, xsum.data_ptr<float>());
+  if (use_vnni) {
+    auto xq = torch::empty({M, Kp}, x.options().dtype(torch::kInt8));
+    auto dx = torch::empty({M, Kp / kChunk}, x.options().dtype(torch::kFloat32));
+    auto qsum = torch::empty({M, Kp / 16}, x.options().dtype(torch::kInt32));
+    quantize_rows(P, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), qsum.data_ptr<int32_t>());
+    const QuantizedRows X{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), qsum.data_ptr<int32_t>()};
+    if (bits == 8) vnni_m<kInt8>(P, X);
+    else if (bits == 6) vnni_m<kInt6>(P, X);
+    else if (bits == 5) vnni_m<kInt5>(P, X);
+    else vnni_m<kInt4>(P, X);
+  } else if (use_amx) {
     const auto* xt = (const uint16_t*)xtiles.data_ptr();
     if (P.table) large_m<kTable4>(P, xt);
     else if (bits == 8) large_m<kInt8>(P, xt);
@@ -514,9 +749,9 @@ struct BoundWeight {
   c10::optional<std::vector<torch::Tensor>> two_level;
 
   // bf16 x [M, Kp] -> bf16 [M, n], bias added.
-  torch::Tensor forward(torch::Tensor x, int64_t amx_min_rows) const {
+  torch::Tensor forward(torch::Tensor x, int64_t amx_min_rows, int64_t vnni_max_rows) const {
     return woq_linear(x, codes, scales, zscales, chunks, bias, bits, n, false, amx_min_rows, table, group_cols,
-                      two_level, groups_per_super);
+                      two_level, groups_per_super, vnni_max_rows);
   }
 };
 
@@ -530,6 +765,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return BoundWeight{codes, scales, zscales, chunks, bias, table, bits, n, group_cols, groups_per_super,
                            two_level};
       }))
-      .def("__call__", &BoundWeight::forward, "bf16 x [M, Kp], AMX from amx_min_rows rows -> bf16 y [M, n]");
+      .def("__call__", &BoundWeight::forward,
+           "bf16 x [M, Kp], int8 activations up to vnni_max_rows rows, AMX from amx_min_rows -> bf16 y [M, n]");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }
