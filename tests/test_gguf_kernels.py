@@ -86,7 +86,7 @@ def test_fusing_different_types_is_exact():
 
 @requires_kernel
 @pytest.mark.parametrize("extreme", [False, True], ids=["ordinary", "extreme"])
-@pytest.mark.parametrize("path", ["default", "vnni", "avx512", "amx"])
+@pytest.mark.parametrize("path", ["default", "vnni", "avx512", "amx", "dequantized"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     """The kernel multiplies x by the exact codes and scales, x in bf16 or (VNNI path) rounded to
@@ -94,6 +94,7 @@ def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     output's rounding plus fp32 summation, ``assert_close_to_reference``'s. (Groups of 16 on AMX
     multiply the weights rounded once to bf16, well inside that bound; float32 x stays exact.)"""
     if path != "default":
+        monkeypatch.setattr(woq, "DEQUANTIZED_MIN_ROWS", 1 if path == "dequantized" else 10**9)
         for bits in woq.AMX_MIN_ROWS:
             monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, 1 if path == "amx" else 10**9)
         for bits in woq.VNNI_MAX_ROWS:
@@ -109,6 +110,18 @@ def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
         assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias, state.data)
     x = torch.randn(3, k)
     assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias, state.data)
+
+
+@requires_kernel
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_from_the_packed_blocks_equal_the_dequantized_weight(qtype):
+    """A tied embedding looks its rows up in the output layer's packed blocks (woq.embedding_rows)."""
+    weight = affine(qtype, 40, 512, seed=int(qtype) + 3, extreme=True)
+    state = quant_linear.prepare(weight, None, None, torch.bfloat16)
+    ids = torch.tensor([0, 17, 39, 16, 5, 17])
+    rows = woq.embedding_rows(state.data, ids)
+    expected = weight.dequantize(torch.float32)[ids]
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-30)
 
 
 # Types whose codes the kernel streams at their own width (2- and 3-bit codes widen to 4).

@@ -209,6 +209,9 @@ class PagedAttention(nn.Module):
         k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         v_slots = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         if self.k_scale_cache is None:
+            if k.dtype == self.k_cache.dtype and fused.usable(k):  # one call, not two dispatches
+                fused.extension().store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+                return
             k_slots.index_copy_(0, slot_mapping, k)
             v_slots.index_copy_(0, slot_mapping, v)
             return

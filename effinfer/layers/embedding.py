@@ -39,9 +39,14 @@ class QuantizedEmbedding(nn.Module):
         self.decode_rows = decode_rows
         self.dtype = dtype
         self.kind = kind  # the block type's name, for people (``extra_repr``) and memory accounting
+        # ids -> float rows from another holder of the same blocks (a tied output layer's kernel
+        # data), used instead of decoding ``table`` rows when set.
+        self.lookup: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
+        if self.lookup is not None:
+            return self.lookup(flat).to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
         rows = self.decode_rows(self.table.index_select(0, flat))
         return rows.to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
 

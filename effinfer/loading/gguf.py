@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType
+from gguf import quants as gguf_quants_reference
 
 from effinfer.config import ConfigError, ModelConfig
 from effinfer.layers.embedding import QuantizedEmbedding
@@ -532,7 +533,18 @@ def _keep_embedding_quantized(
         model.lm_head.finalize(
             release_quantized=True
         )  # packed now: its loaded form is freed before the rest loads
+        _look_up_in_head(getattr(parent, attr), model.lm_head, rows)
     return (TOKEN_EMBEDDING,)
+
+
+def _look_up_in_head(embedding: QuantizedEmbedding, head: torch.nn.Module, rows: int) -> None:
+    """A tied embedding reads its rows from the output layer's packed blocks (one C++ call; the same
+    values), where the CPU kernel holds the whole vocabulary."""
+    from effinfer.kernels.cpu import woq
+
+    state = getattr(head, "_kernel_state", None)
+    if state is not None and state.backend == "cpu-woq" and head.out_features == rows:
+        embedding.lookup = functools.partial(woq.embedding_rows, state.data)
 
 
 def _holds_head(model: torch.nn.Module) -> bool:
@@ -540,5 +552,14 @@ def _holds_head(model: torch.nn.Module) -> bool:
     return hasattr(getattr(model, "lm_head", None), "set_quantized")
 
 
+# Up to this many rows (a decode step's tokens), the embedding lookup decodes with gguf.quants, the
+# format's reference implementation in a few numpy calls (~20-50 us a row); effinfer's torch
+# decoder, which gives the same values, pays for its dozens of small tensor ops on so few rows.
+NUMPY_DECODE_MAX_ROWS = 8
+
+
 def _decode_rows(raw_rows: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
+    if raw_rows.shape[0] <= NUMPY_DECODE_MAX_ROWS and qtype in BLOCK_FORMATS:
+        values = gguf_quants_reference.dequantize(raw_rows.numpy(), qtype)
+        return torch.from_numpy(values).reshape(raw_rows.shape[0], cols)
     return dequantize(raw_rows, qtype, (raw_rows.shape[0], cols))

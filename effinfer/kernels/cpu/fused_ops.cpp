@@ -364,7 +364,36 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// k, v [T, kv_heads, d] (rows may be strided, as slices of the fused qkv output) into their cache
+// slots: the two index_copy_ calls of the reference, in one call.
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == v_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "k and v must be [T, kv_heads, d] of the caches' dtype");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "k and v rows must be contiguous [kv_heads, d]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.dim() == 4 && k_cache.size(2) * k_cache.size(3) == k.size(1) * k.size(2),
+              "caches must be contiguous [blocks, block_size, kv_heads, d] matching k");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.numel() == k.size(0),
+              "slot_mapping must be int64 [T]");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  auto s = slots.contiguous();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  auto* kc = (char*)k_cache.data_ptr();
+  auto* vc = (char*)v_cache.data_ptr();
+  const auto* kp = (const char*)k.data_ptr();
+  const auto* vp = (const char*)v.data_ptr();
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "slot ", sp[t], " out of range");
+    std::memcpy(kc + sp[t] * row_bytes, kp + t * k.stride(0) * k.element_size(), row_bytes);
+    std::memcpy(vc + sp[t] * row_bytes, vp + t * v.stride(0) * v.element_size(), row_bytes);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("store_kv", &store_kv, "k, v rows into their paged cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (see fused_ops.cpp)");
   m.def("rotary_", &rotary_, "rotary embedding, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");

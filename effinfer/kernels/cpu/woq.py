@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ AMX_MIN_ROWS = {8: 1, 4: 2, 5: 2, 6: 2, "table": 3}
 # (llama.cpp's way: twice the products per instruction of bf16, and int8 codes need no conversion).
 # Only for bf16 outputs; ``EFFINFER_WOQ_INT8_ACTIVATIONS=0`` keeps bf16 activations everywhere.
 VNNI_MAX_ROWS = {8: 4, 4: 1, 5: 1, 6: 1}
+# Rows of bf16 x from which integer codes are dequantized once per call (to bf16, transposed) and
+# multiplied by oneDNN's AMX GEMM: a prefill's product is large enough to pay for the pass and
+# gains oneDNN's cache blocking (the fused AMX path re-converts the codes for every 64 rows).
+DEQUANTIZED_MIN_ROWS = 256
+_scratch = threading.local()  # the dequantized weight's buffer, reused (one per thread)
 INT8_ACTIVATIONS = os.environ.get("EFFINFER_WOQ_INT8_ACTIVATIONS", "1") != "0"
 
 
@@ -294,8 +300,43 @@ def _run(
     )  # fmt: skip
 
 
+def _padded_columns(data: WoqData, x2: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] in the packed column order: act-order gather, zero padding."""
+    if data.col_index is not None:
+        return F.pad(x2, (0, 1))[:, data.col_index]
+    if data.padded_in != data.in_features:
+        return F.pad(x2, (0, data.padded_in - data.in_features))
+    return x2
+
+
+def _dequantized_matmul(data: WoqData, x: torch.Tensor) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = _padded_columns(data, x.reshape(-1, data.in_features)).contiguous()
+    size = data.padded_in * -(-data.out_features // BLOCK_N) * BLOCK_N
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(size, dtype=torch.bfloat16)
+    wt = extension().dequantize_t(
+        data.codes, data.scales, data.zscales, data.chunks, data.bits, data.out_features, data.padded_in,
+        data.group_cols, data.two_level, data.groups_per_super, buffer,
+    )[:, : data.out_features]  # fmt: skip
+    y = torch.matmul(x2, wt) if data.bias is None else torch.addmm(data.bias.to(x.dtype), x2, wt)
+    return y.reshape(*lead, data.out_features)
+
+
+def embedding_rows(data: WoqData, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the packed integer-code weight, dequantized: float32 [len(ids), in_features]."""
+    return extension().dequantize_rows(
+        data.codes, data.scales, data.zscales, data.chunks, data.bits, data.out_features, data.padded_in,
+        data.group_cols, data.two_level, data.groups_per_super, ids.to(torch.long),
+    )[:, : data.in_features]  # fmt: skip
+
+
 def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
     """y = x @ dequantize(W)^T + bias for x [..., in], in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and rows >= DEQUANTIZED_MIN_ROWS and data.table is None:
+        return _dequantized_matmul(data, x)
     if (
         x.dtype == torch.bfloat16
         and x.dim() == 2
@@ -305,11 +346,7 @@ def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:
         # The decode step's path: no reshaping, the fixed arguments bound once.
         return _bound(data)(x, _amx_min_rows(data), _vnni_max_rows(data))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, data.in_features)
-    if data.col_index is not None:
-        x2 = F.pad(x2, (0, 1))[:, data.col_index]
-    elif data.padded_in != data.in_features:
-        x2 = F.pad(x2, (0, data.padded_in - data.in_features))
+    x2 = _padded_columns(data, x.reshape(-1, data.in_features))
     if x.dtype == torch.bfloat16:
         y = _run(data, x2.contiguous(), data.bias, out_fp32=False, table=data.table)
     else:

@@ -626,6 +626,47 @@ void group_sums(const Problem& P, float* xsum) {
   });
 }
 
+// The weight, dequantized and transposed: Wt [Kp, NB * 16] bf16, Wt[k, n] = s * (q - zero) - dmin * mn
+// in fp32 rounded once (what ``AffineGroupWeight.dequantize`` gives, in bf16). For large batches
+// (prefill) one such pass per call feeds oneDNN's blocked AMX GEMM, which a 512-row product
+// needs far more than it needs the codes: the pass costs ~1% of that product.
+template <int Kind>
+void dequantize_transposed(const Problem& P, uint16_t* wt) {
+  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
+  const int64_t ld = NB * kBlockN;
+  constexpr int OB = octet_bytes<Kind>();
+  // Byte i of dword n to position 16 i + n: each 16-byte lane is then one column of 16 rows.
+  static const __m512i by_column = [] {
+    alignas(64) int8_t idx[64];
+    for (int i = 0; i < 4; ++i)
+      for (int n = 0; n < 16; ++n) idx[16 * i + n] = (int8_t)(4 * n + i);
+    return _mm512_load_si512(idx);
+  }();
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
+      const int64_t unit_octets = P.unit_cols / 8;
+      for (int64_t g = 0; g < P.G; ++g) {
+        __m512 s, z;
+        P.group_scales(nb, g, s, z);
+        z = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)code_offset<Kind>()), z);  // raw codes here
+        for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < (int64_t)P.chunks[g + 1] * unit_octets; ++o) {
+          __m512i half[2];
+          octet_codes<Kind>(w + o * OB, half[0], half[1]);
+          for (int h = 0; h < 2; ++h) {
+            const __m512i cols = _mm512_permutexvar_epi8(by_column, half[h]);
+            for (int i = 0; i < 4; ++i) {
+              const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(cols, i)));
+              const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(q, s, z));
+              _mm256_storeu_si256((__m256i*)(wt + (8 * o + 4 * h + i) * ld + nb * kBlockN), v);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool amx_ready() { return amx::ready(); }
@@ -740,6 +781,126 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   return out;
 }
 
+// The weight of integer codes dequantized to bf16 and transposed, [Kp, n rounded up to 16] (see
+// dequantize_transposed), written to the front of ``scratch``; other arguments as woq_linear's.
+torch::Tensor dequantize_t(torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales, torch::Tensor chunks,
+                           int64_t bits, int64_t n, int64_t kp, int64_t group_cols,
+                           c10::optional<std::vector<torch::Tensor>> two_level, int64_t groups_per_super,
+                           torch::Tensor scratch) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  TORCH_CHECK(kp % kChunk == 0, "padded width must be a multiple of 32");
+  const int64_t ld = (n + kBlockN - 1) / kBlockN * kBlockN;
+  TORCH_CHECK(scratch.dtype() == torch::kBFloat16 && scratch.is_contiguous() && scratch.numel() >= kp * ld,
+              "scratch must be a contiguous bf16 tensor of at least kp * n (rounded up to 16) elements");
+  Problem P{};
+  P.Kp = kp;
+  P.N = n;
+  P.G = chunks.size(0) - 1;
+  P.codes = codes.data_ptr<uint8_t>();
+  P.chunks = chunks.data_ptr<int32_t>();
+  P.unit_cols = group_cols;
+  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
+  if (two_level.has_value()) {
+    const auto& t = *two_level;
+    P.two_level.d = (const uint16_t*)t[0].data_ptr();
+    P.two_level.sc = (const int8_t*)or_null(t[1]);
+    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
+    P.two_level.mn = (const uint8_t*)or_null(t[3]);
+    P.two_level.zc = t[4].data_ptr<float>();
+    P.two_level.groups_per_super = groups_per_super;
+  } else {
+    P.scales = scales.data_ptr<float>();
+    P.zscales = zscales.data_ptr<float>();
+  }
+  // A caller's buffer reused from call to call: a fresh tensor this size costs its page faults.
+  auto wt = scratch.view(-1).narrow(0, 0, kp * ld).view({kp, ld});
+  auto* out = (uint16_t*)wt.data_ptr();
+  if (bits == 8) dequantize_transposed<kInt8>(P, out);
+  else if (bits == 6) dequantize_transposed<kInt6>(P, out);
+  else if (bits == 5) dequantize_transposed<kInt5>(P, out);
+  else dequantize_transposed<kInt4>(P, out);
+  return wt;
+}
+
+// Rows ``ids`` of a weight of integer codes, dequantized: float32 [R, Kp] (a tied embedding's
+// lookup reads the output layer's packed blocks). The values are those of dequantize_transposed.
+torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales, torch::Tensor chunks,
+                              int64_t bits, int64_t n, int64_t kp, int64_t group_cols,
+                              c10::optional<std::vector<torch::Tensor>> two_level, int64_t groups_per_super,
+                              torch::Tensor ids) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be int64 [R]");
+  Problem P{};
+  P.Kp = kp;
+  P.N = n;
+  P.G = chunks.size(0) - 1;
+  P.codes = codes.data_ptr<uint8_t>();
+  P.chunks = chunks.data_ptr<int32_t>();
+  P.unit_cols = group_cols;
+  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
+  if (two_level.has_value()) {
+    const auto& t = *two_level;
+    P.two_level.d = (const uint16_t*)t[0].data_ptr();
+    P.two_level.sc = (const int8_t*)or_null(t[1]);
+    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
+    P.two_level.mn = (const uint8_t*)or_null(t[3]);
+    P.two_level.zc = t[4].data_ptr<float>();
+    P.two_level.groups_per_super = groups_per_super;
+  } else {
+    P.scales = scales.data_ptr<float>();
+    P.zscales = zscales.data_ptr<float>();
+  }
+  auto idx = ids.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto out = torch::empty({idx.numel(), kp}, codes.options().dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const int ob = bits == 8 ? 128 : bits == 6 ? 96 : bits == 5 ? 80 : 64;
+  for (int64_t r = 0; r < idx.numel(); ++r) {
+    TORCH_CHECK(ip[r] >= 0 && ip[r] < n, "row ", ip[r], " out of range");
+    const int64_t nb = ip[r] / kBlockN, lane = ip[r] % kBlockN;
+    const uint8_t* w = P.codes + nb * (kp / 8) * ob;
+    float* row = op + r * kp;
+    auto half_to_float = [](uint16_t h) { return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16((short)h))); };
+  const float offset = bits == 8 ? 1.0f : 128.0f;  // code_offset<>: the zero points include it
+    for (int64_t g = 0; g < P.G; ++g) {
+      // ggml's order for two-level blocks: (d * sc) * (q - zero) - dmin * mn, q - zero exact.
+      float scale, zero_code, min;
+      if (two_level.has_value()) {
+        const TwoLevelScales& t = P.two_level;
+        const int64_t at = (nb * P.G + g) * kBlockN + lane;
+        const int64_t super_at = (nb * (P.G / t.groups_per_super) + g / t.groups_per_super) * kBlockN + lane;
+        scale = half_to_float(t.d[super_at]);
+        if (t.sc) scale *= (float)t.sc[at];
+        min = 0.0f;
+        if (t.dmin) {
+          min = half_to_float(t.dmin[super_at]);
+          if (t.mn) min *= (float)t.mn[at];
+        }
+        zero_code = t.zc[nb * kBlockN + lane] - offset;
+      } else {
+        const int64_t at = (nb * P.G + g) * kBlockN + lane;
+        scale = P.scales[at];
+        min = P.zscales[at] - scale * offset;  // (zero + offset) * scale, the offset taken off
+        zero_code = 0.0f;
+      }
+      for (int64_t o = (int64_t)P.chunks[g] * (group_cols / 8); o < (int64_t)P.chunks[g + 1] * (group_cols / 8); ++o) {
+        alignas(64) uint8_t half[2][64];
+        __m512i lo, hi;
+        if (bits == 8) octet_codes<kInt8>(w + o * ob, lo, hi);
+        else if (bits == 6) octet_codes<kInt6>(w + o * ob, lo, hi);
+        else if (bits == 5) octet_codes<kInt5>(w + o * ob, lo, hi);
+        else octet_codes<kInt4>(w + o * ob, lo, hi);
+        _mm512_store_si512(half[0], lo);
+        _mm512_store_si512(half[1], hi);
+        for (int h = 0; h < 2; ++h)
+          for (int i = 0; i < 4; ++i)
+            row[8 * o + 4 * h + i] = scale * ((float)half[h][4 * lane + i] - zero_code) - min;
+      }
+    }
+  }
+  return out;
+}
+
 // A packed weight with its fixed arguments, bound once: a decode step's call converts one
 // tensor instead of fourteen (a 135M-parameter model makes ~120 such calls per token).
 struct BoundWeight {
@@ -767,5 +928,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("__call__", &BoundWeight::forward,
            "bf16 x [M, Kp], int8 activations up to vnni_max_rows rows, AMX from amx_min_rows -> bf16 y [M, n]");
+  m.def("dequantize_rows", &dequantize_rows, "rows of integer codes -> float32 [R, Kp]");
+  m.def("dequantize_t", &dequantize_t, "integer codes -> bf16 weight, transposed [Kp, n padded to 16]");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }
