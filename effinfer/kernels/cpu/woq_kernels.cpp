@@ -286,15 +286,16 @@ void small_m(const Problem& P) {
 
 // ---------------------------------------------------------------------------------------------
 // Decode with int8 activations: VNNI integer dot products (see the header). x is quantized per
-// 32 columns: xq = round(x / dx), dx = max|x| / 127; ``qsum`` holds sum(xq) per 16 columns (the
-// zero-point term of groups of 16 and of 32 alike).
+// 32 columns: xq = round(x / dx), dx = max|x| / 127; ``xsum`` holds each group's sum of the
+// quantized x (the zero-point term).
 struct QuantizedRows {
   const int8_t* q;      // [M, Kp]
   const float* dx;      // [M, Kp / 32]
-  const int32_t* qsum;  // [M, Kp / 16]
+  const float* xsum;    // [M, G]: sum of the quantized x over each group, dx * sum(xq) per 32 columns
 };
 
-void quantize_rows(const Problem& P, int8_t* q, float* dx, int32_t* qsum) {
+void quantize_rows(const Problem& P, int8_t* q, float* dx, float* xsum) {
+  std::vector<int32_t> qsum(P.Kp / 16);  // sum(xq) per 16 columns (a group has whole ones)
   const int64_t chunks = P.Kp / kChunk;
   for (int64_t m = 0; m < P.M; ++m) {
     const uint16_t* row = P.x + m * P.Kp;
@@ -310,9 +311,15 @@ void quantize_rows(const Problem& P, int8_t* q, float* dx, int32_t* qsum) {
       for (int h = 0; h < 2; ++h) {
         __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inv));  // round to nearest even
         _mm_storeu_si128((__m128i*)(q + m * P.Kp + c * kChunk + 16 * h), _mm512_cvtsepi32_epi8(r));
-        qsum[m * (P.Kp / 16) + 2 * c + h] = _mm512_reduce_add_epi32(r);
+        qsum[2 * c + h] = _mm512_reduce_add_epi32(r);
       }
       dx[m * chunks + c] = step;
+    }
+    for (int64_t g = 0; g < P.G; ++g) {
+      float total = 0.0f;
+      for (int64_t u = P.chunks[g] * P.unit_cols / 16; u < P.chunks[g + 1] * P.unit_cols / 16; ++u)
+        total += dx[m * chunks + u / 2] * (float)qsum[u];
+      xsum[m * P.G + g] = total;
     }
   }
 }
@@ -328,20 +335,17 @@ void vnni_block(const Problem& P, const QuantizedRows& X, int64_t m0, int64_t nb
   const int32_t* xrow[MB];  // 4 int8 of x per int32
   for (int m = 0; m < MB; ++m) xrow[m] = (const int32_t*)(X.q + (m0 + m) * P.Kp);
   const int64_t chunks = P.Kp / kChunk;
-  const int64_t units = P.Kp / 16;
   const int64_t unit_octets = P.unit_cols / 8;
 
   __m512 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < P.G; ++g) {
     __m512 fsum[MB];
-    float xs[MB];
-    for (int m = 0; m < MB; ++m) fsum[m] = _mm512_setzero_ps(), xs[m] = 0.0f;
+    for (int m = 0; m < MB; ++m) fsum[m] = _mm512_setzero_ps();
     const int64_t o_end = (int64_t)P.chunks[g + 1] * unit_octets;
     for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < o_end;) {
       const int64_t c = o / 4;  // the 32 columns x's step covers
       const int64_t stop = std::min<int64_t>(o_end, (c + 1) * 4);
-      const int64_t first_unit = o / 2;
       __m512i acc[MB][2 * NC];
       for (int m = 0; m < MB; ++m)
         for (int i = 0; i < 2 * NC; ++i) acc[m][i] = _mm512_setzero_si512();
@@ -360,9 +364,6 @@ void vnni_block(const Problem& P, const QuantizedRows& X, int64_t m0, int64_t nb
         for (int i = 1; i < 2 * NC; ++i) a = _mm512_add_epi32(a, acc[m][i]);
         const float d = X.dx[(m0 + m) * chunks + c];
         fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(d), fsum[m]);
-        int32_t qs = 0;
-        for (int64_t u = first_unit; u < o / 2; ++u) qs += X.qsum[(m0 + m) * units + u];
-        xs[m] += d * (float)qs;
       }
     }
     __m512 s, z;
@@ -370,7 +371,7 @@ void vnni_block(const Problem& P, const QuantizedRows& X, int64_t m0, int64_t nb
     z = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)code_offset<Kind>()), z);  // raw codes here
     for (int m = 0; m < MB; ++m) {
       total[m] = _mm512_fmadd_ps(fsum[m], s, total[m]);
-      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[m]), total[m]);
+      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(X.xsum[(m0 + m) * P.G + g]), total[m]);
     }
   }
   for (int m = 0; m < MB; ++m) store_block(P, m0 + m, nb, total[m]);
@@ -757,9 +758,9 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   if (use_vnni) {
     auto xq = torch::empty({M, Kp}, x.options().dtype(torch::kInt8));
     auto dx = torch::empty({M, Kp / kChunk}, x.options().dtype(torch::kFloat32));
-    auto qsum = torch::empty({M, Kp / 16}, x.options().dtype(torch::kInt32));
-    quantize_rows(P, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), qsum.data_ptr<int32_t>());
-    const QuantizedRows X{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), qsum.data_ptr<int32_t>()};
+    auto xg = torch::empty({M, G}, x.options().dtype(torch::kFloat32));
+    quantize_rows(P, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xg.data_ptr<float>());
+    const QuantizedRows X{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xg.data_ptr<float>()};
     if (bits == 8) vnni_m<kInt8>(P, X);
     else if (bits == 6) vnni_m<kInt6>(P, X);
     else if (bits == 5) vnni_m<kInt5>(P, X);
