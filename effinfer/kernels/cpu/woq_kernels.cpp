@@ -756,11 +756,15 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   P.out_fp32 = out_fp32;
   if (needs_xsum) group_sums(P, xsum.data_ptr<float>());
   if (use_vnni) {
-    auto xq = torch::empty({M, Kp}, x.options().dtype(torch::kInt8));
-    auto dx = torch::empty({M, Kp / kChunk}, x.options().dtype(torch::kFloat32));
-    auto xg = torch::empty({M, G}, x.options().dtype(torch::kFloat32));
-    quantize_rows(P, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xg.data_ptr<float>());
-    const QuantizedRows X{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xg.data_ptr<float>()};
+    // The quantized x lives in buffers kept by the calling thread: a decode step makes ~100 of
+    // these calls, and three tensor allocations each were measurable.
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> dx, xg;
+    xq.resize(M * Kp);
+    dx.resize(M * (Kp / kChunk));
+    xg.resize(M * G);
+    quantize_rows(P, xq.data(), dx.data(), xg.data());
+    const QuantizedRows X{xq.data(), dx.data(), xg.data()};
     if (bits == 8) vnni_m<kInt8>(P, X);
     else if (bits == 6) vnni_m<kInt6>(P, X);
     else if (bits == 5) vnni_m<kInt5>(P, X);
