@@ -171,17 +171,24 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time,
 
 
 @requires_kernel
+@pytest.mark.parametrize("activations", ["float32", "bf16-int8"])
 @pytest.mark.parametrize("filename", REAL_FILES)
-def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename):
+def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename, activations, monkeypatch):
+    """float32: the weights' arithmetic alone (the kernel runs float32 x as two exact bf16 terms), as
+    llama.cpp keeps its activations. bf16-int8: what batch-1 decode runs — a bf16 residual stream
+    and every product on the VNNI path with x rounded to int8 per 32 columns."""
     llama_cpp = pytest.importorskip("llama_cpp")
     path = MODELS / filename
     if not path.is_file():
         pytest.skip(f"{path} is not present (../shared/data/fetch_models.sh fetches it)")
+    if activations == "bf16-int8":
+        for bits in woq.VNNI_MAX_ROWS:
+            monkeypatch.setitem(woq.VNNI_MAX_ROWS, bits, 10**9)
+        monkeypatch.setattr(woq, "DEQUANTIZED_MIN_ROWS", 10**9)
+    dtype = torch.float32 if activations == "float32" else torch.bfloat16
     checkpoint = GGUFFile(path)
     config = checkpoint.model_config()
-    # float32 activations, as llama.cpp keeps them (the kernel then runs x as two bf16 terms):
-    # the comparison is of the weights' arithmetic, not of a bf16 residual stream.
-    model = load_model(checkpoint, config, torch.float32, torch.device("cpu"), 512, show_progress=False)
+    model = load_model(checkpoint, config, dtype, torch.device("cpu"), 512, show_progress=False)
     linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
     assert linears and all(isinstance(m.quantized, AffineGroupWeight) for m in linears)
     assert {quant_linear.QuantState} == {type(m._kernel_state) for m in linears}
@@ -208,4 +215,8 @@ def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename):
             ours = model.compute_logits(hidden)[0, len(prompt_ids) - 1 :].argmax(-1).tolist()
         agree += sum(a == b for a, b in zip(ours, generated))
         total += len(generated)
-    assert agree / total >= 0.95, (agree, total)
+    # Teacher-forced next tokens where the two engines' top logits nearly tie decide the rest:
+    # measured 2026-12-05, float32 90/94 (SmolLM2) and 93/96 (0.5B); bf16-int8 88/94 and 95/96
+    # (llama.cpp too rounds x to int8 per 32 values, but keeps an f32 residual stream). A broken
+    # kernel agrees on next to nothing.
+    assert agree / total >= (0.95 if activations == "float32" else 0.92), (agree, total)
