@@ -150,6 +150,7 @@ def reference_attention(q, keys, values, query_positions, scale, window):
     ("block_size", "heads", "kv_heads", "head_dim", "context_lens", "partition", "window"),
     [
         (16, 4, 4, 16, [1, 17, 40], 512, None),  # MHA, one partition
+        (16, 8, 2, 64, [300, 2100, 7], None, None),  # the default partitions (33 of them), long and short
         (8, 8, 2, 32, [33, 5, 64, 100], 32, None),  # GQA 4, several partitions, ragged
         (32, 6, 1, 64, [200, 31], 64, None),  # GQA 6 (padded to 8), a partition per two blocks
         (4, 12, 2, 8, [9, 50], 16, 20),  # tiny blocks and head dim, sliding window

@@ -6,7 +6,7 @@ partitions that run on separate programs, each keeping a running max, sum and we
 (the online softmax of FlashAttention, Dao et al. 2022), merged by a second small kernel.
 Idea: a decode step has one query per sequence, so a kernel per (sequence, KV head) would leave
 most of a GPU idle at batch 1; splitting the context into ``partition_size`` slices gives
-``batch x kv_heads x partitions`` programs. The query heads that share a KV head (GQA) are one
+``batch x kv_heads x partitions`` programs (partitions of 64 tokens, or more past 4096 tokens). The query heads that share a KV head (GQA) are one
 program's rows, so each key and value is read once for all of them.
 
 Layout read in place: caches [num_blocks, block_size, kv_heads, d] (``layers/attention.py``),
@@ -23,7 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-PARTITION_SIZE = 512  # context tokens per program (a multiple of every block size used)
+# Context tokens per program: enough partitions that a short context still spreads over a few
+# programs per KV head, at most MAX_PARTITIONS so that the merge stays one small program per head.
+MIN_PARTITION_SIZE = 64
+MAX_PARTITIONS = 64
 # A program multiplies [heads of a group, keys, d] at once: keep that product near this many floats.
 TILE_ELEMENTS = 8192
 
@@ -122,11 +125,12 @@ def decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
-    partition_size: int = PARTITION_SIZE,
+    partition_size: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, heads, d], over its paged context; returns [B, heads, d].
 
-    ``sliding_window`` W: each query sees its last W positions only.
+    ``sliding_window`` W: each query sees its last W positions only. ``partition_size``: context
+    tokens per program (default: from the block table's width, see ``MIN_PARTITION_SIZE``).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -143,7 +147,12 @@ def decode_attention(
     # Tile sides of at least 2: a side of 1 is legal Triton, but the least exercised layout.
     group_pad, d_pad = max(2, triton.next_power_of_2(group)), max(2, triton.next_power_of_2(head_dim))
     block_n = max(1, min(64, triton.next_power_of_2(TILE_ELEMENTS // (group_pad * d_pad) + 1) // 2))
-    num_partitions = max(1, triton.cdiv(block_tables.shape[1] * block_size, partition_size))
+    max_context = block_tables.shape[1] * block_size
+    if partition_size is None:
+        partition_size = max(
+            MIN_PARTITION_SIZE, triton.next_power_of_2(triton.cdiv(max_context, MAX_PARTITIONS))
+        )
+    num_partitions = max(1, triton.cdiv(max_context, partition_size))
     out = q.new_empty(batch, num_heads, head_dim)
     if batch == 0:
         return out
