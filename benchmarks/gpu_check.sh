@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
-    PIP="${PIP:-/work/venv/bin/pip}"
+    PIP="${PIP:-pip}"
     mkdir -p build/gpu-wheels build/shared-data
     "$PIP" download -q --no-deps --only-binary=:all: gguf==0.19.0 -d build/gpu-wheels
     data="${EFFINFER_SHARED_DATA:-../shared/data}"

@@ -105,6 +105,15 @@ def workload(batch: int, tokens: int, vocab: int) -> Workload:
     return Workload(f"batch {batch}", prompts, [tokens] * batch)
 
 
+def measure_throughput(runner, key: str, args: argparse.Namespace, vocab: int, report: Report) -> None:
+    """Output tokens/s of each batch size's workload, recorded under ``key`` as it comes."""
+    for batch in args.batches:
+        result = runner.throughput(workload(batch, args.tokens, vocab), desc=f"{key} batch {batch}")
+        report.throughput.setdefault(batch, {})[key] = result.output_tokens_per_s
+        report.write()
+        print(f"  {key} batch {batch}: {result.output_tokens_per_s:.0f} tok/s", flush=True)
+
+
 class Report:
     """Results so far, written to JSON and markdown after every measurement."""
 
@@ -253,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  HF bf16: {report.decode['HF transformers bf16']['tokens_per_s']:.1f} tok/s",
                     flush=True,
                 )
-                for batch in args.batches:
-                    result = hf.throughput(workload(batch, args.tokens, vocab), desc=f"HF batch {batch}")
-                    report.throughput.setdefault(batch, {})["hf"] = result.output_tokens_per_s
-                    report.write()
-                    print(f"  HF batch {batch}: {result.output_tokens_per_s:.0f} tok/s", flush=True)
+                measure_throughput(hf, "hf", args, vocab, report)
                 hf.close()
             except Exception as error:
                 report.fail("HF transformers", error)
@@ -267,13 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = EffinferRunner(model, **engine_args)
             for batch in args.batches:  # compiles the kernels and captures each batch's graph
                 runner.throughput(workload(batch, 4, vocab), desc="warm-up")
-            for batch in args.batches:
-                result = runner.throughput(
-                    workload(batch, args.tokens, vocab), desc=f"effinfer batch {batch}"
-                )
-                report.throughput.setdefault(batch, {})["effinfer"] = result.output_tokens_per_s
-                report.write()
-                print(f"  effinfer batch {batch}: {result.output_tokens_per_s:.0f} tok/s", flush=True)
+            measure_throughput(runner, "effinfer", args, vocab, report)
             runner.close()
         except Exception as error:
             report.fail("effinfer throughput", error)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from effinfer.kernels.triton.paged_kv_store import cache_row_offsets
+
 # Context tokens per program: enough partitions that a short context still spreads over a few
 # programs per KV head, at most MAX_PARTITIONS so that the merge stays one small program per head.
 MIN_PARTITION_SIZE = 64
@@ -66,17 +68,17 @@ def _partition_kernel(
     for start in range(part_start, part_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         key_mask = positions < part_end
-        blocks = tl.load(table + positions // block_size, mask=key_mask, other=0).to(tl.int64)
-        offsets = blocks * stride_block + (positions % block_size) * stride_slot + kv_head * stride_cache_head
+        offsets = cache_row_offsets(table, positions, key_mask, block_size, stride_block, stride_slot)
+        offsets = offsets[:, None] + kv_head * stride_cache_head + cols[None, :]
         tile_mask = key_mask[:, None] & col_mask[None, :]
-        keys = tl.load(k_cache_ptr + offsets[:, None] + cols[None, :], mask=tile_mask, other=0.0)
+        keys = tl.load(k_cache_ptr + offsets, mask=tile_mask, other=0.0)
         scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp(running_max - new_max)
         probs = tl.exp(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        values = tl.load(v_cache_ptr + offsets[:, None] + cols[None, :], mask=tile_mask, other=0.0)
+        values = tl.load(v_cache_ptr + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
         running_max = new_max
 

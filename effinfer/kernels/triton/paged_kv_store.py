@@ -17,6 +17,14 @@ import triton.language as tl
 
 
 @triton.jit
+def cache_row_offsets(table_ptr, positions, mask, block_size, stride_block, stride_slot):
+    """Element offsets of a sequence's ``positions`` in the paged cache, found through its block
+    table row ``table_ptr`` (masked positions read block 0); add the KV head's offset and the column."""
+    blocks = tl.load(table_ptr + positions // block_size, mask=mask, other=0).to(tl.int64)
+    return blocks * stride_block + (positions % block_size) * stride_slot
+
+
+@triton.jit
 def _store_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, stride_cache_head,

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from effinfer.kernels.triton.paged_kv_store import cache_row_offsets
+
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 32  # keys per tile
 DTYPES = (torch.float16, torch.bfloat16)
@@ -70,10 +72,10 @@ def _prefill_kernel(
     for start in range(key_start, key_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         key_mask = positions < key_end
-        blocks = tl.load(table + positions // block_size, mask=key_mask, other=0).to(tl.int64)
-        offsets = blocks * stride_block + (positions % block_size) * stride_slot + kv_head * stride_cache_head
+        offsets = cache_row_offsets(table, positions, key_mask, block_size, stride_block, stride_slot)
+        offsets = offsets[:, None] + kv_head * stride_cache_head + cols[None, :]
         tile_mask = key_mask[:, None] & col_mask[None, :]
-        keys = tl.load(k_cache_ptr + offsets[:, None] + cols[None, :], mask=tile_mask, other=0.0)
+        keys = tl.load(k_cache_ptr + offsets, mask=tile_mask, other=0.0)
         scores = tl.dot(q, tl.trans(keys)) * scale  # [BLOCK_M, BLOCK_N] in float32
         visible = key_mask[None, :] & (positions[None, :] <= query_positions[:, None])
         visible = visible & ((window <= 0) | (positions[None, :] > query_positions[:, None] - window))
@@ -84,7 +86,7 @@ def _prefill_kernel(
         rescale = tl.exp(running_max - shift)
         probs = tl.exp(scores - shift[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        values = tl.load(v_cache_ptr + offsets[:, None] + cols[None, :], mask=tile_mask, other=0.0)
+        values = tl.load(v_cache_ptr + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
         running_max = new_max
 
