@@ -141,15 +141,17 @@ class Report:
             (f"HBM peak {peak / 1e12:.2f} TB/s ({m['peak_source']})" if peak else "HBM peak: unknown")
             + (f"; measured device-to-device copy {copy / 1e12:.2f} TB/s" if copy else ""),
             "",
-            "| batch-1 decode | tokens/s | ms/token (median) | weight GB/s | % of HBM peak | % of copy bandwidth | graphs captured |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| batch-1 decode | tokens/s | ms/token (median) | weight GB/s | % of HBM peak "
+            "| % of copy bandwidth | graphs captured | Triton ops |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
         ]
         for label, r in self.decode.items():
             gbs = r["weight_gb_per_s"]
             lines.append(
                 f"| {label} | {r['tokens_per_s']:.1f} | {r['median_ms_per_token']:.2f} | {gbs:.0f} | "
                 f"{f'{100 * gbs * 1e9 / peak:.0f}%' if peak else '-'} | "
-                f"{f'{100 * gbs * 1e9 / copy:.0f}%' if copy else '-'} | {r.get('graphs_captured', '-')} |"
+                f"{f'{100 * gbs * 1e9 / copy:.0f}%' if copy else '-'} | {r.get('graphs_captured', '-')} | "
+                f"{r.get('triton_ops', '-')} |"
             )
         if self.throughput:
             lines += [
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["graphs_captured"] = (
                     ",".join(map(str, captured.captured_sizes)) if captured else "none"
                 )
+                # Whether the Triton operators loaded (the start-up self-test may have turned them off).
+                result["triton_ops"] = "on" if on_cuda and gpu_ops.kernels() is not None else "off"
                 report.decode[label] = result
                 runner.close()
             except Exception as error:  # report and go on: one broken setting must not hide the rest
