@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effinfer.kernels.triton.paged_kv_store import cache_row_offsets
+from effinfer.kernels.triton.paged_kv_store import paged_tile
 
 # Context tokens per program: enough partitions that a short context still spreads over a few
 # programs per KV head, at most MAX_PARTITIONS so that the merge stays one small program per head.
@@ -31,6 +31,18 @@ MIN_PARTITION_SIZE = 64
 MAX_PARTITIONS = 64
 # A program multiplies [heads of a group, keys, d] at once: keep that product near this many floats.
 TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def online_softmax_step(running_max, running_sum, scores):
+    """One tile of FlashAttention's online softmax over rows of ``scores`` (-inf: hidden keys):
+    (new running max, the factor that rescales what was accumulated, the tile's probabilities,
+    new running sum). A row that has seen no visible key keeps max -inf and gets zeros, not NaN."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    probs = tl.exp(scores - shift[:, None])
+    return new_max, rescale, probs, running_sum * rescale + tl.sum(probs, axis=1)
 
 
 @triton.jit
@@ -66,21 +78,16 @@ def _partition_kernel(
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table = block_tables_ptr + seq * stride_table
     for start in range(part_start, part_end, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        key_mask = positions < part_end
-        offsets = cache_row_offsets(table, positions, key_mask, block_size, stride_block, stride_slot)
-        offsets = offsets[:, None] + kv_head * stride_cache_head + cols[None, :]
-        tile_mask = key_mask[:, None] & col_mask[None, :]
+        positions, key_mask, offsets, tile_mask = paged_tile(
+            table, start, part_end, cols, col_mask, block_size, stride_block, stride_slot,
+            kv_head * stride_cache_head, BLOCK_N,
+        )  # fmt: skip
         keys = tl.load(k_cache_ptr + offsets, mask=tile_mask, other=0.0)
         scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        probs = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+        running_max, rescale, probs, running_sum = online_softmax_step(running_max, running_sum, scores)
         values = tl.load(v_cache_ptr + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
-        running_max = new_max
 
     out_index = (seq * num_heads + heads) * num_partitions + part
     tl.store(max_ptr + out_index, running_max, mask=row_mask)

@@ -25,6 +25,24 @@ def cache_row_offsets(table_ptr, positions, mask, block_size, stride_block, stri
 
 
 @triton.jit
+def paged_tile(
+    table_ptr, start, end, cols, col_mask, block_size, stride_block, stride_slot, head_offset,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Keys ``start``..``start + BLOCK_N`` of one KV head (those before ``end``) in the paged cache:
+    (positions, which of them exist, element offsets [BLOCK_N, len(cols)], the tile's load mask)."""
+    positions = start + tl.arange(0, BLOCK_N)
+    key_mask = positions < end
+    rows = cache_row_offsets(table_ptr, positions, key_mask, block_size, stride_block, stride_slot)
+    return (
+        positions,
+        key_mask,
+        rows[:, None] + head_offset + cols[None, :],
+        key_mask[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
 def _store_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, stride_cache_head,

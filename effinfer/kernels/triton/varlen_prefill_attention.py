@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from effinfer.kernels.triton.paged_kv_store import cache_row_offsets
+from effinfer.kernels.triton.paged_decode_attention import online_softmax_step
+from effinfer.kernels.triton.paged_kv_store import paged_tile
 
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 32  # keys per tile
@@ -70,25 +71,18 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table = block_tables_ptr + seq * stride_table
     for start in range(key_start, key_end, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        key_mask = positions < key_end
-        offsets = cache_row_offsets(table, positions, key_mask, block_size, stride_block, stride_slot)
-        offsets = offsets[:, None] + kv_head * stride_cache_head + cols[None, :]
-        tile_mask = key_mask[:, None] & col_mask[None, :]
+        positions, key_mask, offsets, tile_mask = paged_tile(
+            table, start, key_end, cols, col_mask, block_size, stride_block, stride_slot,
+            kv_head * stride_cache_head, BLOCK_N,
+        )  # fmt: skip
         keys = tl.load(k_cache_ptr + offsets, mask=tile_mask, other=0.0)
         scores = tl.dot(q, tl.trans(keys)) * scale  # [BLOCK_M, BLOCK_N] in float32
         visible = key_mask[None, :] & (positions[None, :] <= query_positions[:, None])
         visible = visible & ((window <= 0) | (positions[None, :] > query_positions[:, None] - window))
         scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        # A row that has seen no visible key yet keeps max -inf: shift by 0 so exp gives 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - shift)
-        probs = tl.exp(scores - shift[:, None])
-        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+        running_max, rescale, probs, running_sum = online_softmax_step(running_max, running_sum, scores)
         values = tl.load(v_cache_ptr + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
-        running_max = new_max
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     tl.store(
