@@ -31,6 +31,18 @@ PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
     ),
+    # Qwen2.5-1.5B's shapes (Qwen team 2024) in the Llama layout: no q/k/v bias, untied output head.
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+    ),
     # For tests: the same vocabulary, everything else as small as it gets.
     "tiny": dict(
         hidden_size=64,

@@ -1,7 +1,7 @@
 """Model runner: owns the model and the KV cache tensors, turns a scheduled batch of sequences
 into flat input tensors (token ids, positions, cache slots, block tables), runs the model and
 returns the logits of the rows to sample: each sequence's last token, plus one row per draft
-token under speculative decoding. The cache follows the model's per-layer specs
+token under speculative decoding. On CUDA, decode steps replay CUDA graphs (``cuda_graphs.py``). The cache follows the model's per-layer specs
 (``model.cache_specs()``, grouped by ``engine/cache_groups.py``): slot mappings and block tables
 are built per cache group, and each attention layer is bound to its group's tables and tensor.
 Recurrent layers (Mamba) are bound to their share of a state pool instead: one slot per running
@@ -17,6 +17,7 @@ import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
 from effinfer.engine.cache_groups import KVCacheLayout
+from effinfer.engine.cuda_graphs import DecodeGraphs
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
@@ -107,6 +108,12 @@ class ModelRunner:
             self._allocate_kv_cache()
         if self.num_state_slots:
             self._allocate_state_pool()
+        # Decode steps replayed as CUDA graphs (engine/cuda_graphs.py); None: always eager.
+        self.decode_graphs = DecodeGraphs.for_model(
+            model, device, dtype, block_size=self.block_size, max_model_len=max_model_len,
+            max_num_seqs=engine_config.max_num_seqs, num_cache_groups=self.layout.num_groups,
+            has_state=bool(self.layout.state_specs),
+        )  # fmt: skip
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -295,6 +302,10 @@ class ModelRunner:
     def execute(self, inputs: tuple) -> torch.Tensor:
         """The model on prepared inputs (a parallel runner's workers get these from the driver)."""
         input_ids, positions, meta, sample_rows = inputs
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(input_ids, positions, meta, sample_rows)
+            if logits is not None:
+                return logits
         hidden = self.model(input_ids, positions, meta)
         if sample_rows is not None and sample_rows.numel() != hidden.shape[0]:
             hidden = hidden.index_select(0, sample_rows)

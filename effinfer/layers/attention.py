@@ -9,7 +9,9 @@ A step gives each sequence any number of query tokens (variable length): a promp
 one, a single decode token, or a token plus speculative ones to verify. Sequences with several
 queries run one at a time (each has its own length and cached prefix, causal within its queries);
 the single-query ones run together as a decode batch, padding contexts to the longest and masking
-the padding (on CPU the fused C++ decode attention reads the blocks in place).
+the padding (on CPU the fused C++ decode attention reads the blocks in place). On CUDA, Triton
+kernels store the keys and values, run decode attention split over the context and prefill
+attention over all sequences at once, reading the blocks in place (``kernels/triton/gpu_ops.py``).
 
 int8 KV cache (``EngineConfig(kv_cache_dtype="int8")``; KV-cache quantization as in KIVI, Liu et
 al. 2024, KVQuant, Hooper et al. 2024, and vLLM's int8/fp8 KV cache): each token's key and value
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effinfer.kernels.cpu import fused
+from effinfer.kernels.triton import gpu_ops
 from effinfer.layers.attention_sinks import attend_with_sinks
 
 FUSED_MAX_HEAD_DIM = 256  # the fused decode attention keeps one query row in 16 registers
@@ -83,6 +86,12 @@ class AttentionMetadata:
                 _group_views={},
             )
         return self._group_views[group]
+
+    @functools.cached_property
+    def varlen_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query start offsets [B + 1], context lengths [B]) on the tables' device, for varlen kernels."""
+        starts = torch.tensor(self.query_start_locs, device=self.block_tables.device)
+        return starts, torch.tensor(self.context_lens, device=starts.device)
 
     @functools.cached_property
     def query_start_locs(self) -> list[int]:
@@ -198,12 +207,41 @@ class PagedAttention(nn.Module):
         if isinstance(meta, DenseCausal):
             return self._dense(q, k, v, meta, q_at_cache)
         meta = meta.for_group(self.cache_group)
+        if self.runs_triton(q):
+            return self._triton(q, k, v, meta).reshape(q.shape[0], self.num_heads * self.head_dim)
         self._store(k, v, meta.slot_mapping)
         if meta.is_prefill:
             out = self._prefill(q, k, v, meta, q_at_cache)
         else:
             out = self._decode(q, meta, q_at_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def runs_triton(self, q: torch.Tensor) -> bool:
+        """Whether queries like ``q`` go to the Triton kernels: CUDA, a cache of q's dtype, no sinks."""
+        return (
+            not self.sink_tokens
+            and self.k_scale_cache is None
+            and self.k_cache.dtype == q.dtype
+            and gpu_ops.usable(q)
+        )
+
+    def _triton(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        ops = gpu_ops.kernels()
+        ops.paged_kv_store.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if not meta.is_prefill:
+            lens = meta.context_lens_tensor
+            if lens is None:
+                lens = torch.tensor(meta.context_lens, device=q.device)
+            return ops.paged_decode_attention.decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, lens, self.scale, self.sliding_window
+            )
+        if q.dtype not in ops.varlen_prefill_attention.DTYPES:  # float32: PyTorch over the same cache
+            return self._prefill(q, k, v, meta)
+        query_starts, context_lens = meta.varlen_tensors
+        return ops.varlen_prefill_attention.prefill_attention(
+            q, self.k_cache, self.v_cache, meta.block_tables, query_starts, context_lens,
+            max(meta.query_lens), self.scale, self.sliding_window,
+        )  # fmt: skip
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         k_slots = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)

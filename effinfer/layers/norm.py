@@ -5,7 +5,8 @@ Computed in float32 and cast back before the weight, exactly as HF Llama does: t
 path (``reference``) matches HF bit for bit in float32 and closely in bfloat16; the fused CPU op
 differs from it only in the order of the float32 sum of squares. With ``residual`` the layer
 first adds the residual stream (x + residual, in the activation dtype) and returns that sum too,
-so a decoder layer's residual add and the next norm are one pass (one fused op on CPU).
+so a decoder layer's residual add and the next norm are one pass (one fused op on CPU, one Triton
+kernel on CUDA: ``kernels/triton/fused_rms_norm.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from effinfer.kernels.cpu import fused
+from effinfer.kernels.triton import gpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +28,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with ``residual``, (norm(x + residual), x + residual)."""
+        if x.dim() == 2 and x.stride(1) == 1 and gpu_ops.usable(x):  # CUDA: one Triton kernel
+            return gpu_ops.kernels().fused_rms_norm.rms_norm(x, self.weight, self.eps, residual)
         if x.dim() == 2 and self.weight.dtype == x.dtype and fused.usable(x):
             out = fused.extension().rms_norm(x, residual, self.weight, self.eps)
             return out[0] if residual is None else (out[0], out[1])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from effinfer.kernels.cpu import fused
+from effinfer.kernels.triton import gpu_ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -77,6 +78,8 @@ def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -
     if same_shape and cos.dtype == x.dtype and fused.usable(x):
         fused.extension().rotary_(x, cos.squeeze(1), sin.squeeze(1))
         return x
+    if same_shape and cos.dtype == x.dtype and gpu_ops.usable(x):
+        return gpu_ops.kernels().fused_rotary.rotary_(x, cos, sin)
     rotated = _rotate(x, cos, sin)
     return x.copy_(rotated) if rotated.dtype == x.dtype else rotated
 
