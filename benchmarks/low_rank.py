@@ -5,7 +5,8 @@ Each point runs what a user runs: ``effinfer compress --low-rank RATIO --method 
 perplexity is measured on text the calibration never saw: calibration on the last 200 KB of
 ``../shared/data/text/tinystories_valid.txt``, evaluation on the first ``--windows`` windows of 512
 tokens of the rest. The baseline is the source model itself (a GGUF file is dequantized to bf16;
-its factors are taken from those same dequantized weights). ``--speed`` also times greedy decoding
+its factors are taken from those same dequantized weights). Points already in ``--json`` from a run
+with the same model, texts, windows and calibration rows are kept, not measured again. ``--speed`` also times greedy decoding
 (batch 1) of the dense model and of one factorized model on the CPU.
 
 ``--speed-only RATIO:METHOD`` skips the curve (timings need a quiet machine, perplexity does not):
@@ -44,6 +45,7 @@ from effinfer.compress.prune.pipeline import load_source, save_pruned  # noqa: E
 from effinfer.default_model import heldout_text_path  # noqa: E402
 from effinfer.eval.perplexity import perplexity  # noqa: E402
 from effinfer.loading.gguf import is_gguf_file  # noqa: E402
+from effinfer.quant.lowrank import LowRankWeight  # noqa: E402
 
 CALIB_BYTES = 200_000
 KV_CACHE_BYTES = 256 * 2**20  # plenty for one 512-token window; the machine is shared
@@ -79,6 +81,15 @@ def decode_speed(model: Path, tokens: int = 64, runs: int = 3) -> float:
     return statistics.median(rates)
 
 
+def kernel_bytes(linear: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of weight one product reads. Factors are stored in float32 but the kernel runs them in
+    the model's dtype (``kernels/lowrank_linear.py``), so their stored size would double-count."""
+    if isinstance(linear.quantized, LowRankWeight):
+        factors = (t for t in (*linear.quantized.us, *linear.quantized.vs) if t is not None)
+        return sum(t.numel() for t in factors) * dtype.itemsize
+    return linear.weight_nbytes()
+
+
 def linear_timings(model: Path, runs: int = 200) -> dict[str, tuple[float, int]]:
     """Per decoder Linear: (median microseconds of one batch-1 bf16 product, bytes its kernel reads)."""
     llm = LLM(str(model), dtype="bfloat16", kv_cache_memory=KV_CACHE_BYTES, show_progress=False)
@@ -94,7 +105,7 @@ def linear_timings(model: Path, runs: int = 200) -> dict[str, tuple[float, int]]
                 for _ in range(runs // 5):
                     linear(x)
                 samples.append((time.perf_counter() - start) / (runs // 5) * 1e6)
-            timings[name] = (statistics.median(samples), linear.weight_nbytes())
+            timings[name] = (statistics.median(samples), kernel_bytes(linear, torch.bfloat16))
     return timings
 
 
@@ -163,6 +174,17 @@ def save(args: argparse.Namespace, base: float, results: list[dict], speed: dict
         plot(results, base, args.plot)
 
 
+def earlier_run(args: argparse.Namespace) -> dict:
+    """The points an earlier run wrote to ``--json`` with the same model, texts and sizes (runs are long
+    on a CPU, so a later run adds points instead of measuring them again)."""
+    if not args.json or not Path(args.json).is_file():
+        return {}
+    earlier = json.loads(Path(args.json).read_text())
+    keys = ("model", "texts", "windows", "num_samples")
+    same = all(earlier.get(k) == (str(args.model) if k == "model" else getattr(args, k)) for k in keys)
+    return earlier if same and "results" in earlier else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF model directory or GGUF file")
@@ -193,12 +215,16 @@ def main() -> int:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
             return 0
-        base = evaluate(Path(args.model), text, args.windows, args.threads)
+        earlier = earlier_run(args)
+        base = earlier.get("dense_perplexity") or evaluate(Path(args.model), text, args.windows, args.threads)
         print(f"dense: {base:.3f}", flush=True)
-        results, speed = [], {}
+        results, speed = earlier.get("results", []), earlier.get("speed", {})
+        done = {(r["method"], r["keep_ratio"]) for r in results}
         # Ratio by ratio, both methods each time, so a run cut short still compares them.
         for ratio in (float(r) for r in args.ratios.split(",")):
             for method in args.methods.split(","):
+                if (method, ratio) in done:
+                    continue
                 start = time.perf_counter()
                 out = Path(work) / f"{method}-{ratio}"
                 options = LowRankOptions(ratio, method)
@@ -214,6 +240,7 @@ def main() -> int:
                              "low_rank_tok_s": decode_speed(out)}  # fmt: skip
                     print(json.dumps(speed), flush=True)
                 save(args, base, results, speed)
+        save(args, base, results, speed)
     print("| method | kept | perplexity | vs dense |\n|---|---|---|---|")
     for r in results:
         print(

@@ -343,3 +343,39 @@ def test_a_gguf_model_is_factorized_from_its_float_weights(tiny_llama, tmp_path)
     assert layers and (out / "tokenizer.json").is_file()
     llm = LLM(str(out), dtype="float32", kv_cache_memory=KV_BYTES, show_progress=False)
     assert len(llm.generate(["Once upon a time"], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4
+
+
+def test_a_quantized_gguf_model_is_factorized_from_its_dequantized_blocks(tiny_llama, tmp_path):
+    """A Q4_0 GGUF (as the real SmolLM2 file is Q4_1): the global budget needs every matrix's
+    spectrum, so the blocks must be dequantized, not released by the inference loader. The factors
+    reach the truncated-SVD error of the weights as llama.cpp's own gguf-py dequantizes them."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from effinfer.convert import convert_to_gguf
+
+    _, src = tiny_llama
+    gguf_file = convert_to_gguf(src, tmp_path / "tiny-q4_0.gguf", "q4_0")
+    out = tmp_path / "out"
+    assert cli_main(["compress", "--model", str(gguf_file), "--out", str(out), "--low-rank", "0.6",
+                     "--method", "svd"]) == 0  # fmt: skip
+    stored = {t.name: dequantize(t.data, t.tensor_type) for t in GGUFReader(gguf_file).tensors}
+    saved = load_file(str(out / "model.safetensors"))
+    checked = 0
+    # v, o and down are stored unpermuted, so the GGUF tensor is the HF weight row for row.
+    for hf_name, gguf_name in (
+        ("model.layers.0.self_attn.v_proj", "blk.0.attn_v.weight"),
+        ("model.layers.1.self_attn.o_proj", "blk.1.attn_output.weight"),
+        ("model.layers.2.mlp.down_proj", "blk.2.ffn_down.weight"),
+    ):
+        w = torch.from_numpy(stored[gguf_name].copy()).double()
+        u, v = saved.get(f"{hf_name}.u0"), saved.get(f"{hf_name}.v0")
+        if u is None:
+            torch.testing.assert_close(saved[f"{hf_name}.weight"].double(), w)  # kept dense: the same weights
+            continue
+        error = torch.linalg.matrix_norm(w - u.double() @ v.double()) ** 2
+        torch.testing.assert_close(
+            error, torch.linalg.svdvals(w)[u.shape[1] :].square().sum(), rtol=1e-3, atol=1e-6
+        )
+        checked += 1
+    assert checked

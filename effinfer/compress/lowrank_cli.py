@@ -27,6 +27,7 @@ from effinfer.config import ConfigError
 from effinfer.default_model import heldout_text_path
 from effinfer.loading.checkpoint import open_checkpoint, resolve_model_path
 from effinfer.loading.gguf import hf_config_from_gguf
+from effinfer.loading.gguf import load_model as load_gguf_model
 from effinfer.loading.gguf_tokenizer import save_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,14 @@ def compress_low_rank(
     start = time.perf_counter()
     checkpoint = open_checkpoint(source)
     config = checkpoint.model_config
-    float_model = checkpoint.load_model(torch.float32, torch.device("cpu"), config.max_position_embeddings,
-                                        show_progress)  # fmt: skip
+    if checkpoint.gguf is None:
+        float_model = checkpoint.load_model(torch.float32, torch.device("cpu"), config.max_position_embeddings,
+                                            show_progress)  # fmt: skip
+    else:
+        # Not the inference loader: that releases each quantized block once the kernel packed it, and
+        # the spectra and factors need the weights themselves, dequantized.
+        float_model = load_gguf_model(checkpoint.gguf, config, torch.float32, torch.device("cpu"),
+                                      config.max_position_embeddings, show_progress, finalize=False)  # fmt: skip
     calib_ids = None
     if options.needs_calibration:
         try:
