@@ -35,11 +35,11 @@ LAYOUTS = [
     (29, 256, 64, True),
     (37, 172, 32, True),
 ]
-# Forced paths (AMX from this many rows, int8-activation VNNI up to this many) and the row counts
-# that exercise their blocking (remainders included).
+# Forced paths (AMX from this many rows, int8-activation VNNI up to this many: never taken by these
+# weight-only schemes, see test_weight_only_schemes_keep_bf16_activations) and the row counts that
+# exercise their blocking (remainders included).
 # "dequantized": the weight dequantized to bf16 once per call, then oneDNN's GEMM (prefill-sized batches).
 PATHS = {
-    "vnni": (10**9, 10**9, [1, 2, 3, 4, 7]),
     "avx512": (10**9, 0, [1, 2, 3, 4, 7]),
     "amx": (1, 0, [1, 5, 17, 33, 70]),
     "dequantized": (1, 0, [1, 5, 33]),
@@ -101,6 +101,14 @@ def test_kernel_matches_reference(path, bits, layout, symmetric, monkeypatch):
             y = woq.apply(data, x)
             assert y.dtype == dtype and y.shape == (rows, n)
             assert_close_to_reference(y, x, qw, bias, data)
+
+
+@requires_kernel
+def test_weight_only_schemes_keep_bf16_activations():
+    """W4A16 / W8A16 stay what they say: the int8-activation decode path is for GGUF blocks only."""
+    for bits in (4, 8):
+        data = woq.prepare(quantized(64, 256, bits, 32, False, False, seed=bits), None, torch.bfloat16)
+        assert not data.int8_activations and woq._vnni_max_rows(data) == 0
 
 
 @requires_kernel

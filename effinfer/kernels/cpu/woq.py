@@ -49,7 +49,7 @@ COMPILE_FLAGS = (
 # Rapids: for int8 always (its 32-code conversion costs more than a tile product), for int4 from 2,
 # for NF4 / FP4 ("table") from 3 (2048->11264: AVX512 0.67 vs AMX 0.72 ms at 2 rows, 0.92 vs 0.72 at 3).
 AMX_MIN_ROWS = {8: 1, 4: 2, 5: 2, 6: 2, "table": 3}
-# Rows of x up to which integer codes run the VNNI path with x quantized to int8 per 32 columns
+# Rows of x up to which GGUF blocks run the VNNI path with x quantized to int8 per 32 columns
 # (llama.cpp's way: twice the products per instruction of bf16, and int8 codes need no conversion).
 # Only for bf16 outputs; ``EFFINFER_WOQ_INT8_ACTIVATIONS=0`` keeps bf16 activations everywhere.
 VNNI_MAX_ROWS = {8: 6, 4: 4, 5: 4, 6: 4}  # measured: VNNI beats AMX up to here (Q4_K 4 rows: 0.17 vs 0.30 ms)
@@ -89,6 +89,9 @@ class WoqData:
     # GGUF blocks: (d, sc, dmin, mn, zc) in place of scales / zscales, see ``pack_two_level``.
     two_level: list[torch.Tensor] | None = None
     groups_per_super: int = 1
+    # Decode with x rounded to int8 (GGUF blocks, whose format is made for it: llama.cpp multiplies
+    # them by Q8 activations). Weight-only schemes (RTN / GPTQ / AWQ: W4A16, W8A16) keep bf16 x.
+    int8_activations: bool = False
 
     bound: Any = None  # the extension's BoundWeight for bf16 calls, made on first use
 
@@ -268,6 +271,7 @@ def prepare_affine(
         group_cols=weight.group_size,
         two_level=two_level,
         groups_per_super=weight.super_size // weight.group_size,
+        int8_activations=True,
     )
 
 
@@ -276,7 +280,7 @@ def _amx_min_rows(data: WoqData) -> int:
 
 
 def _vnni_max_rows(data: WoqData) -> int:
-    if data.table is not None or not INT8_ACTIVATIONS:
+    if not data.int8_activations or data.table is not None or not INT8_ACTIVATIONS:
         return 0
     return VNNI_MAX_ROWS[data.bits]
 
