@@ -216,6 +216,37 @@ class PagedAttention(nn.Module):
             out = self._decode(q, meta, q_at_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
+    def decode_block(
+        self, qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta
+    ) -> torch.Tensor | None:
+        """A decode step's attention straight from the fused projection ``qkv`` [T, (heads + 2 kv) d]:
+        rotary, KV store and attention in one CPU call ([T, heads * d]); None where the step needs
+        the general path (prefill, sinks, an int8 cache, other devices or dtypes)."""
+        if (
+            isinstance(meta, DenseCausal)
+            or meta.is_prefill
+            or meta.context_lens_tensor is None
+            or self.sink_tokens
+            or self.k_scale_cache is not None
+        ):
+            return None
+        cos, sin = cos_sin
+        if not (
+            qkv.dtype == self.k_cache.dtype == cos.dtype
+            and cos.shape[-1] == self.head_dim
+            and self.head_dim % 2 == 0
+            and self.head_dim <= FUSED_MAX_HEAD_DIM
+            and qkv.is_contiguous()
+            and fused.usable(qkv)
+        ):
+            return None
+        meta = meta.for_group(self.cache_group)
+        window = -1 if self.sliding_window is None else self.sliding_window
+        return fused.extension().decode_attention_block(
+            qkv, self.num_heads, self.num_kv_heads, cos.squeeze(1), sin.squeeze(1), self.k_cache,
+            self.v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens_tensor, self.scale, window,
+        )  # fmt: skip
+
     def runs_triton(self, q: torch.Tensor) -> bool:
         """Whether queries like ``q`` go to the Triton kernels: CUDA, a cache of q's dtype, no sinks."""
         return (

@@ -62,6 +62,10 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         """``sink_cos_sin``: with attention sinks, the rotation at each query's cache position."""
         qkv = self.qkv_proj(x)
+        if self.q_norm is None and sink_cos_sin is None:
+            out = self.attn.decode_block(qkv, cos_sin, meta)  # one fused call on CPU decode steps
+            if out is not None:
+                return self.o_proj(out)
         num_tokens, (q_size, kv_size, _) = qkv.shape[0], self.qkv_proj.shard_sizes
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qk = qkv[:, : q_size + kv_size].view(num_tokens, heads + kv_heads, self.head_dim)

@@ -392,7 +392,28 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   }
 }
 
+// A decoder layer's attention for one new token per sequence, from the fused q/k/v projection
+// qkv [T, (heads + 2 kv_heads) d]: rotary on q and k in place, k and v into their cache slots, then
+// decode_attention. One call where the layer would make a dozen small ones (the Python glue
+// between them costs more than their arithmetic at batch 1).
+torch::Tensor decode_attention_block(torch::Tensor qkv, int64_t heads, int64_t kv_heads, torch::Tensor cos,
+                                     torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens,
+                                     double scale, int64_t window) {
+  const int64_t d = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (heads + 2 * kv_heads) * d,
+              "qkv must be [T, (heads + 2 kv_heads) head_dim] with contiguous rows");
+  const int64_t tokens = qkv.size(0);
+  auto qk = qkv.narrow(1, 0, (heads + kv_heads) * d).view({tokens, heads + kv_heads, d});
+  rotary_(qk, cos, sin);
+  auto v = qkv.narrow(1, (heads + kv_heads) * d, kv_heads * d).view({tokens, kv_heads, d});
+  store_kv(qk.narrow(1, heads, kv_heads), v, k_cache, v_cache, slots);
+  return decode_attention(qk.narrow(1, 0, heads), k_cache, v_cache, block_tables, context_lens, scale, window);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention_block", &decode_attention_block,
+        "rotary, KV store and paged decode attention of one layer, from its qkv projection");
   m.def("store_kv", &store_kv, "k, v rows into their paged cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (see fused_ops.cpp)");
   m.def("rotary_", &rotary_, "rotary embedding, in place");
