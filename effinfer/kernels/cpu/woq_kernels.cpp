@@ -675,6 +675,34 @@ void dequantize_transposed(const Problem& P, uint16_t* wt) {
 
 bool amx_ready() { return amx::ready(); }
 
+// The weight's side of a Problem, from the packed tensors (``table``: NF4 / FP4 codes, no zero point).
+Problem weight_problem(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zscales,
+                       const torch::Tensor& chunks, int64_t n, int64_t kp, int64_t group_cols,
+                       const c10::optional<std::vector<torch::Tensor>>& two_level, int64_t groups_per_super,
+                       bool table = false) {
+  Problem P{};
+  P.Kp = kp;
+  P.N = n;
+  P.G = chunks.size(0) - 1;
+  P.codes = codes.data_ptr<uint8_t>();
+  P.chunks = chunks.data_ptr<int32_t>();
+  P.unit_cols = group_cols;
+  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
+  if (two_level.has_value()) {
+    const auto& t = *two_level;
+    P.two_level.d = (const uint16_t*)t[0].data_ptr();
+    P.two_level.sc = (const int8_t*)or_null(t[1]);
+    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
+    P.two_level.mn = (const uint8_t*)or_null(t[3]);
+    P.two_level.zc = t[4].data_ptr<float>();
+    P.two_level.groups_per_super = groups_per_super;
+  } else {
+    P.scales = scales.data_ptr<float>();
+    P.zscales = table ? nullptr : zscales.data_ptr<float>();
+  }
+  return P;
+}
+
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
 // M <= vnni_max_rows (bf16 output, integer codes) quantizes x to int8 and runs the VNNI path;
 // otherwise M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
@@ -728,30 +756,10 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   const bool needs_xsum = !table.has_value() && !use_vnni && !(use_amx && group_cols == 16);
   auto xsum = use_amx ? torch::zeros({needs_xsum ? (M + 15) / 16 * 16 : 0, G}, x.options().dtype(torch::kFloat32))
                       : torch::empty({needs_xsum ? M : 0, G}, x.options().dtype(torch::kFloat32));
-  Problem P;
+  Problem P = weight_problem(codes, scales, zscales, chunks, n, Kp, group_cols, two_level, groups_per_super,
+                             table.has_value());
   P.x = (const uint16_t*)x.data_ptr();
   P.M = M;
-  P.Kp = Kp;
-  P.N = n;
-  P.G = G;
-  P.codes = codes.data_ptr<uint8_t>();
-  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
-  if (two_level.has_value()) {
-    const auto& t = *two_level;
-    P.scales = nullptr;
-    P.zscales = nullptr;
-    P.two_level.d = (const uint16_t*)t[0].data_ptr();
-    P.two_level.sc = (const int8_t*)or_null(t[1]);
-    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
-    P.two_level.mn = (const uint8_t*)or_null(t[3]);
-    P.two_level.zc = t[4].data_ptr<float>();
-    P.two_level.groups_per_super = groups_per_super;
-  } else {
-    P.scales = scales.data_ptr<float>();
-    P.zscales = table.has_value() ? nullptr : zscales.data_ptr<float>();  // no zero point with a table
-  }
-  P.chunks = chunks.data_ptr<int32_t>();
-  P.unit_cols = group_cols;
   P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   P.table = table.has_value() ? (const uint16_t*)table->data_ptr() : nullptr;
   P.xsum = xsum.data_ptr<float>();
@@ -800,26 +808,7 @@ torch::Tensor dequantize_t(torch::Tensor codes, torch::Tensor scales, torch::Ten
   const int64_t ld = (n + kBlockN - 1) / kBlockN * kBlockN;
   TORCH_CHECK(scratch.dtype() == torch::kBFloat16 && scratch.is_contiguous() && scratch.numel() >= kp * ld,
               "scratch must be a contiguous bf16 tensor of at least kp * n (rounded up to 16) elements");
-  Problem P{};
-  P.Kp = kp;
-  P.N = n;
-  P.G = chunks.size(0) - 1;
-  P.codes = codes.data_ptr<uint8_t>();
-  P.chunks = chunks.data_ptr<int32_t>();
-  P.unit_cols = group_cols;
-  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
-  if (two_level.has_value()) {
-    const auto& t = *two_level;
-    P.two_level.d = (const uint16_t*)t[0].data_ptr();
-    P.two_level.sc = (const int8_t*)or_null(t[1]);
-    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
-    P.two_level.mn = (const uint8_t*)or_null(t[3]);
-    P.two_level.zc = t[4].data_ptr<float>();
-    P.two_level.groups_per_super = groups_per_super;
-  } else {
-    P.scales = scales.data_ptr<float>();
-    P.zscales = zscales.data_ptr<float>();
-  }
+  const Problem P = weight_problem(codes, scales, zscales, chunks, n, kp, group_cols, two_level, groups_per_super);
   // A caller's buffer reused from call to call: a fresh tensor this size costs its page faults.
   auto wt = scratch.view(-1).narrow(0, 0, kp * ld).view({kp, ld});
   auto* out = (uint16_t*)wt.data_ptr();
@@ -838,26 +827,7 @@ torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, torch::
                               torch::Tensor ids) {
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be int64 [R]");
-  Problem P{};
-  P.Kp = kp;
-  P.N = n;
-  P.G = chunks.size(0) - 1;
-  P.codes = codes.data_ptr<uint8_t>();
-  P.chunks = chunks.data_ptr<int32_t>();
-  P.unit_cols = group_cols;
-  auto or_null = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; };
-  if (two_level.has_value()) {
-    const auto& t = *two_level;
-    P.two_level.d = (const uint16_t*)t[0].data_ptr();
-    P.two_level.sc = (const int8_t*)or_null(t[1]);
-    P.two_level.dmin = (const uint16_t*)or_null(t[2]);
-    P.two_level.mn = (const uint8_t*)or_null(t[3]);
-    P.two_level.zc = t[4].data_ptr<float>();
-    P.two_level.groups_per_super = groups_per_super;
-  } else {
-    P.scales = scales.data_ptr<float>();
-    P.zscales = zscales.data_ptr<float>();
-  }
+  const Problem P = weight_problem(codes, scales, zscales, chunks, n, kp, group_cols, two_level, groups_per_super);
   auto idx = ids.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   auto out = torch::empty({idx.numel(), kp}, codes.options().dtype(torch::kFloat32));
