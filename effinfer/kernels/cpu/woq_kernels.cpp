@@ -438,6 +438,32 @@ inline void odd_chunk(const uint16_t* b, const uint16_t* xc, int64_t xstep) {
   }
 }
 
+// The tile products of chunks [c0, c1) (codes converted in ``stage``, x in ``xt``) into C tiles zeroed
+// first, then stored to ``cbuf``; ``convert(c + kLag)`` fills the ring while chunk c is multiplied.
+template <int NT, typename Convert>
+inline void chunk_products(const uint16_t* stage, const uint16_t* xt, int64_t chunks, int64_t c0, int64_t c1,
+                           Convert&& convert, float (*cbuf)[16][16]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c + kLag < chunks) convert(c + kLag);
+    if (c & 1)
+      odd_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+    else
+      even_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
+  }
+  _tile_stored(0, cbuf[0], 64);
+  if constexpr (NT > 1) _tile_stored(1, cbuf[1], 64);
+  if constexpr (NT > 2) _tile_stored(2, cbuf[2], 64);
+  if constexpr (NT > 3) _tile_stored(3, cbuf[3], 64);
+  if constexpr (NT <= 2) {  // the odd chunks' accumulators
+    _tile_stored(2, cbuf[2], 64);
+    if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
+  }
+}
+
 // One output block (16 rows of W) against NT row tiles of x starting at row tile t0.
 // ``stage`` is a ring of kStage dequantized chunks (1 KB each); a chunk is written kLag steps
 // before its tile load, so the load never waits on freshly stored data.
@@ -464,25 +490,7 @@ void amx_block(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0,
   };
   for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
   for (int64_t g = 0; g < P.G; ++g) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t c = P.chunks[g]; c < P.chunks[g + 1]; ++c) {
-      if (c + kLag < chunks) dequant_chunk(c + kLag);
-      if (c & 1)
-        odd_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
-      else
-        even_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
-    }
-    _tile_stored(0, cbuf[0], 64);
-    if constexpr (NT > 1) _tile_stored(1, cbuf[1], 64);
-    if constexpr (NT > 2) _tile_stored(2, cbuf[2], 64);
-    if constexpr (NT > 3) _tile_stored(3, cbuf[3], 64);
-    if constexpr (NT <= 2) {  // the odd chunks' accumulators
-      _tile_stored(2, cbuf[2], 64);
-      if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
-    }
+    chunk_products<NT>(stage, xt, chunks, P.chunks[g], P.chunks[g + 1], dequant_chunk, cbuf);
     // Apply the group's scale and zero point to the partial sums.
     __m512 s, z;
     P.group_scales(nb, g, s, z);
@@ -542,25 +550,7 @@ void amx_block_scaled(const Problem& P, const uint16_t* xtiles, int64_t nb, int6
     }
   };
   for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (c + kLag < chunks) dequant_chunk(c + kLag);
-    if (c & 1)
-      odd_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
-    else
-      even_chunk<NT>(stage + (c % kStage) * kTile, xt + c * kTile, chunks * kTile);
-  }
-  _tile_stored(0, cbuf[0], 64);
-  if constexpr (NT > 1) _tile_stored(1, cbuf[1], 64);
-  if constexpr (NT > 2) _tile_stored(2, cbuf[2], 64);
-  if constexpr (NT > 3) _tile_stored(3, cbuf[3], 64);
-  if constexpr (NT <= 2) {  // the odd chunks' accumulators
-    _tile_stored(2, cbuf[2], 64);
-    if constexpr (NT > 1) _tile_stored(3, cbuf[3], 64);
-  }
+  chunk_products<NT>(stage, xt, chunks, 0, chunks, dequant_chunk, cbuf);
   const int64_t rows = std::min<int64_t>(NT * 16, P.M - t0 * 16);
   for (int64_t r = 0; r < rows; ++r) {
     __m512 y = _mm512_load_ps(cbuf[r / 16][r % 16]);
