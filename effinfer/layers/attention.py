@@ -222,30 +222,39 @@ class PagedAttention(nn.Module):
         """A decode step's attention straight from the fused projection ``qkv`` [T, (heads + 2 kv) d]:
         rotary, KV store and attention in one CPU call ([T, heads * d]); None where the step needs
         the general path (prefill, sinks, an int8 cache, other devices or dtypes)."""
+        cos, sin = cos_sin
         if (
             isinstance(meta, DenseCausal)
             or meta.is_prefill
             or meta.context_lens_tensor is None
             or self.sink_tokens
-            or self.k_scale_cache is not None
-        ):
-            return None
-        cos, sin = cos_sin
-        if not (
-            qkv.dtype == self.k_cache.dtype == cos.dtype
-            and cos.shape[-1] == self.head_dim
-            and self.head_dim % 2 == 0
-            and self.head_dim <= FUSED_MAX_HEAD_DIM
-            and qkv.is_contiguous()
-            and fused.usable(qkv)
+            or cos.dtype != qkv.dtype
+            or cos.shape[-1] != self.head_dim
+            or not qkv.is_contiguous()
+            or not self._fused_decode(qkv)
         ):
             return None
         meta = meta.for_group(self.cache_group)
-        window = -1 if self.sliding_window is None else self.sliding_window
         return fused.extension().decode_attention_block(
             qkv, self.num_heads, self.num_kv_heads, cos.squeeze(1), sin.squeeze(1), self.k_cache,
-            self.v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens_tensor, self.scale, window,
+            self.v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens_tensor, self.scale,
+            self._window,
         )  # fmt: skip
+
+    def _fused_decode(self, x: torch.Tensor) -> bool:
+        """Whether the fused CPU decode attention takes this layer with activations like ``x``."""
+        return (
+            self.k_scale_cache is None
+            and self.k_cache.dtype == x.dtype
+            and self.head_dim % 2 == 0
+            and self.head_dim <= FUSED_MAX_HEAD_DIM
+            and fused.usable(x)
+        )
+
+    @property
+    def _window(self) -> int:
+        """The sliding window as the fused kernels take it (-1: none)."""
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def runs_triton(self, q: torch.Tensor) -> bool:
         """Whether queries like ``q`` go to the Triton kernels: CUDA, a cache of q's dtype, no sinks."""
@@ -368,12 +377,16 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, q_at_cache=None) -> torch.Tensor:
         if self.sink_tokens:  # the fused kernel knows no sinks
             return self._decode_with_sinks(q, q_at_cache, meta)
-        fits = self.head_dim % 2 == 0 and self.head_dim <= FUSED_MAX_HEAD_DIM
-        if self.k_scale_cache is None and self.k_cache.dtype == q.dtype and fits and fused.usable(q):
+        if self._fused_decode(q):
             # Reads keys and values in place from their blocks: no gathered copy of every context.
-            window = -1 if self.sliding_window is None else self.sliding_window
             return fused.extension().decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens_tensor, self.scale, window
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.context_lens_tensor,
+                self.scale,
+                self._window,
             )
         return self._decode_reference(q, meta)
 

@@ -559,7 +559,7 @@ NUMPY_DECODE_MAX_ROWS = 8
 
 
 def _decode_rows(raw_rows: torch.Tensor, qtype: QType, cols: int) -> torch.Tensor:
-    if raw_rows.shape[0] <= NUMPY_DECODE_MAX_ROWS and qtype in BLOCK_FORMATS:
+    if raw_rows.shape[0] <= NUMPY_DECODE_MAX_ROWS:
         values = gguf_quants_reference.dequantize(raw_rows.numpy(), qtype)
         return torch.from_numpy(values).reshape(raw_rows.shape[0], cols)
     return dequantize(raw_rows, qtype, (raw_rows.shape[0], cols))

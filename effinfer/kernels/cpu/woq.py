@@ -320,20 +320,14 @@ def _dequantized_matmul(data: WoqData, x: torch.Tensor) -> torch.Tensor:
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < size:
         buffer = _scratch.buffer = torch.empty(size, dtype=torch.bfloat16)
-    wt = extension().dequantize_t(
-        data.codes, data.scales, data.zscales, data.chunks, data.bits, data.out_features, data.padded_in,
-        data.group_cols, data.two_level, data.groups_per_super, buffer,
-    )[:, : data.out_features]  # fmt: skip
+    wt = _bound(data).dequantized_t(buffer)[:, : data.out_features]
     y = torch.matmul(x2, wt) if data.bias is None else torch.addmm(data.bias.to(x.dtype), x2, wt)
     return y.reshape(*lead, data.out_features)
 
 
 def embedding_rows(data: WoqData, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of the packed integer-code weight, dequantized: float32 [len(ids), in_features]."""
-    return extension().dequantize_rows(
-        data.codes, data.scales, data.zscales, data.chunks, data.bits, data.out_features, data.padded_in,
-        data.group_cols, data.two_level, data.groups_per_super, ids.to(torch.long),
-    )[:, : data.in_features]  # fmt: skip
+    return _bound(data).rows(ids.to(torch.long))[:, : data.in_features]
 
 
 def apply(data: WoqData, x: torch.Tensor) -> torch.Tensor:

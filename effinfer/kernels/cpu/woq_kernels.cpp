@@ -52,6 +52,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -665,6 +666,18 @@ void dequantize_transposed(const Problem& P, uint16_t* wt) {
 
 bool amx_ready() { return amx::ready(); }
 
+// Calls fn with the CodeKind of ``bits``-bit integer codes as a compile-time constant.
+template <typename F>
+void by_kind(int64_t bits, F&& fn) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  switch (bits) {
+    case 8: fn(std::integral_constant<int, kInt8>{}); break;
+    case 6: fn(std::integral_constant<int, kInt6>{}); break;
+    case 5: fn(std::integral_constant<int, kInt5>{}); break;
+    default: fn(std::integral_constant<int, kInt4>{}); break;
+  }
+}
+
 // The weight's side of a Problem, from the packed tensors (``table``: NF4 / FP4 codes, no zero point).
 Problem weight_problem(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zscales,
                        const torch::Tensor& chunks, int64_t n, int64_t kp, int64_t group_cols,
@@ -766,107 +779,56 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
     xg.resize(M * G);
     quantize_rows(P, xq.data(), dx.data(), xg.data());
     const QuantizedRows X{xq.data(), dx.data(), xg.data()};
-    if (bits == 8) vnni_m<kInt8>(P, X);
-    else if (bits == 6) vnni_m<kInt6>(P, X);
-    else if (bits == 5) vnni_m<kInt5>(P, X);
-    else vnni_m<kInt4>(P, X);
+    by_kind(bits, [&](auto kind) { vnni_m<kind>(P, X); });
   } else if (use_amx) {
     const auto* xt = (const uint16_t*)xtiles.data_ptr();
     if (P.table) large_m<kTable4>(P, xt);
-    else if (bits == 8) large_m<kInt8>(P, xt);
-    else if (bits == 6) large_m<kInt6>(P, xt);
-    else if (bits == 5) large_m<kInt5>(P, xt);
-    else large_m<kInt4>(P, xt);
+    else by_kind(bits, [&](auto kind) { large_m<kind>(P, xt); });
   } else {
     if (P.table) small_m<kTable4>(P);
-    else if (bits == 8) small_m<kInt8>(P);
-    else if (bits == 6) small_m<kInt6>(P);
-    else if (bits == 5) small_m<kInt5>(P);
-    else small_m<kInt4>(P);
+    else by_kind(bits, [&](auto kind) { small_m<kind>(P); });
   }
   return out;
 }
 
-// The weight of integer codes dequantized to bf16 and transposed, [Kp, n rounded up to 16] (see
-// dequantize_transposed), written to the front of ``scratch``; other arguments as woq_linear's.
-torch::Tensor dequantize_t(torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales, torch::Tensor chunks,
-                           int64_t bits, int64_t n, int64_t kp, int64_t group_cols,
-                           c10::optional<std::vector<torch::Tensor>> two_level, int64_t groups_per_super,
-                           torch::Tensor scratch) {
-  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
-  TORCH_CHECK(kp % kChunk == 0, "padded width must be a multiple of 32");
-  const int64_t ld = (n + kBlockN - 1) / kBlockN * kBlockN;
-  TORCH_CHECK(scratch.dtype() == torch::kBFloat16 && scratch.is_contiguous() && scratch.numel() >= kp * ld,
-              "scratch must be a contiguous bf16 tensor of at least kp * n (rounded up to 16) elements");
-  const Problem P = weight_problem(codes, scales, zscales, chunks, n, kp, group_cols, two_level, groups_per_super);
-  // A caller's buffer reused from call to call: a fresh tensor this size costs its page faults.
-  auto wt = scratch.view(-1).narrow(0, 0, kp * ld).view({kp, ld});
-  auto* out = (uint16_t*)wt.data_ptr();
-  if (bits == 8) dequantize_transposed<kInt8>(P, out);
-  else if (bits == 6) dequantize_transposed<kInt6>(P, out);
-  else if (bits == 5) dequantize_transposed<kInt5>(P, out);
-  else dequantize_transposed<kInt4>(P, out);
-  return wt;
-}
-
-// Rows ``ids`` of a weight of integer codes, dequantized: float32 [R, Kp] (a tied embedding's
-// lookup reads the output layer's packed blocks). The values are those of dequantize_transposed.
-torch::Tensor dequantize_rows(torch::Tensor codes, torch::Tensor scales, torch::Tensor zscales, torch::Tensor chunks,
-                              int64_t bits, int64_t n, int64_t kp, int64_t group_cols,
-                              c10::optional<std::vector<torch::Tensor>> two_level, int64_t groups_per_super,
-                              torch::Tensor ids) {
-  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
-  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be int64 [R]");
-  const Problem P = weight_problem(codes, scales, zscales, chunks, n, kp, group_cols, two_level, groups_per_super);
-  auto idx = ids.contiguous();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  auto out = torch::empty({idx.numel(), kp}, codes.options().dtype(torch::kFloat32));
-  float* op = out.data_ptr<float>();
-  const int ob = bits == 8 ? 128 : bits == 6 ? 96 : bits == 5 ? 80 : 64;
-  for (int64_t r = 0; r < idx.numel(); ++r) {
-    TORCH_CHECK(ip[r] >= 0 && ip[r] < n, "row ", ip[r], " out of range");
-    const int64_t nb = ip[r] / kBlockN, lane = ip[r] % kBlockN;
-    const uint8_t* w = P.codes + nb * (kp / 8) * ob;
-    float* row = op + r * kp;
-    auto half_to_float = [](uint16_t h) { return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16((short)h))); };
-  const float offset = bits == 8 ? 1.0f : 128.0f;  // code_offset<>: the zero points include it
+// Rows ``ids`` of a weight of integer codes, dequantized into ``out`` float32 [R, Kp] (a tied
+// embedding's lookup reads the output layer's packed blocks), in ggml's order for two-level blocks:
+// (d * sc) * (q - zero) - dmin * mn, q - zero exact.
+template <int Kind>
+void dequantize_rows_of(const Problem& P, const int64_t* ids, int64_t count, float* out) {
+  constexpr int OB = octet_bytes<Kind>();
+  constexpr float offset = (float)code_offset<Kind>();  // the zero points include it
+  auto half_to_float = [](uint16_t h) { return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16((short)h))); };
+  const TwoLevelScales& t = P.two_level;
+  const int64_t unit_octets = P.unit_cols / 8;
+  for (int64_t r = 0; r < count; ++r) {
+    TORCH_CHECK(ids[r] >= 0 && ids[r] < P.N, "row ", ids[r], " out of range");
+    const int64_t nb = ids[r] / kBlockN, lane = ids[r] % kBlockN;
+    const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
+    float* row = out + r * P.Kp;
     for (int64_t g = 0; g < P.G; ++g) {
-      // ggml's order for two-level blocks: (d * sc) * (q - zero) - dmin * mn, q - zero exact.
-      float scale, zero_code, min;
-      if (two_level.has_value()) {
-        const TwoLevelScales& t = P.two_level;
-        const int64_t at = (nb * P.G + g) * kBlockN + lane;
+      const int64_t at = (nb * P.G + g) * kBlockN + lane;
+      float scale, zero_code = 0.0f, min = 0.0f;
+      if (t.d) {
         const int64_t super_at = (nb * (P.G / t.groups_per_super) + g / t.groups_per_super) * kBlockN + lane;
-        scale = half_to_float(t.d[super_at]);
-        if (t.sc) scale *= (float)t.sc[at];
-        min = 0.0f;
-        if (t.dmin) {
-          min = half_to_float(t.dmin[super_at]);
-          if (t.mn) min *= (float)t.mn[at];
-        }
+        scale = half_to_float(t.d[super_at]) * (t.sc ? (float)t.sc[at] : 1.0f);
+        if (t.dmin) min = half_to_float(t.dmin[super_at]) * (t.mn ? (float)t.mn[at] : 1.0f);
         zero_code = t.zc[nb * kBlockN + lane] - offset;
       } else {
-        const int64_t at = (nb * P.G + g) * kBlockN + lane;
         scale = P.scales[at];
         min = P.zscales[at] - scale * offset;  // (zero + offset) * scale, the offset taken off
-        zero_code = 0.0f;
       }
-      for (int64_t o = (int64_t)P.chunks[g] * (group_cols / 8); o < (int64_t)P.chunks[g + 1] * (group_cols / 8); ++o) {
+      for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < (int64_t)P.chunks[g + 1] * unit_octets; ++o) {
         alignas(64) uint8_t half[2][64];
         __m512i lo, hi;
-        if (bits == 8) octet_codes<kInt8>(w + o * ob, lo, hi);
-        else if (bits == 6) octet_codes<kInt6>(w + o * ob, lo, hi);
-        else if (bits == 5) octet_codes<kInt5>(w + o * ob, lo, hi);
-        else octet_codes<kInt4>(w + o * ob, lo, hi);
+        octet_codes<Kind>(w + o * OB, lo, hi);
         _mm512_store_si512(half[0], lo);
         _mm512_store_si512(half[1], hi);
         for (int h = 0; h < 2; ++h)
-          for (int i = 0; i < 4; ++i)
-            row[8 * o + 4 * h + i] = scale * ((float)half[h][4 * lane + i] - zero_code) - min;
+          for (int i = 0; i < 4; ++i) row[8 * o + 4 * h + i] = scale * ((float)half[h][4 * lane + i] - zero_code) - min;
       }
     }
   }
-  return out;
 }
 
 // A packed weight with its fixed arguments, bound once: a decode step's call converts one
@@ -882,6 +844,38 @@ struct BoundWeight {
     return woq_linear(x, codes, scales, zscales, chunks, bias, bits, n, false, amx_min_rows, table, group_cols,
                       two_level, groups_per_super, vnni_max_rows);
   }
+
+  int64_t padded_in() const { return codes.size(1) * 8; }  // codes are [blocks, octets, bytes]
+
+  Problem weight() const {
+    TORCH_CHECK(!table.has_value(), "dequantizing needs integer codes, not a table");
+    return weight_problem(codes, scales, zscales, chunks, n, padded_in(), group_cols, two_level, groups_per_super);
+  }
+
+  // The weight dequantized to bf16 and transposed, [Kp, n rounded up to 16] (see
+  // dequantize_transposed), written to the front of ``scratch``: a caller's buffer reused from
+  // call to call, as a fresh tensor this size costs its page faults.
+  torch::Tensor dequantized_t(torch::Tensor scratch) const {
+    const Problem P = weight();
+    const int64_t kp = P.Kp, ld = (n + kBlockN - 1) / kBlockN * kBlockN;
+    TORCH_CHECK(scratch.dtype() == torch::kBFloat16 && scratch.is_contiguous() && scratch.numel() >= kp * ld,
+                "scratch must be a contiguous bf16 tensor of at least Kp * n (rounded up to 16) elements");
+    auto wt = scratch.view(-1).narrow(0, 0, kp * ld).view({kp, ld});
+    by_kind(bits, [&](auto kind) { dequantize_transposed<kind>(P, (uint16_t*)wt.data_ptr()); });
+    return wt;
+  }
+
+  // Rows ``ids`` (int64 [R]) dequantized: float32 [R, Kp] (see dequantize_rows_of).
+  torch::Tensor rows(torch::Tensor ids) const {
+    TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids must be int64 [R]");
+    const Problem P = weight();
+    auto idx = ids.contiguous();
+    auto out = torch::empty({idx.numel(), P.Kp}, codes.options().dtype(torch::kFloat32));
+    by_kind(bits, [&](auto kind) {
+      dequantize_rows_of<kind>(P, idx.data_ptr<int64_t>(), idx.numel(), out.data_ptr<float>());
+    });
+    return out;
+  }
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -895,8 +889,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            two_level};
       }))
       .def("__call__", &BoundWeight::forward,
-           "bf16 x [M, Kp], int8 activations up to vnni_max_rows rows, AMX from amx_min_rows -> bf16 y [M, n]");
-  m.def("dequantize_rows", &dequantize_rows, "rows of integer codes -> float32 [R, Kp]");
-  m.def("dequantize_t", &dequantize_t, "integer codes -> bf16 weight, transposed [Kp, n padded to 16]");
+           "bf16 x [M, Kp], int8 activations up to vnni_max_rows rows, AMX from amx_min_rows -> bf16 y [M, n]")
+      .def("dequantized_t", &BoundWeight::dequantized_t, "bf16 weight, transposed [Kp, n padded to 16], in scratch")
+      .def("rows", &BoundWeight::rows, "rows ids of the weight -> float32 [R, Kp]");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }
