@@ -19,9 +19,10 @@ def get_activation(name: str):
 
 def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
     """act(gate) * up for gate_up [..., 2 * intermediate] (gate columns first)."""
-    if act is F.silu and gate_up.dim() == 2 and gate_up.stride(1) == 1 and fused.usable(gate_up):
-        return fused.extension().silu_and_mul(gate_up)
-    if act is F.silu and gate_up.dim() == 2 and gate_up.stride(1) == 1 and gpu_ops.usable(gate_up):
-        return gpu_ops.kernels().silu_mul.silu_and_mul(gate_up)
+    if act is F.silu and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+        if fused.usable(gate_up):
+            return fused.extension().silu_and_mul(gate_up)
+        if gpu_ops.usable(gate_up):
+            return gpu_ops.kernels().silu_mul.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act(gate) * up

@@ -75,11 +75,12 @@ def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -
     """
     cos, sin = cos_sin
     same_shape = cos.shape[-1] == x.shape[-1] and x.stride(1) == x.shape[2] and x.stride(2) == 1
-    if same_shape and cos.dtype == x.dtype and fused.usable(x):
-        fused.extension().rotary_(x, cos.squeeze(1), sin.squeeze(1))
-        return x
-    if same_shape and cos.dtype == x.dtype and gpu_ops.usable(x):
-        return gpu_ops.kernels().fused_rotary.rotary_(x, cos, sin)
+    if same_shape and cos.dtype == x.dtype:
+        if fused.usable(x):
+            fused.extension().rotary_(x, cos.squeeze(1), sin.squeeze(1))
+            return x
+        if gpu_ops.usable(x):
+            return gpu_ops.kernels().fused_rotary.rotary_(x, cos, sin)
     rotated = _rotate(x, cos, sin)
     return x.copy_(rotated) if rotated.dtype == x.dtype else rotated
 
