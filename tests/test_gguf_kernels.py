@@ -86,7 +86,7 @@ def test_fusing_different_types_is_exact():
 
 @requires_kernel
 @pytest.mark.parametrize("extreme", [False, True], ids=["ordinary", "extreme"])
-@pytest.mark.parametrize("path", ["default", "vnni", "avx512", "amx", "dequantized"])
+@pytest.mark.parametrize("path", ["default", "vnni", "avx512", "amx", "panel"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     """The kernel multiplies x by the exact codes and scales, x in bf16 or (VNNI path) rounded to
@@ -94,7 +94,7 @@ def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     output's rounding plus fp32 summation, ``assert_close_to_reference``'s. (Groups of 16 on AMX
     multiply the weights rounded once to bf16, well inside that bound; float32 x stays exact.)"""
     if path != "default":
-        monkeypatch.setattr(woq, "DEQUANTIZED_MIN_ROWS", 1 if path == "dequantized" else 10**9)
+        monkeypatch.setattr(woq, "PANEL_MIN_ROWS", 1 if path == "panel" else 10**9)
         for bits in woq.AMX_MIN_ROWS:
             monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, 1 if path == "amx" else 10**9)
         for bits in woq.VNNI_MAX_ROWS:
@@ -105,7 +105,8 @@ def test_kernel_matches_reference(qtype, path, extreme, monkeypatch):
     state = quant_linear.prepare(weight, bias, None, torch.bfloat16)
     assert state.backend == "cpu-woq"
     assert state.data.two_level is not None  # the file's own scales, not float32 ones per group
-    for rows in (1, 2, 3, 4, 5, 16, 64):
+    # 600 rows: the panel GEMM's second pass over rows (512 per pass).
+    for rows in (1, 2, 3, 4, 5, 16, 64) + ((600,) if path == "panel" else ()):
         x = torch.randn(rows, k).to(torch.bfloat16)
         assert_close_to_reference(quant_linear.apply(state, x), x, weight, bias, state.data)
     x = torch.randn(3, k)
@@ -184,7 +185,7 @@ def test_real_file_stays_quantized_and_agrees_with_llama_cpp(filename, activatio
     if activations == "bf16-int8":
         for bits in woq.VNNI_MAX_ROWS:
             monkeypatch.setitem(woq.VNNI_MAX_ROWS, bits, 10**9)
-        monkeypatch.setattr(woq, "DEQUANTIZED_MIN_ROWS", 10**9)
+        monkeypatch.setattr(woq, "PANEL_MIN_ROWS", 10**9)
     dtype = torch.float32 if activations == "float32" else torch.bfloat16
     checkpoint = GGUFFile(path)
     config = checkpoint.model_config()

@@ -38,11 +38,12 @@ LAYOUTS = [
 # Forced paths (AMX from this many rows, int8-activation VNNI up to this many: never taken by these
 # weight-only schemes, see test_weight_only_schemes_keep_bf16_activations) and the row counts that
 # exercise their blocking (remainders included).
-# "dequantized": the weight dequantized to bf16 once per call, then oneDNN's GEMM (prefill-sized batches).
+# "panel": panels of the weight dequantized to bf16 once per call into an L2 buffer, then a blocked AMX GEMM
+# (prefill-sized batches).
 PATHS = {
     "avx512": (10**9, 0, [1, 2, 3, 4, 7]),
     "amx": (1, 0, [1, 5, 17, 33, 70]),
-    "dequantized": (1, 0, [1, 5, 33]),
+    "panel": (1, 0, [1, 5, 33, 70]),
 }
 
 
@@ -89,7 +90,7 @@ def test_kernel_matches_reference(path, bits, layout, symmetric, monkeypatch):
     min_rows, vnni_rows, row_counts = PATHS[path]
     monkeypatch.setitem(woq.AMX_MIN_ROWS, bits, min_rows)
     monkeypatch.setitem(woq.VNNI_MAX_ROWS, bits, vnni_rows)
-    monkeypatch.setattr(woq, "DEQUANTIZED_MIN_ROWS", 1 if path == "dequantized" else 10**9)
+    monkeypatch.setattr(woq, "PANEL_MIN_ROWS", 1 if path == "panel" else 10**9)
     qw = quantized(n, k, bits, group, symmetric, act_order, seed=n + k + bits)
     assert qw.has_act_order() == act_order
     bias = torch.randn(n) if symmetric else None

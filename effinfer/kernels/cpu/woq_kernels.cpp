@@ -39,13 +39,15 @@
 // instead; on AMX (an AMX K-step spans two such groups) their weights are converted with the scale
 // applied, to bf16, like a dequantized weight (amx_block_scaled).
 //
-// Three paths over the same layout (woq.py picks one per call by the rows of x):
+// Four paths over the same layout (woq.py picks one per call by the rows of x):
 //  * VNNI: integer codes, up to woq.VNNI_MAX_ROWS rows of x, bf16 output (see above);
 //  * AVX512-BF16: per 16 output rows, dot products (vdpbf16ps) with the converted codes held
 //    in registers, 4 rows of x at a time;
 //  * AMX: per 16 output rows, codes are converted chunk by chunk into a 8 KB L1 ring, a few
 //    chunks ahead of the tile products that consume them, each chunk reused by up to 4 row
-//    tiles (64 rows) of x; more rows take several 64-row passes.
+//    tiles (64 rows) of x; more rows take several 64-row passes;
+//  * panel GEMM (integer codes, from woq.PANEL_MIN_ROWS bf16 rows, e.g. prefill): panels of
+//    codes dequantized once into an L2 buffer, then a blocked AMX GEMM over all rows of x.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -618,47 +620,171 @@ void group_sums(const Problem& P, float* xsum) {
   });
 }
 
-// The weight, dequantized and transposed: Wt [Kp, NB * 16] bf16, Wt[k, n] = s * (q - zero) - dmin * mn
-// in fp32 rounded once (what ``AffineGroupWeight.dequantize`` gives, in bf16). For large batches
-// (prefill) one such pass per call feeds oneDNN's blocked AMX GEMM, which a 512-row product
-// needs far more than it needs the codes: the pass costs ~1% of that product.
+// ---------------------------------------------------------------------------------------------
+// Prefill (hundreds of rows): a blocked AMX GEMM on weights dequantized one panel at a time.
+// Each thread owns panels of output columns. Per panel and per kPanelChunks x 32 input columns,
+// the codes are converted once, scales applied and rounded to bf16 (what dequantize-then-GEMM
+// computes), into a 64 KB buffer in B-tile order that stays in L2; every pair of row tiles of x
+// then multiplies against it 2 x 2 C tiles at a time, the fp32 sums accumulating in a per-thread
+// buffer across the K panels. The dense weight is never written to memory, and the tile loop
+// reads x from L1 and the panel from L2.
+constexpr int64_t kPanelBlocks = 8;   // output columns per panel: 8 blocks of 16
+constexpr int64_t kPanelChunks = 8;   // input columns per panel: 8 chunks of 32
+constexpr int64_t kPanelRows = 512;   // rows of x per pass (bounds the fp32 sum buffer)
+
+// Chunk c of block nb dequantized with the scales of ``g0`` (columns 0-15) and ``g1`` (16-31),
+// into one B tile (1 KB) at ``dst``.
 template <int Kind>
-void dequantize_transposed(const Problem& P, uint16_t* wt) {
-  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
-  const int64_t ld = NB * kBlockN;
+inline void scaled_chunk(const Problem& P, const uint8_t* w, int64_t nb, int64_t c, int64_t g0, int64_t g1,
+                         uint16_t* dst, __m512i table) {
   constexpr int OB = octet_bytes<Kind>();
-  // Byte i of dword n to position 16 i + n: each 16-byte lane is then one column of 16 rows.
-  static const __m512i by_column = [] {
-    alignas(64) int8_t idx[64];
-    for (int i = 0; i < 4; ++i)
-      for (int n = 0; n < 16; ++n) idx[16 * i + n] = (int8_t)(4 * n + i);
-    return _mm512_load_si512(idx);
-  }();
-  // Group by group, all of a thread's blocks: each row of Wt is then written left to right in long
-  // runs, not 32 bytes per page visited (measured ~10% faster on a 9728 x 896 Q5_0 weight).
-  constexpr int64_t kBlocksPerTask = 4;
-  at::parallel_for(0, (NB + kBlocksPerTask - 1) / kBlocksPerTask, 1, [&](int64_t begin, int64_t end) {
-    const int64_t unit_octets = P.unit_cols / 8;
-    for (int64_t g = 0; g < P.G; ++g) {
-      for (int64_t nb = begin * kBlocksPerTask; nb < std::min(NB, end * kBlocksPerTask); ++nb) {
-        const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
-        __m512 s, z;
-        P.group_scales(nb, g, s, z);
-        z = _mm512_fnmadd_ps(s, _mm512_set1_ps((float)code_offset<Kind>()), z);  // raw codes here
-        for (int64_t o = (int64_t)P.chunks[g] * unit_octets; o < (int64_t)P.chunks[g + 1] * unit_octets; ++o) {
-          __m512i half[2];
-          octet_codes<Kind>(w + o * OB, half[0], half[1]);
-          for (int h = 0; h < 2; ++h) {
-            const __m512i cols = _mm512_permutexvar_epi8(by_column, half[h]);
-            for (int i = 0; i < 4; ++i) {
-              const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(cols, i)));
-              const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_fmsub_ps(q, s, z));
-              _mm256_storeu_si256((__m256i*)(wt + (8 * o + 4 * h + i) * ld + nb * kBlockN), v);
-            }
-          }
-        }
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  const uint8_t* src = w + c * kOctetsPerChunk * OB;
+  for (int half = 0; half < 2; ++half) {
+    __m512 s, z;
+    P.group_scales(nb, half ? g1 : g0, s, z);
+    const __m512 s_lo = _mm512_permutexvar_ps(rows_lo, s), s_hi = _mm512_permutexvar_ps(rows_hi, s);
+    const __m512 z_lo = _mm512_permutexvar_ps(rows_lo, z), z_hi = _mm512_permutexvar_ps(rows_hi, z);
+    for (int o = 2 * half; o < 2 * half + 2; ++o) {
+      __m512bh wv[4];
+      dequant_octet<Kind>(src + o * OB, wv, table);
+      for (int i = 0; i < 4; ++i) {
+        scaled_pairs<Kind>(wv[i], s_lo, s_hi, z_lo, z_hi);
+        _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
       }
     }
+  }
+}
+
+// C tiles 0-3 = rows (tile ``xa``, tile ``xa + xstep``) x blocks (``b``, ``b + bstep``) over
+// ``kc`` chunks, added to the fp32 sums at ``c`` (row stride ``ldc`` floats) unless ``first``.
+template <int MT, int NB>
+inline void panel_tiles(const uint16_t* xa, int64_t xstep, const uint16_t* b, int64_t bstep, int64_t kc,
+                        float* c, int64_t ldc, bool first) {
+  const int64_t ldb = ldc * sizeof(float);
+  if (first) {
+    _tile_zero(0);
+    if constexpr (NB > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NB > 1) _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, ldb);
+    if constexpr (NB > 1) _tile_loadd(1, c + 16, ldb);
+    if constexpr (MT > 1) _tile_loadd(2, c + 16 * ldc, ldb);
+    if constexpr (MT > 1 && NB > 1) _tile_loadd(3, c + 16 * ldc + 16, ldb);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    _tile_loadd(4, xa + k * kTile, 64);
+    _tile_loadd(6, b + k * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) {
+      _tile_loadd(7, b + bstep + k * kTile, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT > 1) {
+      _tile_loadd(5, xa + xstep + k * kTile, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, ldb);
+  if constexpr (NB > 1) _tile_stored(1, c + 16, ldb);
+  if constexpr (MT > 1) _tile_stored(2, c + 16 * ldc, ldb);
+  if constexpr (MT > 1 && NB > 1) _tile_stored(3, c + 16 * ldc + 16, ldb);
+}
+
+template <int Kind>
+void panel_gemm(const Problem& P, const uint16_t* xtiles) {
+  const int64_t NB = (P.N + kBlockN - 1) / kBlockN;
+  const int64_t chunks = P.Kp / kChunk;
+  const int64_t row_tiles = (P.M + 15) / 16;
+  const int64_t pass_tiles = kPanelRows / 16;
+  constexpr int OB = octet_bytes<Kind>();
+  // The group of every ``unit_cols`` columns, so a chunk finds the scales of its two halves.
+  std::vector<int32_t> unit_group(P.Kp / P.unit_cols);
+  for (int64_t g = 0; g < P.G; ++g)
+    for (int64_t u = P.chunks[g]; u < P.chunks[g + 1]; ++u) unit_group[u] = (int32_t)g;
+  const int64_t per_chunk = kChunk / P.unit_cols;  // units per chunk: 1, or 2 for groups of 16
+  // Panel width: at most kPanelBlocks, even, and a whole number of panels per thread where the
+  // layer is narrow (a 576-wide layer has 36 blocks: 6 panels of 6, not 8 + 8 + 8 + 8 + 4).
+  const int64_t threads = at::get_num_threads();
+  const int64_t rounds = (NB + threads * kPanelBlocks - 1) / (threads * kPanelBlocks);
+  const int64_t panel_blocks = std::max<int64_t>(2, ((NB + threads * rounds - 1) / (threads * rounds) + 1) & ~int64_t{1});
+  const int64_t panels = (NB + panel_blocks - 1) / panel_blocks;
+  const int64_t ldc = panel_blocks * kBlockN;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    amx::configure_tiles();
+    const __m512i table = P.table_register();
+    // Two panel buffers: the tile products read one while the next K-panel is converted into the
+    // other, a few chunks after each 2 x 2 tile step, so the vector units' conversion overlaps the
+    // tile unit's products (as the ring of the fused path does).
+    std::vector<uint16_t> panel_store(2 * kPanelBlocks * kPanelChunks * kTile + 32);
+    uint16_t* buffers[2];
+    buffers[0] = (uint16_t*)(((uintptr_t)panel_store.data() + 63) & ~uintptr_t{63});
+    buffers[1] = buffers[0] + kPanelBlocks * kPanelChunks * kTile;
+    std::vector<float> sums_store(std::min(row_tiles, pass_tiles) * 16 * ldc + 16);
+    float* sums = (float*)(((uintptr_t)sums_store.data() + 63) & ~uintptr_t{63});
+    // A thread's steps, in order: (panel, row pass, K-panel). Step i uses buffers[i & 1].
+    const int64_t k_steps = (chunks + kPanelChunks - 1) / kPanelChunks;
+    const int64_t passes = (row_tiles + pass_tiles - 1) / pass_tiles;
+    const int64_t steps = (end - begin) * passes * k_steps;
+    struct Step { int64_t nb0, nbs, t0, tiles, c0, kc; };
+    auto step_at = [&](int64_t i) {
+      const int64_t p = begin + i / (passes * k_steps), pass = i / k_steps % passes, k = i % k_steps;
+      Step st;
+      st.nb0 = p * panel_blocks;
+      st.nbs = std::min(panel_blocks, NB - st.nb0);
+      st.t0 = pass * pass_tiles;
+      st.tiles = std::min(pass_tiles, row_tiles - st.t0);
+      st.c0 = k * kPanelChunks;
+      st.kc = std::min(kPanelChunks, chunks - st.c0);
+      return st;
+    };
+    // Chunk ``q`` (block-major) of step ``st``'s panel into ``dst``.
+    auto convert = [&](const Step& st, int64_t q, uint16_t* dst) {
+      const int64_t j = q / st.kc, c = st.c0 + q % st.kc;
+      const uint8_t* w = P.codes + (st.nb0 + j) * (P.Kp / 8) * OB;
+      const int64_t u = c * per_chunk;
+      scaled_chunk<Kind>(P, w, st.nb0 + j, c, unit_group[u], unit_group[u + per_chunk - 1], dst + q * kTile, table);
+    };
+    if (steps > 0) {
+      const Step first_step = step_at(0);
+      for (int64_t q = 0; q < first_step.nbs * first_step.kc; ++q) convert(first_step, q, buffers[0]);
+    }
+    for (int64_t i = 0; i < steps; ++i) {
+      const Step st = step_at(i);
+      const uint16_t* panel = buffers[i & 1];
+      const bool has_next = i + 1 < steps;
+      const Step next = has_next ? step_at(i + 1) : st;
+      const int64_t next_chunks = has_next ? next.nbs * next.kc : 0;
+      const int64_t products = ((st.tiles + 1) / 2) * ((st.nbs + 1) / 2);
+      const int64_t per_product = (next_chunks + products - 1) / products;
+      int64_t converted = 0;
+      const bool first = st.c0 == 0;
+      for (int64_t t = 0; t < st.tiles; t += 2) {
+        const uint16_t* xa = xtiles + ((st.t0 + t) * chunks + st.c0) * kTile;
+        const bool two_rows = t + 1 < st.tiles;
+        for (int64_t j = 0; j < st.nbs; j += 2) {
+          const uint16_t* b = panel + j * st.kc * kTile;
+          float* c = sums + t * 16 * ldc + j * kBlockN;
+          const int64_t xstep = chunks * kTile, bstep = st.kc * kTile;
+          if (two_rows && j + 1 < st.nbs) panel_tiles<2, 2>(xa, xstep, b, bstep, st.kc, c, ldc, first);
+          else if (two_rows) panel_tiles<2, 1>(xa, xstep, b, bstep, st.kc, c, ldc, first);
+          else if (j + 1 < st.nbs) panel_tiles<1, 2>(xa, xstep, b, bstep, st.kc, c, ldc, first);
+          else panel_tiles<1, 1>(xa, xstep, b, bstep, st.kc, c, ldc, first);
+          for (int64_t q = 0; q < per_product && converted < next_chunks; ++q) convert(next, converted++, buffers[(i + 1) & 1]);
+        }
+      }
+      while (converted < next_chunks) convert(next, converted++, buffers[(i + 1) & 1]);
+      if (st.c0 + st.kc == chunks) {  // the pass's sums are complete
+        const int64_t rows = std::min<int64_t>(st.tiles * 16, P.M - st.t0 * 16);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < st.nbs; ++j)
+            store_block(P, st.t0 * 16 + r, st.nb0 + j, _mm512_load_ps(sums + r * ldc + j * kBlockN));
+      }
+    }
+    _tile_release();
   });
 }
 
@@ -706,6 +832,30 @@ Problem weight_problem(const torch::Tensor& codes, const torch::Tensor& scales, 
   return P;
 }
 
+// bf16 x [M, Kp] as zero-padded whole AMX A tiles [M/16][Kp/32][16][32]: each tile one
+// contiguous KB (loading 16 rows at the matrix's own stride thrashes L1 sets).
+torch::Tensor row_tiles_of(const torch::Tensor& x) {
+  const int64_t M = x.size(0), Kp = x.size(1);
+  const int64_t row_tiles = (M + 15) / 16;
+  const int64_t chunks = Kp / kChunk;
+  auto xtiles = torch::empty({row_tiles, chunks, 16, kChunk}, x.options());
+  const auto* src = (const uint16_t*)x.data_ptr();
+  auto* dst = (uint16_t*)xtiles.data_ptr();
+  at::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t r = 0; r < 16; ++r) {
+          uint16_t* d = dst + ((t * chunks + c) * 16 + r) * kChunk;
+          const int64_t m = t * 16 + r;
+          if (m < M)
+            std::memcpy(d, src + m * Kp + c * kChunk, kChunk * sizeof(uint16_t));
+          else
+            std::memset(d, 0, kChunk * sizeof(uint16_t));
+        }
+  });
+  return xtiles;
+}
+
 // x: bf16 [M, Kp] contiguous. Returns [M, N], fp32 if out_fp32 else bf16.
 // M <= vnni_max_rows (bf16 output, integer codes) quantizes x to int8 and runs the VNNI path;
 // otherwise M >= amx_min_rows uses AMX (when permitted), smaller M the AVX512-BF16 path.
@@ -736,23 +886,7 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   // Groups of 16 run on AMX with their weights rounded to bf16: not for the exact float32 path.
   const bool use_amx = !use_vnni && M >= amx_min_rows && amx_ready() && (group_cols == kChunk || !out_fp32);
   torch::Tensor xtiles;
-  if (use_amx) {  // [M, Kp] -> zero-padded whole tiles [M/16][Kp/32][16][32]
-    const int64_t row_tiles = (M + 15) / 16;
-    const int64_t chunks = Kp / kChunk;
-    xtiles = torch::empty({row_tiles, chunks, 16, kChunk}, x.options());
-    const auto* src = (const uint16_t*)x.data_ptr();
-    auto* dst = (uint16_t*)xtiles.data_ptr();
-    for (int64_t t = 0; t < row_tiles; ++t)
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t r = 0; r < 16; ++r) {
-          uint16_t* d = dst + ((t * chunks + c) * 16 + r) * kChunk;
-          const int64_t m = t * 16 + r;
-          if (m < M)
-            std::memcpy(d, src + m * Kp + c * kChunk, kChunk * sizeof(uint16_t));
-          else
-            std::memset(d, 0, kChunk * sizeof(uint16_t));
-        }
-  }
+  if (use_amx) xtiles = row_tiles_of(x);
   auto out = torch::empty({M, n}, x.options().dtype(out_fp32 ? torch::kFloat32 : torch::kBFloat16));
   // Per-group sums of x feed only the zero-point term, which table codes do not have.
   // (Groups of 16 on AMX fold the zero point into the weights they convert.)
@@ -852,17 +986,23 @@ struct BoundWeight {
     return weight_problem(codes, scales, zscales, chunks, n, padded_in(), group_cols, two_level, groups_per_super);
   }
 
-  // The weight dequantized to bf16 and transposed, [Kp, n rounded up to 16] (see
-  // dequantize_transposed), written to the front of ``scratch``: a caller's buffer reused from
-  // call to call, as a fresh tensor this size costs its page faults.
-  torch::Tensor dequantized_t(torch::Tensor scratch) const {
-    const Problem P = weight();
-    const int64_t kp = P.Kp, ld = (n + kBlockN - 1) / kBlockN * kBlockN;
-    TORCH_CHECK(scratch.dtype() == torch::kBFloat16 && scratch.is_contiguous() && scratch.numel() >= kp * ld,
-                "scratch must be a contiguous bf16 tensor of at least Kp * n (rounded up to 16) elements");
-    auto wt = scratch.view(-1).narrow(0, 0, kp * ld).view({kp, ld});
-    by_kind(bits, [&](auto kind) { dequantize_transposed<kind>(P, (uint16_t*)wt.data_ptr()); });
-    return wt;
+  // bf16 x [M, Kp] -> bf16 [M, n], bias added, on weights dequantized panel by panel (panel_gemm):
+  // for prefill-sized M, where each converted panel serves hundreds of rows.
+  torch::Tensor prefill(torch::Tensor x) const {
+    TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.size(1) == padded_in(),
+                "x must be bf16 [M, padded in_features]");
+    TORCH_CHECK(amx_ready(), "the prefill GEMM needs AMX");
+    Problem P = weight();
+    x = x.contiguous();
+    auto xtiles = row_tiles_of(x);
+    auto out = torch::empty({x.size(0), n}, x.options());
+    P.x = (const uint16_t*)x.data_ptr();
+    P.M = x.size(0);
+    P.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    P.out = out.data_ptr();
+    P.out_fp32 = false;
+    by_kind(bits, [&](auto kind) { panel_gemm<kind>(P, (const uint16_t*)xtiles.data_ptr()); });
+    return out;
   }
 
   // Rows ``ids`` (int64 [R]) dequantized: float32 [R, Kp] (see dequantize_rows_of).
@@ -890,7 +1030,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("__call__", &BoundWeight::forward,
            "bf16 x [M, Kp], int8 activations up to vnni_max_rows rows, AMX from amx_min_rows -> bf16 y [M, n]")
-      .def("dequantized_t", &BoundWeight::dequantized_t, "bf16 weight, transposed [Kp, n padded to 16], in scratch")
+      .def("prefill", &BoundWeight::prefill, "bf16 x [M, Kp] -> bf16 y [M, n] on panel-dequantized weights")
       .def("rows", &BoundWeight::rows, "rows ids of the weight -> float32 [R, Kp]");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }
