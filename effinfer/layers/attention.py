@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effinfer.kernels.cpu import fused
+from effinfer.kernels.cpu import flash_prefill, fused
 from effinfer.kernels.triton import gpu_ops
 from effinfer.layers.attention_sinks import attend_with_sinks
 
@@ -312,9 +312,20 @@ class PagedAttention(nn.Module):
             )  # fmt: skip
             return out.transpose(1, 2).reshape(q.shape[0], self.num_heads * self.head_dim)
 
+        if meta.batch == 1 and (out := self._flash(q, k, v)) is not None:
+            return out
         mask = self._prefill_mask(meta.seq_len, meta.seq_len, q.device)
         out = self._attend(heads_first(q), heads_first(k), heads_first(v), mask)
         return out.transpose(1, 2).reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _flash(self, q, k, v) -> torch.Tensor | None:
+        """One prompt's causal attention with nothing cached on the CPU flash kernel: [T, heads * d] from
+        q [T, heads, d] and k, v [T, kv_heads, d]; None where the kernel does not apply."""
+        if self.sliding_window is not None or not flash_prefill.usable(q, self.head_dim):
+            return None
+        tokens = q.shape[0]
+        q, k, v = (x.reshape(tokens, -1) for x in (q, k, v))  # views: the heads of a row are contiguous
+        return flash_prefill.causal_attention(q, k, v, self.num_heads, self.num_kv_heads, self.scale)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """SDPA over [B, heads, T, d] queries and [B, kv_heads, L, d] keys / values.
@@ -357,6 +368,9 @@ class PagedAttention(nn.Module):
         q_i = q[start : start + q_len].transpose(0, 1)[None]
         if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
             k_i, v_i = k[start : start + q_len], v[start : start + q_len]
+            flash = self._flash(q[start : start + q_len], k_i, v_i)
+            if flash is not None:
+                return flash.view(q_len, self.num_heads, self.head_dim)
         else:
             k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len, q.dtype)
             k_i, v_i = k_i[0], v_i[0]
