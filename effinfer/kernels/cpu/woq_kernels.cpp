@@ -719,11 +719,14 @@ void panel_gemm(const Problem& P, const uint16_t* xtiles) {
     // Two panel buffers: the tile products read one while the next K-panel is converted into the
     // other, a few chunks after each 2 x 2 tile step, so the vector units' conversion overlaps the
     // tile unit's products (as the ring of the fused path does).
-    std::vector<uint16_t> panel_store(2 * kPanelBlocks * kPanelChunks * kTile + 32);
+    // Kept by the thread from call to call: fresh buffers this size cost their page faults.
+    thread_local std::vector<uint16_t> panel_store;
+    thread_local std::vector<float> sums_store;
+    panel_store.resize(2 * kPanelBlocks * kPanelChunks * kTile + 32);
+    sums_store.resize(std::max<size_t>(sums_store.size(), std::min(row_tiles, pass_tiles) * 16 * ldc + 16));
     uint16_t* buffers[2];
     buffers[0] = (uint16_t*)(((uintptr_t)panel_store.data() + 63) & ~uintptr_t{63});
     buffers[1] = buffers[0] + kPanelBlocks * kPanelChunks * kTile;
-    std::vector<float> sums_store(std::min(row_tiles, pass_tiles) * 16 * ldc + 16);
     float* sums = (float*)(((uintptr_t)sums_store.data() + 63) & ~uintptr_t{63});
     // A thread's steps, in order: (panel, row pass, K-panel). Step i uses buffers[i & 1].
     const int64_t k_steps = (chunks + kPanelChunks - 1) / kPanelChunks;
