@@ -522,6 +522,33 @@ inline void scaled_pairs(__m512bh& w, __m512 s_lo, __m512 s_hi, __m512 z_lo, __m
   w = _mm512_cvtne2ps_pbh(_mm512_fmsub_ps(hi, s_hi, z_hi), _mm512_fmsub_ps(lo, s_lo, z_lo));
 }
 
+// Chunk c of block nb dequantized with the scales of ``g0`` (columns 0-15) and ``g1`` (16-31),
+// into one B tile (1 KB) at ``dst``.
+template <int Kind>
+inline void scaled_chunk(const Problem& P, const uint8_t* w, int64_t nb, int64_t c, int64_t g0, int64_t g1,
+                         uint16_t* dst, __m512i table) {
+  constexpr int OB = octet_bytes<Kind>();
+  // Row n of a group's 16 scales to lanes 2n and 2n + 1 (rows 0-7; rows 8-15 the second index).
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  const uint8_t* src = w + c * kOctetsPerChunk * OB;
+  for (int half = 0; half < 2; ++half) {
+    __m512 s, z;
+    P.group_scales(nb, half ? g1 : g0, s, z);
+    const __m512 s_lo = _mm512_permutexvar_ps(rows_lo, s), s_hi = _mm512_permutexvar_ps(rows_hi, s);
+    const __m512 z_lo = _mm512_permutexvar_ps(rows_lo, z), z_hi = _mm512_permutexvar_ps(rows_hi, z);
+    for (int o = 2 * half; o < 2 * half + 2; ++o) {
+      _mm_prefetch((const char*)(src + o * OB + kPrefetchAmx), _MM_HINT_T0);
+      __m512bh wv[4];
+      dequant_octet<Kind>(src + o * OB, wv, table);
+      for (int i = 0; i < 4; ++i) {
+        scaled_pairs<Kind>(wv[i], s_lo, s_hi, z_lo, z_hi);
+        _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
+      }
+    }
+  }
+}
+
 template <int Kind, int NT>
 void amx_block_scaled(const Problem& P, const uint16_t* xtiles, int64_t nb, int64_t t0, uint16_t* stage,
                       float (*cbuf)[16][16]) {
@@ -530,27 +557,8 @@ void amx_block_scaled(const Problem& P, const uint16_t* xtiles, int64_t nb, int6
   const uint8_t* w = P.codes + nb * (P.Kp / 8) * OB;
   const uint16_t* xt = xtiles + t0 * chunks * kTile;
   const __m512i table = P.table_register();
-  // Row n of a group's 16 scales to lanes 2n and 2n + 1 (rows 0-7; rows 8-15 the second index).
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  auto dequant_chunk = [&](int64_t c) {
-    uint16_t* dst = stage + (c % kStage) * kTile;
-    const uint8_t* src = w + c * kOctetsPerChunk * OB;
-    for (int half = 0; half < 2; ++half) {  // the chunk's two groups of 16 columns
-      __m512 s, z;
-      P.group_scales(nb, 2 * c + half, s, z);
-      const __m512 s_lo = _mm512_permutexvar_ps(rows_lo, s), s_hi = _mm512_permutexvar_ps(rows_hi, s);
-      const __m512 z_lo = _mm512_permutexvar_ps(rows_lo, z), z_hi = _mm512_permutexvar_ps(rows_hi, z);
-      for (int o = 2 * half; o < 2 * half + 2; ++o) {
-        _mm_prefetch((const char*)(src + o * OB + kPrefetchAmx), _MM_HINT_T0);
-        __m512bh wv[4];
-        dequant_octet<Kind>(src + o * OB, wv, table);
-        for (int i = 0; i < 4; ++i) {
-          scaled_pairs<Kind>(wv[i], s_lo, s_hi, z_lo, z_hi);
-          _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
-        }
-      }
-    }
+  auto dequant_chunk = [&](int64_t c) {  // the chunk's two groups of 16 columns: 2c, 2c + 1
+    scaled_chunk<Kind>(P, w, nb, c, 2 * c, 2 * c + 1, stage + (c % kStage) * kTile, table);
   };
   for (int64_t c = 0; c < std::min<int64_t>(kLag, chunks); ++c) dequant_chunk(c);
   chunk_products<NT>(stage, xt, chunks, 0, chunks, dequant_chunk, cbuf);
@@ -626,36 +634,12 @@ void group_sums(const Problem& P, float* xsum) {
 // the codes are converted once, scales applied and rounded to bf16 (what dequantize-then-GEMM
 // computes), into a 64 KB buffer in B-tile order that stays in L2; every pair of row tiles of x
 // then multiplies against it 2 x 2 C tiles at a time, the fp32 sums accumulating in a per-thread
-// buffer across the K panels. The dense weight is never written to memory, and the tile loop
-// reads x from L1 and the panel from L2.
+// buffer across the K panels. Two such buffers alternate, so the next panel's conversion overlaps
+// this one's tile products. The dense weight never goes to memory, and the tile loop reads x from
+// L1 and the panel from L2.
 constexpr int64_t kPanelBlocks = 8;   // output columns per panel: 8 blocks of 16
 constexpr int64_t kPanelChunks = 8;   // input columns per panel: 8 chunks of 32
 constexpr int64_t kPanelRows = 512;   // rows of x per pass (bounds the fp32 sum buffer)
-
-// Chunk c of block nb dequantized with the scales of ``g0`` (columns 0-15) and ``g1`` (16-31),
-// into one B tile (1 KB) at ``dst``.
-template <int Kind>
-inline void scaled_chunk(const Problem& P, const uint8_t* w, int64_t nb, int64_t c, int64_t g0, int64_t g1,
-                         uint16_t* dst, __m512i table) {
-  constexpr int OB = octet_bytes<Kind>();
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  const uint8_t* src = w + c * kOctetsPerChunk * OB;
-  for (int half = 0; half < 2; ++half) {
-    __m512 s, z;
-    P.group_scales(nb, half ? g1 : g0, s, z);
-    const __m512 s_lo = _mm512_permutexvar_ps(rows_lo, s), s_hi = _mm512_permutexvar_ps(rows_hi, s);
-    const __m512 z_lo = _mm512_permutexvar_ps(rows_lo, z), z_hi = _mm512_permutexvar_ps(rows_hi, z);
-    for (int o = 2 * half; o < 2 * half + 2; ++o) {
-      __m512bh wv[4];
-      dequant_octet<Kind>(src + o * OB, wv, table);
-      for (int i = 0; i < 4; ++i) {
-        scaled_pairs<Kind>(wv[i], s_lo, s_hi, z_lo, z_hi);
-        _mm512_store_si512(dst + o * 128 + i * 32, (__m512i)wv[i]);
-      }
-    }
-  }
-}
 
 // C tiles 0-3 = rows (tile ``xa``, tile ``xa + xstep``) x blocks (``b``, ``b + bstep``) over
 // ``kc`` chunks, added to the fp32 sums at ``c`` (row stride ``ldc`` floats) unless ``first``.
