@@ -319,13 +319,15 @@ class PagedAttention(nn.Module):
         return out.transpose(1, 2).reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _flash(self, q, k, v) -> torch.Tensor | None:
-        """One prompt's causal attention with nothing cached on the CPU flash kernel: [T, heads * d] from
-        q [T, heads, d] and k, v [T, kv_heads, d]; None where the kernel does not apply."""
-        if self.sliding_window is not None or not flash_prefill.usable(q, self.head_dim):
+        """One sequence's causal attention on the CPU flash kernel: [T_q, heads * d] from q [T_q, heads, d]
+        (the last T_q positions) and k, v [T_k, kv_heads, d]; None where the kernel does not apply."""
+        if not flash_prefill.usable(q, self.head_dim) or k.dtype != q.dtype:
             return None
-        tokens = q.shape[0]
-        q, k, v = (x.reshape(tokens, -1) for x in (q, k, v))  # views: the heads of a row are contiguous
-        return flash_prefill.causal_attention(q, k, v, self.num_heads, self.num_kv_heads, self.scale)
+        # Views: the heads of a row are contiguous.
+        q, k, v = q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)
+        return flash_prefill.causal_attention(
+            q, k, v, self.num_heads, self.num_kv_heads, self.scale, self.sliding_window
+        )
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """SDPA over [B, heads, T, d] queries and [B, kv_heads, L, d] keys / values.
@@ -365,15 +367,15 @@ class PagedAttention(nn.Module):
             return self._one_sequence_with_sinks(q, k, v, q_at_cache, meta, i)
         start = meta.query_start_locs[i]
         q_len, ctx_len = meta.query_lens[i], meta.context_lens[i]
-        q_i = q[start : start + q_len].transpose(0, 1)[None]
         if ctx_len == q_len:  # nothing cached: the fresh keys are the whole context
             k_i, v_i = k[start : start + q_len], v[start : start + q_len]
-            flash = self._flash(q[start : start + q_len], k_i, v_i)
-            if flash is not None:
-                return flash.view(q_len, self.num_heads, self.head_dim)
         else:
             k_i, v_i = self._gather(meta.block_tables[i : i + 1], ctx_len, q.dtype)
             k_i, v_i = k_i[0], v_i[0]
+        flash = self._flash(q[start : start + q_len], k_i, v_i)
+        if flash is not None:
+            return flash.view(q_len, self.num_heads, self.head_dim)
+        q_i = q[start : start + q_len].transpose(0, 1)[None]
         k_i, v_i = k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None]
         out = self._attend(q_i, k_i, v_i, self._prefill_mask(q_len, ctx_len, q.device))
         return out[0].transpose(0, 1)

@@ -1,10 +1,13 @@
-// Causal self-attention over one prompt on AMX tiles (flash attention, see flash_prefill.py).
+// Causal attention of one sequence's new tokens on AMX tiles (flash attention, see flash_prefill.py).
+// The T_q queries are the last T_q of the T_k positions whose keys and values are given (a whole
+// prompt, or a chunk after a cached prefix); with a sliding window of W, a query at position p
+// sees keys p - W + 1 .. p.
 //
 // Per (query head, block of 16 query rows): S = Q K^T for 64 keys at a time on four C tiles,
 // an online softmax over S in float32 (base 2) (running max m and sum l per row; the rows' partial
 // output O is rescaled by exp(m_old - m_new) whenever the max grows), P = exp(S - m) rounded to
-// bf16 and O += P V on tiles again. Keys past a row's own position get probability 0, and key
-// blocks wholly above the diagonal are never visited. K and V are first repacked per KV head into
+// bf16 and O += P V on tiles again. Keys a row may not see get probability 0, and key blocks
+// that no row of the block sees (above the diagonal, before the window) are never visited. K and V are first repacked per KV head into
 // AMX B-tile order (pairs of consecutive elements along the reduced dimension), so every tile
 // load reads one contiguous KB.
 #include <ATen/Parallel.h>
@@ -87,9 +90,11 @@ inline __m512 bf16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_
 #define FLASH_STORE(T_, buf, ld) \
   if (col_tiles > T_) _tile_stored(T_, buf + T_ * 16, ld);
 
-// One (query head, 16-row block): rows [r0, r0 + rows) of q against keys [0, r0 + rows).
+// One (query head, 16-row block): rows [r0, r0 + rows) of q, at positions offset + r0 + i, against
+// the keys each may see (``window`` 0: all earlier ones).
 void attend_block(const uint16_t* q, int64_t q_stride, const uint16_t* kt, const uint16_t* vt, int64_t r0,
-                  int64_t rows, int64_t d, float scale, uint16_t* out, int64_t out_stride) {
+                  int64_t rows, int64_t offset, int64_t window, int64_t d, float scale, uint16_t* out,
+                  int64_t out_stride) {
   const int64_t steps = d / kPair, cols = d / 16;
   alignas(64) uint16_t qa[kRows * 256];  // d <= 256
   alignas(64) float scores[kRows * kKeys];
@@ -107,10 +112,11 @@ void attend_block(const uint16_t* q, int64_t q_stride, const uint16_t* kt, const
   }
   std::fill(o, o + kRows * d, 0.0f);
   const float scale2 = scale * 1.44269504088896341f;  // scores in base 2: e^(scale s) = 2^(scale2 s)
-  const int64_t keys = r0 + rows;  // causal: the block's last row sees keys [0, keys)
+  const int64_t keys = offset + r0 + rows;  // causal: the block's last row sees keys before this
+  const int64_t first_key = window > 0 ? std::max<int64_t>(0, offset + r0 - window + 1) : 0;  // the first row's
   const int64_t blocks = (keys + kKeys - 1) / kKeys;
   const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (int64_t kb = 0; kb < blocks; ++kb) {
+  for (int64_t kb = first_key / kKeys; kb < blocks; ++kb) {
     const int64_t key0 = kb * kKeys;
     const int64_t key_tiles = std::min<int64_t>(4, (keys - key0 + 15) / 16);
     _tile_zero(0);
@@ -136,16 +142,24 @@ void attend_block(const uint16_t* q, int64_t q_stride, const uint16_t* kt, const
         std::memset(p_row, 0, kKeys * sizeof(uint16_t));
         continue;
       }
-      const __m512 limit = _mm512_set1_ps((float)(r0 + i - key0));  // key offsets <= this are visible
+      const int64_t position = offset + r0 + i;
+      const __m512 limit = _mm512_set1_ps((float)(position - key0));  // key offsets <= this are visible
+      // and, in a window, those >= this (no bound: -1)
+      const __m512 start = _mm512_set1_ps(window > 0 ? (float)(position - window + 1 - key0) : -1.0f);
       __m512 s[4];
       __mmask16 visible[4];
       __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int t = 0; t < 4; ++t) {
-        visible[t] = _mm512_cmp_ps_mask(_mm512_add_ps(lane, _mm512_set1_ps(16.0f * t)), limit, _CMP_LE_OQ);
+        const __m512 key = _mm512_add_ps(lane, _mm512_set1_ps(16.0f * t));
+        visible[t] = _mm512_cmp_ps_mask(key, limit, _CMP_LE_OQ) & _mm512_cmp_ps_mask(key, start, _CMP_GE_OQ);
         s[t] = _mm512_mul_ps(_mm512_load_ps(scores + i * kKeys + 16 * t), _mm512_set1_ps(scale2));
         mx = _mm512_mask_max_ps(mx, visible[t], mx, s[t]);
       }
       const float m_new = std::max(m[i], _mm512_reduce_max_ps(mx));
+      if (m_new == -std::numeric_limits<float>::infinity()) {  // nothing visible yet (a window's start)
+        std::memset(p_row, 0, kKeys * sizeof(uint16_t));
+        continue;
+      }
       const float alpha = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(m[i] - m_new);
       m[i] = m_new;
       __m512 sum = _mm512_setzero_ps();
@@ -199,20 +213,22 @@ void attend_block(const uint16_t* q, int64_t q_stride, const uint16_t* kt, const
 
 bool amx_ready() { return amx::ready(); }
 
-// q [T, heads * d], k and v [T, kv_heads * d] (bf16, rows may be strided, e.g. views of a fused
-// qkv projection) -> bf16 [T, heads * d]: softmax(scale * q k^T, causal) v per head, query head h
-// reading KV head h / (heads / kv_heads).
+// q [T_q, heads * d], k and v [T_k, kv_heads * d] with T_k >= T_q (bf16, rows may be strided, e.g.
+// views of a fused qkv projection) -> bf16 [T_q, heads * d]: softmax(scale * q k^T) v per head over
+// the keys each query may see (query i is at position T_k - T_q + i; ``window`` > 0 limits it to the
+// last ``window`` positions), query head h reading KV head h / (heads / kv_heads).
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, int64_t kv_heads,
-                               double scale) {
+                               double scale, int64_t window) {
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->dtype() == torch::kBFloat16 && t->dim() == 2 && t->stride(1) == 1 && t->device().is_cpu(),
                 "q, k, v must be CPU bf16 [T, heads * d] with contiguous rows");
-  const int64_t T = q.size(0);
+  const int64_t Tq = q.size(0), T = k.size(0);
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv_heads");
   const int64_t d = q.size(1) / heads;
   TORCH_CHECK(q.size(1) == heads * d && k.size(1) == kv_heads * d && v.size(1) == kv_heads * d &&
-                  k.size(0) == T && v.size(0) == T,
+                  v.size(0) == T && T >= Tq,
               "q, k, v shapes disagree");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   TORCH_CHECK(d % kPair == 0 && d <= 256, "head size must be a multiple of 32, at most 256");
   TORCH_CHECK(amx_ready(), "flash prefill attention needs AMX");
   const int64_t key_tiles = (T + kKeys - 1) / kKeys * 4, key_steps = key_tiles / 2;
@@ -231,8 +247,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         pack_values(vp + h * d, v.stride(0), T, d, base + k_elems, key_steps);
     }
   });
-  auto out = torch::empty({T, heads * d}, q.options());
-  const int64_t q_blocks = (T + kRows - 1) / kRows;
+  auto out = torch::empty({Tq, heads * d}, q.options());
+  const int64_t q_blocks = (Tq + kRows - 1) / kRows;
   const auto* qp = (const uint16_t*)q.data_ptr();
   auto* op = (uint16_t*)out.data_ptr();
   const int64_t group = heads / kv_heads;
@@ -245,8 +261,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const int64_t qb = n % 2 == 0 ? n / 2 : q_blocks - 1 - n / 2;
       const uint16_t* base = pk + (h / group) * (k_elems + v_elems);
       const int64_t r0 = qb * kRows;
-      attend_block(qp + h * d, q.stride(0), base, base + k_elems, r0, std::min(kRows, T - r0), d, (float)scale,
-                   op + h * d, heads * d);
+      attend_block(qp + h * d, q.stride(0), base, base + k_elems, r0, std::min(kRows, Tq - r0), T - Tq, window, d,
+                   (float)scale, op + h * d, heads * d);
     }
     _tile_release();
   });
@@ -254,6 +270,6 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("causal_attention", &causal_attention, "causal attention of one prompt on AMX (see flash_prefill.cpp)");
+  m.def("causal_attention", &causal_attention, "causal attention of one sequence's new tokens on AMX (see flash_prefill.cpp)");
   m.def("amx_ready", &amx_ready, "request AMX tile state from the kernel; true when granted");
 }

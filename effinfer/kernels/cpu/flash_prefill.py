@@ -1,14 +1,14 @@
-"""Causal prompt attention on AMX tiles: flash attention for CPU prefill.
+"""Causal attention of a prompt (or a prompt's chunk) on AMX tiles: flash attention for CPU prefill.
 
 Paper: Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with
 IO-Awareness". Idea: attention is computed block by block with a running (online) softmax, so
 the T x T score matrix never exists in memory; here each block's two matrix products (Q K^T and
 P V) run on AMX tiles and the softmax on AVX-512 in float32 (``flash_prefill.cpp``).
 
-Switch on: automatic for bf16 prompts without a mask other than causality (no sliding window,
-no sink tokens) on CPUs with AMX-BF16, head sizes a multiple of 32; ``EFFINFER_CPU_FLASH=0``
-turns it off (PyTorch's ``scaled_dot_product_attention`` then runs). Measured here on a 512-token
-prompt: see docs/gguf-kernels.md.
+Switch on: automatic for bf16 prefill on CPUs with AMX-BF16, head sizes a multiple of 32 (up to
+256): whole prompts, chunks after a cached prefix, sliding-window layers (not attention sinks);
+``EFFINFER_CPU_FLASH=0`` turns it off (PyTorch's ``scaled_dot_product_attention`` then runs).
+Measured: docs/cpu-flash-attention.md.
 """
 
 from __future__ import annotations
@@ -49,7 +49,17 @@ def usable(q: torch.Tensor, head_dim: int) -> bool:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """softmax(scale * q k^T, causal) v for one prompt: q [T, heads * d], k / v [T, kv_heads * d] -> [T, heads * d]."""
-    return extension().causal_attention(q, k, v, heads, kv_heads, scale)
+    """Attention of the last T_q of T_k positions: q [T_q, heads * d], k / v [T_k, kv_heads * d] -> [T_q, heads * d].
+
+    Query i (position T_k - T_q + i) sees keys up to its own position, and with ``window`` only
+    the last ``window`` of them (HF's sliding window: key > position - window).
+    """
+    return extension().causal_attention(q, k, v, heads, kv_heads, scale, window or 0)
