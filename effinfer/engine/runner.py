@@ -17,6 +17,7 @@ import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
 from effinfer.engine.cache_groups import KVCacheLayout
+from effinfer.engine.cpu_decode_plan import CpuDecodePlan
 from effinfer.engine.cuda_graphs import DecodeGraphs
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
@@ -108,6 +109,10 @@ class ModelRunner:
             self._allocate_kv_cache()
         if self.num_state_slots:
             self._allocate_state_pool()
+        # CPU decode steps as a flat list of kernel calls (engine/cpu_decode_plan.py), made at the
+        # first decode step; None: the modules run.
+        self.cpu_decode_plan: CpuDecodePlan | None = None
+        self._plan_made = device.type != "cpu"
         # Decode steps replayed as CUDA graphs (engine/cuda_graphs.py); None: always eager.
         self.decode_graphs = DecodeGraphs.for_model(
             model, device, dtype, block_size=self.block_size, max_model_len=max_model_len,
@@ -306,7 +311,15 @@ class ModelRunner:
             logits = self.decode_graphs.run(input_ids, positions, meta, sample_rows)
             if logits is not None:
                 return logits
-        hidden = self.model(input_ids, positions, meta)
+        hidden = None
+        if isinstance(meta, AttentionMetadata) and not meta.is_prefill:
+            if not self._plan_made:
+                self.cpu_decode_plan = CpuDecodePlan.for_model(self.model, self.device, self.dtype)
+                self._plan_made = True
+            if self.cpu_decode_plan is not None:
+                hidden = self.cpu_decode_plan.run(input_ids, positions, meta)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, meta)
         if sample_rows is not None and sample_rows.numel() != hidden.shape[0]:
             hidden = hidden.index_select(0, sample_rows)
         return self.model.compute_logits(hidden).float()

@@ -8,6 +8,8 @@ which matters for one-token decode where every kernel launch is pure overhead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -138,6 +140,18 @@ class Linear(nn.Module):
         self._kernel_state = dense_linear.prepare(self.weight.data, bias)
         if self._kernel_state.packed and release_weight:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+
+    def kernel_call(self):
+        """This layer's forward as one callable x -> y without the module machinery (for callers that
+        run it once per layer and step: the CPU decode plan). Where a hook or an instance's own
+        ``forward`` (a profiler's timer) is attached, the module itself, so they still run."""
+        if self._forward_hooks or self._forward_pre_hooks or "forward" in self.__dict__:
+            return self
+        if isinstance(self._kernel_state, quant_linear.QuantState):
+            return functools.partial(quant_linear.apply, self._kernel_state)
+        if self._kernel_state is not None:
+            return functools.partial(dense_linear.apply, self._kernel_state)
+        return self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_state is None:
