@@ -41,8 +41,9 @@ SWITCH = "EFFINFER_CPU_DECODE_PLAN"
 @dataclass
 class LayerPlan:
     input_norm: torch.Tensor
+    input_eps: float
     post_norm: torch.Tensor
-    eps: float
+    post_eps: float
     qkv: Callable[[torch.Tensor], torch.Tensor]
     o: Callable[[torch.Tensor], torch.Tensor]
     gate_up: Callable[[torch.Tensor], torch.Tensor]
@@ -80,8 +81,8 @@ def why_not_plan(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
             if hooked and not isinstance(module, Linear):
                 return "hooks or an instrumented forward on a layer"
         if (
-            attn.attn.k_scale_cache is not None
-            or attn.attn.k_cache is None
+            getattr(attn.attn, "k_scale_cache", None) is not None
+            or getattr(attn.attn, "k_cache", None) is None
             or attn.attn.k_cache.dtype != dtype
         ):
             return "an int8 or missing KV cache"
@@ -95,8 +96,9 @@ class CpuDecodePlan:
         self.layers = [
             LayerPlan(
                 input_norm=layer.input_layernorm.weight,
+                input_eps=layer.input_layernorm.eps,
                 post_norm=layer.post_attention_layernorm.weight,
-                eps=layer.input_layernorm.eps,
+                post_eps=layer.post_attention_layernorm.eps,
                 qkv=layer.self_attn.qkv_proj.kernel_call(),
                 o=layer.self_attn.o_proj.kernel_call(),
                 gate_up=layer.mlp.gate_up_proj.kernel_call(),
@@ -105,7 +107,6 @@ class CpuDecodePlan:
             )
             for layer in self.model.layers
         ]
-        self.post_norm_eps = [layer.post_attention_layernorm.eps for layer in self.model.layers]
 
     @classmethod
     def for_model(
@@ -125,12 +126,12 @@ class CpuDecodePlan:
         x = model.embed_tokens(input_ids)
         views: dict[int, AttentionMetadata] = {}
         h, residual = x, None
-        for layer, post_eps in zip(self.layers, self.post_norm_eps):
+        for layer in self.layers:
             attn = layer.attn
             if residual is None:
-                normed, residual = ops.rms_norm(h, None, layer.input_norm, layer.eps)[0], h
+                normed, residual = ops.rms_norm(h, None, layer.input_norm, layer.input_eps)[0], h
             else:
-                normed, residual = ops.rms_norm(h, residual, layer.input_norm, layer.eps)
+                normed, residual = ops.rms_norm(h, residual, layer.input_norm, layer.input_eps)
             group = attn.cache_group
             if group not in views:
                 views[group] = meta.for_group(group)
@@ -139,6 +140,6 @@ class CpuDecodePlan:
                 layer.qkv(normed), attn.num_heads, attn.num_kv_heads, cos, sin, attn.k_cache, attn.v_cache,
                 m.slot_mapping, m.block_tables, m.context_lens_tensor, attn.scale, attn._window,
             )  # fmt: skip
-            normed, residual = ops.rms_norm(layer.o(heads), residual, layer.post_norm, post_eps)
+            normed, residual = ops.rms_norm(layer.o(heads), residual, layer.post_norm, layer.post_eps)
             h = layer.down(ops.silu_and_mul(layer.gate_up(normed)))
         return model.norm(h, residual=residual)[0]
