@@ -1,7 +1,7 @@
 """What the CPU decode plan buys: batch-1 decode with the plan vs through the modules, one process.
 
 Loads a model once and decodes ``--tokens`` greedy tokens per round, alternating, round by round,
-between the plan (``engine/cpu_decode_plan.py``) and the modules (the plan taken off the runner),
+between the plan (``models/cpu_decode_plan.py``) and the modules (the plan taken off the runner),
 keeping each one's best and median round, so the ratio holds on a noisy machine. Run:
 ``python benchmarks/cpu_decode_plan.py MODEL [MODEL ...] [--rounds 8] [--tokens 64] [--threads 2]``.
 """
@@ -33,16 +33,16 @@ def compare(model: str, args: argparse.Namespace) -> None:
               enable_prefix_caching=False, kv_cache_memory=64 << 20, show_progress=False)  # fmt: skip
     runner = llm.engine.runner
     ms_per_token(llm.engine, args.tokens)  # warm-up; makes the plan
-    plan = runner.cpu_decode_plan
+    plan = runner.decode_plan
     if plan is None:
         print(f"{model}: no decode plan for this model here")
         return
     times: dict[str, list[float]] = {"plan": [], "modules": []}
     for _ in range(args.rounds):
         for name in times:
-            runner.cpu_decode_plan = plan if name == "plan" else None
+            runner.decode_plan = plan if name == "plan" else None
             times[name].append(ms_per_token(llm.engine, args.tokens))
-    runner.cpu_decode_plan = plan
+    runner.decode_plan = plan
     best = {name: min(v) for name, v in times.items()}
     median = {name: statistics.median(v) for name, v in times.items()}
     print(f"| {model.rsplit('/', 1)[-1]} | {best['modules']:.2f} | {best['plan']:.2f} | "

@@ -1,4 +1,4 @@
-"""The CPU decode plan (engine/cpu_decode_plan.py) runs the same kernels as the modules, call for call."""
+"""The CPU decode plan (models/cpu_decode_plan.py) runs the same kernels as the modules, call for call."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from effinfer import LLM, SamplingParams
-from effinfer.engine import cpu_decode_plan
 from effinfer.kernels.cpu import fused
+from effinfer.models import cpu_decode_plan
 
 from .conftest import cpu_kernel_missing, make_hf_model
 
@@ -47,7 +47,7 @@ def test_plan_decodes_exactly_as_the_modules(arch, extra, tmp_path, monkeypatch)
         monkeypatch.setenv(cpu_decode_plan.SWITCH, switch)
         llm = LLM(str(path), dtype="bfloat16", device="cpu", show_progress=False, enable_prefix_caching=False)
         runs.append(decode_logprobs(llm))
-        assert (llm.engine.runner.cpu_decode_plan is not None) == (switch == "1")
+        assert (llm.engine.runner.decode_plan is not None) == (switch == "1")
     assert runs[0] == runs[1]
     assert len(planned) == 11 and all(h is not None for h in planned)  # every decode step of the first run
 
@@ -57,11 +57,11 @@ def test_plan_is_not_made_where_it_cannot_run(tmp_path):
     _, path = make_hf_model("Qwen3ForCausalLM", tmp_path)  # q/k norms
     llm = LLM(str(path), dtype="bfloat16", device="cpu", show_progress=False)
     llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3))
-    assert llm.engine.runner.cpu_decode_plan is None
+    assert llm.engine.runner.decode_plan is None
     _, path = make_hf_model("LlamaForCausalLM", tmp_path / "f32")
     llm = LLM(str(path), dtype="float32", device="cpu", show_progress=False)
     llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3))
-    assert llm.engine.runner.cpu_decode_plan is None
+    assert llm.engine.runner.decode_plan is None
 
 
 @requires_fused
@@ -74,6 +74,6 @@ def test_a_hooked_projection_still_runs_its_hook(tmp_path):
     forward = down.forward
     down.forward = lambda x: calls.append(x.shape[0]) or forward(x)
     llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert llm.engine.runner.cpu_decode_plan is not None
+    assert llm.engine.runner.decode_plan is not None
     assert calls == [len(PROMPTS[1]), 1, 1, 1]  # the prefill, then three decode steps through the plan
     assert torch.is_grad_enabled()

@@ -17,13 +17,13 @@ import torch
 
 from effinfer.config import ConfigError, EngineConfig, ModelConfig, available_memory_bytes
 from effinfer.engine.cache_groups import KVCacheLayout
-from effinfer.engine.cpu_decode_plan import CpuDecodePlan
 from effinfer.engine.cuda_graphs import DecodeGraphs
 from effinfer.engine.scheduler import ScheduledSeq
 from effinfer.engine.sequence import PLACEHOLDER_BLOCK, Sequence
 from effinfer.layers.attention import AttentionMetadata, PagedAttention
 from effinfer.layers.cache_spec import SSM_STATE_DTYPE, AttentionCacheSpec, RecurrentMetadata
 from effinfer.layers.mamba import MambaMixer
+from effinfer.models.base import DecodePlan
 from effinfer.models.stage import stage_cache_specs
 
 logger = logging.getLogger(__name__)
@@ -109,10 +109,10 @@ class ModelRunner:
             self._allocate_kv_cache()
         if self.num_state_slots:
             self._allocate_state_pool()
-        # CPU decode steps as a flat list of kernel calls (engine/cpu_decode_plan.py), made at the
-        # first decode step; None: the modules run.
-        self.cpu_decode_plan: CpuDecodePlan | None = None
-        self._plan_made = device.type != "cpu"
+        # Decode steps as a flat list of kernel calls, asked of the model at the first decode step
+        # (CausalLM.decode_plan; on CPU, models/cpu_decode_plan.py); None: the modules run.
+        self.decode_plan: DecodePlan | None = None
+        self._plan_made = False
         # Decode steps replayed as CUDA graphs (engine/cuda_graphs.py); None: always eager.
         self.decode_graphs = DecodeGraphs.for_model(
             model, device, dtype, block_size=self.block_size, max_model_len=max_model_len,
@@ -314,10 +314,11 @@ class ModelRunner:
         hidden = None
         if isinstance(meta, AttentionMetadata) and not meta.is_prefill:
             if not self._plan_made:
-                self.cpu_decode_plan = CpuDecodePlan.for_model(self.model, self.device, self.dtype)
+                make_plan = getattr(self.model, "decode_plan", None)  # CausalLM's; None for other modules
+                self.decode_plan = make_plan(self.device, self.dtype) if make_plan is not None else None
                 self._plan_made = True
-            if self.cpu_decode_plan is not None:
-                hidden = self.cpu_decode_plan.run(input_ids, positions, meta)
+            if self.decode_plan is not None:
+                hidden = self.decode_plan.run(input_ids, positions, meta)
         if hidden is None:
             hidden = self.model(input_ids, positions, meta)
         if sample_rows is not None and sample_rows.numel() != hidden.shape[0]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -116,6 +116,13 @@ class SmoothingPair:
         w = self.prev.weight.data
         offset = getattr(self.prev, "weight_offset", 0.0)
         w.copy_(((w.float() + offset) / s - offset).to(w.dtype))
+
+
+class DecodePlan(Protocol):
+    """A model's decode step without its modules (see ``CausalLM.decode_plan``)."""
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor | None:
+        """The final hidden states of a decode step, or None where this step needs the modules."""
 
 
 class CausalLM(nn.Module):
@@ -316,6 +323,11 @@ class CausalLM(nn.Module):
         if not parts:
             return {module_name: linear.out_features}
         return {ckpt: rows for (_, ckpt), rows in zip(parts, linear.shard_sizes)}
+
+    def decode_plan(self, device: torch.device, dtype: torch.dtype) -> DecodePlan | None:
+        """This model's decode steps as a flat list of kernel calls (``models/cpu_decode_plan.py``),
+        asked for at the first decode step; None (the default): the engine runs the modules."""
+        return None
 
     def cache_specs(self) -> list[AttentionCacheSpec]:
         """What each decoder layer caches per sequence (the engine sizes and frees KV from these)."""

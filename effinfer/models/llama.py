@@ -167,6 +167,12 @@ class LlamaForCausalLM(CausalLM):
 
     # ---------------------------------------------------------------- configs
 
+    def decode_plan(self, device: torch.device, dtype: torch.dtype):
+        """Decode steps as a flat loop of kernel calls on the CPU (``models/cpu_decode_plan.py``)."""
+        from effinfer.models.cpu_decode_plan import CpuDecodePlan  # it names this file's classes
+
+        return CpuDecodePlan.for_model(self, device, dtype)
+
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:
         arch = architecture_in(hf, cls.hf_architectures)
