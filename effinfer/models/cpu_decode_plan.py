@@ -124,7 +124,6 @@ class CpuDecodePlan:
             return None
         cos, sin = cos.squeeze(1), sin.squeeze(1)
         x = model.embed_tokens(input_ids)
-        views: dict[int, AttentionMetadata] = {}
         h, residual = x, None
         for layer in self.layers:
             attn = layer.attn
@@ -132,10 +131,7 @@ class CpuDecodePlan:
                 normed, residual = ops.rms_norm(h, None, layer.input_norm, layer.input_eps)[0], h
             else:
                 normed, residual = ops.rms_norm(h, residual, layer.input_norm, layer.input_eps)
-            group = attn.cache_group
-            if group not in views:
-                views[group] = meta.for_group(group)
-            m = views[group]
+            m = meta.for_group(attn.cache_group)  # (the metadata keeps each group's view)
             heads = ops.decode_attention_block(
                 layer.qkv(normed), attn.num_heads, attn.num_kv_heads, cos, sin, attn.k_cache, attn.v_cache,
                 m.slot_mapping, m.block_tables, m.context_lens_tensor, attn.scale, attn._window,

@@ -85,7 +85,7 @@ class WoqData:
     col_index: torch.Tensor | None  # int64 [padded_in]: source column of x (in_features = a zero)
     table: torch.Tensor | None = None  # int16 [32]: bf16 bits of the 16 levels the codes index (NF4 / FP4)
     table_lo: torch.Tensor | None = None  # the same for level - bf16(level), for float32 activations
-    group_cols: int = CHUNK  # columns per unit of ``chunks``: 32, or 16 for groups of 16 (no AMX)
+    group_cols: int = CHUNK  # columns per unit of ``chunks``: 32, or 16 for groups of 16
     # GGUF blocks: (d, sc, dmin, mn, zc) in place of scales / zscales, see ``pack_two_level``.
     two_level: list[torch.Tensor] | None = None
     groups_per_super: int = 1

@@ -176,7 +176,7 @@ struct Problem {
   const float* zscales;    // [NB, G, 16]: (zero + offset) * scale; nullptr with a table
   TwoLevelScales two_level;
   const int32_t* chunks;   // [G + 1], in units of ``unit_cols`` columns
-  int64_t unit_cols;       // 32, or 16 for groups of 16 (AVX512-BF16 path only)
+  int64_t unit_cols;       // 32, or 16 for groups of 16 (GGUF sub-blocks)
   const float* bias;       // [NB * 16] or nullptr
   const uint16_t* table;   // [32] bf16 levels (16 used), kTable4 only
   const float* xsum;       // [M, G]: sum of x over each group (not computed with a table)
