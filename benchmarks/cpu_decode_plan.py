@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.config import ConfigError
 
 
 def ms_per_token(engine, tokens: int) -> float:
@@ -57,14 +59,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit(f"error: --rounds must be >= 1, got {args.rounds}")
+    if args.tokens < 1:
+        sys.exit(f"error: --tokens must be >= 1, got {args.tokens}")
+    if args.threads < 1:
+        sys.exit(f"error: --threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     print(
         f"batch-1 decode, {args.tokens} tokens x {args.rounds} rounds, {args.threads} threads, ms per token"
     )
     print("| model | modules best | plan best | speed-up | modules median | plan median | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for model in args.models:
-        compare(model, args)
+    try:
+        for model in args.models:
+            compare(model, args)
+    except ConfigError as error:  # a missing or unreadable model: one line, no traceback
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

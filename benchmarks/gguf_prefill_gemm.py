@@ -13,12 +13,14 @@ TFLOP/s. Run: ``python benchmarks/gguf_prefill_gemm.py FILE.gguf [--rows 512] [-
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from effinfer import LLM
+from effinfer.config import ConfigError
 from effinfer.kernels.cpu import woq
 from effinfer.layers.linear import Linear
 
@@ -46,9 +48,18 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.rows < 1:
+        sys.exit(f"error: --rows must be >= 1, got {args.rows}")
+    if args.rounds < 1:
+        sys.exit(f"error: --rounds must be >= 1, got {args.rounds}")
+    if args.threads < 1:
+        sys.exit(f"error: --threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype="bfloat16", num_threads=args.threads, max_num_seqs=1, max_model_len=256,
-              kv_cache_memory=16 << 20, show_progress=False)  # fmt: skip
+    try:
+        llm = LLM(args.model, dtype="bfloat16", num_threads=args.threads, max_num_seqs=1, max_model_len=256,
+                  kv_cache_memory=16 << 20, show_progress=False)  # fmt: skip
+    except ConfigError as error:  # a missing or unreadable model: one line, no traceback
+        sys.exit(f"error: {error}")
     print(f"{args.model}: {args.rows} rows, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| layer | out x in | bits | panel ms | oneDNN bf16 ms | oneDNN / panel | panel TFLOP/s |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -15,6 +15,7 @@ Run: ``python benchmarks/gguf_step_profile.py FILE.gguf [--threads 2] [--tokens 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.config import ConfigError
 from effinfer.layers.linear import Linear
 
 
@@ -125,9 +127,20 @@ def main() -> None:
         "--prefill", type=int, default=0, help="profile one prompt of this many tokens instead"
     )
     args = parser.parse_args()
+    if args.threads < 1:
+        sys.exit(f"error: --threads must be >= 1, got {args.threads}")
+    if args.tokens < 1:
+        sys.exit(f"error: --tokens must be >= 1, got {args.tokens}")
+    if args.repeats < 1:
+        sys.exit(f"error: --repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
-    for path in args.files:
-        (profile_prefill if args.prefill else profile)(path, args)
+    if args.prefill < 0:
+        sys.exit(f"error: --prefill must be >= 0, got {args.prefill}")
+    try:
+        for path in args.files:
+            (profile_prefill if args.prefill else profile)(path, args)
+    except ConfigError as error:  # a missing or unreadable model: one line, no traceback
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
